@@ -1,0 +1,96 @@
+"""otel-npu: device-measured stage timings (Ascend NPU, CUDA, CPU) as OpenTelemetry spans.
+
+The data path, one module each: ``capture`` (hot path: two device events) -> ``resolver`` (background thread:
+waits for finished events) -> ``clock`` (device time to wall clock) -> ``spans`` (ids, parents, attributes)
+-> ``export`` / ``otlp`` (OTLP or the application's TracerProvider), over ``devices`` (npu, cuda, cpu).
+
+Public API::
+
+    import otel_npu
+    with otel_npu.step("Decode", links=[req.span_context for req in batch]):
+        with otel_npu.capture("forward"):
+            logits = model(...)
+    otel_npu.flush()
+
+Off by default; ``OTEL_NPU_ENABLED=1`` (or ``configure(enabled=True)``) turns it on.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+__version__ = "0.1.0"
+
+from . import capture as _capture_mod  # noqa: E402  (after __version__: telemetry reads it)
+from . import config as _config  # noqa: E402
+from . import runtime as _runtime  # noqa: E402
+from .capture import capture, step  # noqa: E402
+from .compat import ProfileExecuteDuration  # noqa: E402
+
+__all__ = ["capture", "step", "flush", "shutdown", "configure", "enabled", "stats", "ProfileExecuteDuration",
+           "__version__"]
+
+_configure_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    """Whether captures are being timed (False when disabled, or when the device could not be used)."""
+    return _capture_mod.is_on()
+
+
+def configure(*, enabled: bool | None = None, device: Any = None, max_pending: int | None = None,
+              event_timeout_s: float | None = None, log_durations: bool | None = None,
+              poll_interval_s: float | None = None, shutdown_timeout_s: float | None = None,
+              pipeline: str | None = None, tracer_provider: Any = None) -> None:
+    """Override the environment's settings in code (``None`` keeps the current value).
+
+    Raises ``ValueError`` naming the argument for an invalid value. If otel-npu is running, it is flushed
+    and shut down first (bounded by ``shutdown_timeout_s``); the new settings take effect at the next capture.
+    """
+    new = _config.override(
+        _runtime.settings(), enabled=enabled, device=device, max_pending=max_pending,
+        event_timeout_s=event_timeout_s, log_durations=log_durations, poll_interval_s=poll_interval_s,
+        shutdown_timeout_s=shutdown_timeout_s, pipeline=pipeline, tracer_provider=tracer_provider)
+    with _configure_lock:
+        _capture_mod.set_mode(False)
+        _runtime.stop(_runtime.settings().shutdown_timeout_s)
+        _runtime.set_settings(new)
+        _capture_mod.set_mode(new.enabled)
+
+
+def flush(timeout_s: float = 5.0) -> bool:
+    """Resolve every capture made so far and hand its span to the exporters (sent, for otel-npu's own OTLP).
+
+    **Blocks** the caller up to ``timeout_s`` (never the device). True when everything made it in time.
+    """
+    rt = _runtime.current()
+    return True if rt is None else rt.flush(timeout_s)
+
+
+def shutdown(timeout_s: float = 5.0) -> bool:
+    """Flush (bounded by ``timeout_s``), stop the background threads, and disable captures.
+
+    ``configure(enabled=True)`` starts otel-npu again. Returns True when everything was delivered in time.
+    """
+    with _configure_lock:
+        _capture_mod.set_mode(False)
+        return _runtime.stop(timeout_s)
+
+
+def stats() -> dict[str, Any]:
+    """Counters of the running runtime: resolved, timed out, spans emitted/unsampled/exported, drops by
+    reason (every capture or span lost is counted here), and the device."""
+    rt = _runtime.current()
+    if rt is None:
+        return {"running": False}
+    out = rt.stats.snapshot()
+    out.update(running=True, device=rt.backend.label(), pipeline=rt.pipeline.description,
+               pending=len(rt.pending), resolver_alive=rt.resolver.alive)
+    if rt.clock is not None and rt.clock.anchors:
+        out["clock_anchor_bound_ns"] = rt.clock.anchors[-1].bound_ns
+        out["clock_rate"] = rt.clock.rate
+    return out
+
+
+_capture_mod.set_mode(_runtime.settings().enabled)

@@ -1,0 +1,217 @@
+"""Device time -> host monotonic time -> wall clock (epoch ns), with a stated error bound.
+
+Devices give either durations between two events (CUDA ``elapsed_time``: float32 ms) or an absolute device
+timestamp on a clock of their own (torch_npu ``recorded_time``: µs since the device booted). Spans need Unix
+epoch nanoseconds. The conversion, in two steps:
+
+1. **Device -> host monotonic** with *anchors*. An anchor is an event recorded on an idle stream of the
+   backend's own, with the host monotonic time read just before the record call (``t0``), just after it
+   (``t1``) and when the event was first seen complete (``t2``). The event ran inside ``[t0, t2]``; the
+   backend says where to put the estimate (``"submit"``: at ``t1``, where an idle stream runs a record at once;
+   ``"midpoint"``: the middle, where records are queued first). The error bound of an anchor is the
+   distance from the estimate to the far end of the window; of three tries the narrowest window is kept
+   (Cristian's method). A captured event is then placed at ``anchor + offset * rate``, where ``offset`` is the
+   device time from the anchor to the event and ``rate`` corrects the drift between the device's oscillator
+   and the host's (a straight line through anchors at least ``DRIFT_BASELINE_S`` apart).
+2. **Host monotonic -> wall clock** by an offset ``time_ns() - perf_counter_ns()`` sampled between two
+   monotonic reads (error below 1 µs), refreshed with every anchor so that NTP steps are followed.
+
+Error budget of a placed event: the anchor's bound + ``|offset| x rate uncertainty`` + the device timer's
+resolution (CUDA: 0.5 µs, and float32 ms loses ≈ 6e-8 of the offset: ≈ 0.13 µs at 2 s, ≈ 1 µs at 10 s, ≈ 8 µs
+at 100 s). That is why anchors are refreshed every ``ANCHOR_INTERVAL_S`` (2 s) for as long as otel-npu runs,
+and each capture uses the newest anchor that was seen complete *before* the capture was entered, so the
+offset is always positive and short. Causality tightens it further: an event cannot have run before the host
+enqueued it nor after the resolver saw it complete, and estimates outside that window are clamped into it.
+
+Everything here runs on the resolver thread, except the first calibration at start-up.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Callable
+
+from .devices.base import DeviceBackend
+
+#: Seconds between anchors. float32 ms offsets stay below ≈ 0.2 µs of rounding at this distance.
+ANCHOR_INTERVAL_S = 2.0
+#: Drift is estimated only between anchors at least this far apart (anchor error / baseline = rate error).
+DRIFT_BASELINE_S = 20.0
+#: A calibration attempt that has not seen its event complete after this long is abandoned.
+ANCHOR_WAIT_S = 1.0
+#: Until drift is measured, the bound assumes the device and host oscillators differ by up to this much
+#: (crystal oscillators are specified at ±50-100 ppm).
+ASSUMED_DRIFT = 100e-6
+
+
+class HostClock:
+    """Host monotonic ns (``perf_counter_ns``) to Unix epoch ns."""
+
+    def __init__(self, mono: Callable[[], int] = time.perf_counter_ns,
+                 wall: Callable[[], int] = time.time_ns) -> None:
+        self.mono = mono
+        self._wall = wall
+        self.offset_ns = 0
+        self.error_ns = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Sample ``wall - mono`` bracketed by two monotonic reads; keep the tightest of five."""
+        best = None
+        for _ in range(5):
+            before = self.mono()
+            wall = self._wall()
+            after = self.mono()
+            if best is None or after - before < best[0]:
+                best = (after - before, wall - (before + after) // 2)
+        self.error_ns = best[0] // 2 + 1
+        self.offset_ns = best[1]
+
+    def to_wall(self, mono_ns: int) -> int:
+        return mono_ns + self.offset_ns
+
+
+class Anchor:
+    """A reference event whose host monotonic time is known within ``bound_ns``."""
+
+    __slots__ = ("event", "reference", "mono_ns", "bound_ns", "seen_ns", "device_ns")
+
+    def __init__(self, event: Any, reference: Any, mono_ns: int, bound_ns: int, seen_ns: int,
+                 device_ns: float) -> None:
+        self.event = event
+        self.reference = reference
+        self.mono_ns = mono_ns      # estimated host monotonic time at which the event ran
+        self.bound_ns = bound_ns    # |estimate - truth| <= bound_ns
+        self.seen_ns = seen_ns      # host monotonic time at which the event was seen complete
+        self.device_ns = device_ns  # position on the device's own timeline (chained offsets)
+
+
+class CalibrationError(RuntimeError):
+    """No anchor event completed in time: the device (or its driver queue) is not making progress."""
+
+
+class DeviceClock:
+    """Places completed device events on the host monotonic clock (see the module docstring)."""
+
+    def __init__(self, backend: DeviceBackend, take_event: Callable[[], Any], give_event: Callable[[Any], None],
+                 mono: Callable[[], int] = time.perf_counter_ns, keep_s: float = 70.0,
+                 anchor_interval_s: float = ANCHOR_INTERVAL_S, drift_baseline_s: float = DRIFT_BASELINE_S) -> None:
+        self._backend = backend
+        self._take = take_event
+        self._give = give_event
+        self._mono = mono
+        self._keep_ns = int(keep_s * 1e9)
+        self.anchors: collections.deque[Anchor] = collections.deque()
+        self._interval_ns = int(anchor_interval_s * 1e9)
+        self._baseline_ns = drift_baseline_s * 1e9
+        self.rate = 1.0                   # host ns per device ns
+        self.rate_error = ASSUMED_DRIFT   # bound on |rate - truth|, until measured
+        self._drift_base: Anchor | None = None
+
+    # -- calibration ----------------------------------------------------------------------------------
+    def _sample(self) -> tuple[Any, int, int, int]:
+        backend, mono = self._backend, self._mono
+        event = self._take()
+        t0 = mono()
+        backend.record_anchor(event)
+        t1 = mono()
+        # Spin briefly without sleeping: a sleep would widen the window (and the bound) by the timer slack.
+        deadline_spin = t1 + 200_000
+        while not backend.query(event):
+            now = mono()
+            if now > deadline_spin:
+                if now - t0 > ANCHOR_WAIT_S * 1e9:
+                    self._give(event)
+                    raise CalibrationError(f"an anchor event on {backend.label()} did not complete within "
+                                           f"{ANCHOR_WAIT_S:.0f} s")
+                time.sleep(50e-6)
+        t2 = mono()
+        return event, t0, t1, t2
+
+    def calibrate(self, tries: int = 3, good_ns: int = 10_000, max_tries: int = 8) -> Anchor:
+        """Take a new anchor and update the drift estimate. Blocks ≈ tens of µs (≤ ~1 s if the device stalls).
+
+        Keeps the narrowest of ``tries`` windows, trying up to ``max_tries`` times while none is under
+        ``good_ns`` (a preempted sample has a wide window; a later one usually does not).
+        """
+        best = None
+        attempt = 0
+        while attempt < tries or (attempt < max_tries and best[2] > good_ns):
+            attempt += 1
+            event, t0, t1, t2 = self._sample()
+            if self._backend.anchor_estimate == "submit":
+                estimate, bound = t1, max(t1 - t0, t2 - t1)
+            else:
+                estimate, bound = (t0 + t2) // 2, (t2 - t0 + 1) // 2
+            if best is None or bound < best[2]:
+                if best is not None:
+                    self._give(best[0])
+                best = (event, estimate, bound, t2)
+            else:
+                self._give(event)
+        event, estimate, bound, seen = best
+        reference = self._backend.reference(event)
+        previous = self.anchors[-1] if self.anchors else None
+        device_ns = 0.0 if previous is None else previous.device_ns + self._backend.offset_ns(previous.reference, event)
+        anchor = Anchor(event, reference, estimate, bound, seen, device_ns)
+        self.anchors.append(anchor)
+        self._update_rate(anchor)
+        self._retire(seen)
+        return anchor
+
+    def _update_rate(self, newest: Anchor) -> None:
+        base = self._drift_base
+        if base is None:
+            self._drift_base = newest
+            return
+        device_span = newest.device_ns - base.device_ns
+        if device_span < self._baseline_ns:
+            return
+        self.rate = (newest.mono_ns - base.mono_ns) / device_span
+        self.rate_error = (newest.bound_ns + base.bound_ns) / device_span
+        # Slide the baseline so that the estimate follows slow changes (temperature) but stays long.
+        if device_span > 10 * self._baseline_ns:
+            self._drift_base = newest
+
+    def _retire(self, now: int) -> None:
+        anchors = self.anchors
+        while len(anchors) > 1 and now - anchors[0].seen_ns > self._keep_ns:
+            old = anchors.popleft()
+            if old is not self._drift_base:
+                self._give(old.event)
+
+    def due(self, now: int) -> bool:
+        return not self.anchors or now - self.anchors[-1].seen_ns >= self._interval_ns
+
+    # -- placing events -------------------------------------------------------------------------------
+    def anchor_for(self, host_ns: int) -> Anchor:
+        """The newest anchor seen complete before ``host_ns`` (else the oldest one kept)."""
+        for anchor in reversed(self.anchors):
+            if anchor.seen_ns <= host_ns:
+                return anchor
+        return self.anchors[0]
+
+    def place(self, start: Any, end: Any, host_start: int, host_end: int, seen: int) -> tuple[int, int, int]:
+        """Host monotonic ``(start, end, error bound)`` of a capture whose two events completed.
+
+        ``host_start``/``host_end``: host monotonic times just before each event was recorded (an event
+        cannot run earlier); ``seen``: when the resolver saw the end event complete (it cannot run later).
+        """
+        anchor = self.anchor_for(host_start)
+        offset, duration = self._backend.place(anchor.reference, start, end)
+        rate = self.rate
+        begin = anchor.mono_ns + int(offset * rate)
+        finish = begin + int(duration * rate)
+        # anchor + drift over the distance covered + float32 ms rounding + the timer's 0.5 µs resolution
+        error = anchor.bound_ns + int((abs(offset) + abs(duration)) * (self.rate_error + 6e-8)) + 500
+        # Causality: the anchor may be off by its bound, the measured duration is not. Shift the whole
+        # span (keeping its duration) into [enqueued, seen complete]; clamp only if it cannot fit.
+        late = max(host_start - begin, host_end - finish)
+        if late > 0:
+            begin += late
+            finish += late
+        if finish > seen:
+            begin = max(host_start, begin - (finish - seen))
+            finish = seen
+        return begin, finish, error

@@ -1,0 +1,188 @@
+"""Settings: read once from the environment (or given to ``configure()``), validated, never fatal.
+
+Two kinds of bad input, two behaviours:
+
+* an invalid **environment variable** logs one warning that names the variable, the value and what is
+  accepted, and falls back (``OTEL_NPU_ENABLED`` falls back to *off*): a typo in a deployment must never
+  crash the program being observed;
+* an invalid **argument to** ``configure()`` raises ``ValueError``/``TypeError`` at once, naming the argument:
+  that is a programming error and is best found at the call site.
+
+Nothing here is read on the hot path: ``capture()`` only sees the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Mapping
+
+_log = logging.getLogger("otel_npu")
+
+#: Environment variables otel-npu reads (the standard ``OTEL_*`` ones are read in ``telemetry.py``).
+ENV_ENABLED = "OTEL_NPU_ENABLED"
+ENV_ENABLED_ALIAS = "VLLM_ASCEND_MODEL_EXECUTE_TIME_OBSERVE"  # the seed's variable, honoured as an alias
+ENV_DEVICE = "OTEL_NPU_DEVICE"
+ENV_MAX_PENDING = "OTEL_NPU_MAX_PENDING"
+ENV_EVENT_TIMEOUT = "OTEL_NPU_EVENT_TIMEOUT_S"
+ENV_LOG_DURATIONS = "OTEL_NPU_LOG_DURATIONS"
+ENV_POLL_INTERVAL = "OTEL_NPU_POLL_INTERVAL_MS"
+ENV_SHUTDOWN_TIMEOUT = "OTEL_NPU_SHUTDOWN_TIMEOUT_S"
+ENV_PIPELINE = "OTEL_NPU_PIPELINE"
+
+DEVICES = ("auto", "npu", "cuda", "cpu")
+PIPELINES = ("auto", "app", "own")
+_TRUE = ("1", "true")
+_FALSE = ("0", "false")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything otel-npu needs to start. Immutable: ``configure()`` builds a new one."""
+
+    #: Master switch. Off by default: ``capture``/``step`` then cost one call and create nothing.
+    enabled: bool = False
+    #: ``"auto"`` (npu > cuda > cpu), ``"npu"``, ``"cuda"``, ``"cpu"``, or a ``DeviceBackend`` instance
+    #: (for example ``otel_npu.testing.SimDevice``).
+    device: Any = "auto"
+    #: Captures waiting for their device events, at most. Past it new captures are dropped and counted.
+    max_pending: int = 100_000
+    #: A capture whose events have not completed after this many seconds becomes an ERROR span.
+    event_timeout_s: float = 60.0
+    #: Log the seed's ``Profile execute duration [...]`` line at each step end and compat pop.
+    log_durations: bool = False
+    #: How often the resolver wakes up to look for finished events when nobody is waiting on it.
+    poll_interval_s: float = 0.1
+    #: Bound on the flush done at interpreter exit.
+    shutdown_timeout_s: float = 5.0
+    #: ``"auto"``: the application's SDK TracerProvider if one is installed, else otel-npu's own
+    #: pipeline built from the ``OTEL_*`` variables; ``"app"``: always the global provider;
+    #: ``"own"``: always otel-npu's own pipeline.
+    pipeline: str = "auto"
+    #: An SDK ``TracerProvider`` to send spans through, instead of looking one up.
+    tracer_provider: Any = None
+
+
+def _parse_bool(raw: str) -> bool | None:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    return None
+
+
+def _env_bool(env: Mapping[str, str], name: str, default: bool, consequence: str) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    parsed = _parse_bool(raw)
+    if parsed is None:
+        _log.warning(
+            "%s=%r is not valid: accepted values are 1, 0, true, false (any case); %s",
+            name, raw, consequence,
+        )
+        return default
+    return parsed
+
+
+def _env_number(env: Mapping[str, str], name: str, default: float, convert: Callable[[str], float],
+                 what: str, scale: float = 1.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = convert(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value != value or value == float("inf"):
+        _log.warning("%s=%r is not valid: accepted values are %s; using the default %s",
+                     name, raw, what, default / scale if scale != 1.0 else default)
+        return default
+    return value * scale
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Read the ``OTEL_NPU_*`` variables once and return validated settings (never raises)."""
+    env = os.environ if env is None else env
+    # OTEL_NPU_ENABLED wins when set; the seed's variable counts only when it is not. An invalid
+    # value of whichever is used warns and leaves otel-npu off.
+    via_alias = False
+    if env.get(ENV_ENABLED, "").strip():
+        enabled = _env_bool(env, ENV_ENABLED, False, "otel-npu stays disabled")
+    else:
+        enabled = _env_bool(env, ENV_ENABLED_ALIAS, False, "otel-npu stays disabled")
+        via_alias = bool(enabled)
+    # The seed printed its duration lines whenever its variable was set: keep that for people migrating.
+    log_durations = _env_bool(env, ENV_LOG_DURATIONS, via_alias, "duration lines stay off")
+
+    device = env.get(ENV_DEVICE, "auto").strip().lower() or "auto"
+    if device not in DEVICES:
+        _log.warning("%s=%r is not valid: accepted values are %s; using auto",
+                     ENV_DEVICE, env.get(ENV_DEVICE), ", ".join(DEVICES))
+        device = "auto"
+    pipeline = env.get(ENV_PIPELINE, "auto").strip().lower() or "auto"
+    if pipeline not in PIPELINES:
+        _log.warning("%s=%r is not valid: accepted values are %s; using auto",
+                     ENV_PIPELINE, env.get(ENV_PIPELINE), ", ".join(PIPELINES))
+        pipeline = "auto"
+
+    defaults = Settings()
+    return Settings(
+        enabled=bool(enabled),
+        device=device,
+        max_pending=int(_env_number(env, ENV_MAX_PENDING, defaults.max_pending, _strict_int,
+                                    "a positive whole number")),
+        event_timeout_s=_env_number(env, ENV_EVENT_TIMEOUT, defaults.event_timeout_s, float,
+                                    "a positive number of seconds"),
+        log_durations=bool(log_durations),
+        poll_interval_s=_env_number(env, ENV_POLL_INTERVAL, defaults.poll_interval_s, float,
+                                    "a positive number of milliseconds", scale=1e-3),
+        shutdown_timeout_s=_env_number(env, ENV_SHUTDOWN_TIMEOUT, defaults.shutdown_timeout_s, float,
+                                       "a positive number of seconds"),
+        pipeline=pipeline,
+    )
+
+
+def _strict_int(raw: str) -> int:
+    return int(raw, 10)
+
+
+_ARG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "enabled": (lambda v: isinstance(v, bool), "True or False"),
+    "device": (lambda v: (isinstance(v, str) and v in DEVICES) or _is_backend(v),
+               "'auto', 'npu', 'cuda', 'cpu' or a DeviceBackend (e.g. otel_npu.testing.SimDevice)"),
+    "max_pending": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive int"),
+    "event_timeout_s": (lambda v: _positive_number(v), "a positive number of seconds"),
+    "log_durations": (lambda v: isinstance(v, bool), "True or False"),
+    "poll_interval_s": (lambda v: _positive_number(v), "a positive number of seconds"),
+    "shutdown_timeout_s": (lambda v: _positive_number(v), "a positive number of seconds"),
+    "pipeline": (lambda v: v in PIPELINES, "'auto', 'app' or 'own'"),
+    "tracer_provider": (lambda v: hasattr(v, "get_tracer"), "an OpenTelemetry SDK TracerProvider"),
+}
+
+
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and v != float("inf")
+
+
+def _is_backend(v: Any) -> bool:
+    from .devices.base import DeviceBackend  # local: config must not import devices at import time
+
+    return isinstance(v, DeviceBackend) or callable(getattr(v, "otel_npu_backend", None))
+
+
+def override(base: Settings, **changes: Any) -> Settings:
+    """Return ``base`` with ``changes`` applied; ``None`` means "keep". Raises on invalid arguments."""
+    applied = {}
+    for key, value in changes.items():
+        if key not in _ARG_CHECKS:
+            raise TypeError(f"configure() got an unknown argument {key!r}; accepted: {', '.join(_ARG_CHECKS)}")
+        if value is None:
+            continue
+        check, accepted = _ARG_CHECKS[key]
+        if not check(value):
+            raise ValueError(f"configure({key}={value!r}) is not valid: expected {accepted}")
+        applied[key] = value
+    return dataclasses.replace(base, **applied)

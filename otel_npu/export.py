@@ -1,0 +1,225 @@
+"""Sinks: where identified, sampled spans go.
+
+* ``SdkSink`` hands finished ``ReadableSpan`` objects to an SDK span processor (``on_end``): the
+  application's TracerProvider (its processors, exporters and resource), or otel-npu's own console exporter.
+* ``OtlpSink`` is otel-npu's own OTLP export: spans encoded by ``otlp.SpanEncoder`` (no SDK objects), held in
+  a bounded queue, sent in batches by one exporter thread through the SDK's OTLP exporter classes, which
+  bring the standard endpoint/headers/timeout/compression/TLS variables and their retry policy. Only their
+  transport is used: ``_client.export(bytes)`` for HTTP, ``export()`` with a pre-encoded batch (via
+  ``_translate_data``) for gRPC. ``transport_for()`` checks that those hooks exist and otherwise returns
+  ``None``, and the caller falls back to an ``SdkSink`` with a ``BatchSpanProcessor`` (slower, same output).
+
+Batching follows the BatchSpanProcessor: export when ``max_export_batch_size`` spans wait or every
+``schedule_delay``; when ``max_queue_size`` spans wait, new ones are dropped and counted (``export_queue_full``)
+— never blocking the resolver. Failed exports are counted (``export_failed``) with the first error. Nothing
+here runs on the capturing thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+_log = logging.getLogger("otel_npu")
+
+
+class SdkSink:
+    """Finished spans to an SDK span processor."""
+
+    def __init__(self, processor: Any, resource: Any, scope: Any, factory: Any, *, owned: bool) -> None:
+        self._on_end = processor.on_end
+        self._processor = processor
+        self._resource = resource
+        self._scope = scope
+        self._factory = factory
+        self._owned = owned  # the application's processors are flushed and shut down by the application
+
+    def emit(self, r: Any) -> None:
+        self._on_end(self._factory.to_readable(r, self._resource, self._scope))
+
+    def force_flush(self, timeout_s: float) -> bool:
+        if not self._owned:
+            return True  # handed over; the app's BatchSpanProcessor.force_flush may ignore timeouts
+        return bool(self._processor.force_flush(int(max(timeout_s, 0.001) * 1000)))
+
+    def shutdown(self, timeout_s: float) -> None:
+        if self._owned:
+            self._processor.shutdown()
+
+
+class EncodedBatch:
+    """A batch of spans already encoded as an ``ExportTraceServiceRequest``."""
+
+    __slots__ = ("data", "count")
+
+    def __init__(self, data: bytes, count: int) -> None:
+        self.data = data
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | None]] | None:
+    """A ``send(request_bytes, span_count) -> (ok, error)`` over the SDK's OTLP exporter for ``protocol``,
+    configured from the standard environment variables; ``None`` if that exporter lacks the hooks we use."""
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        if not hasattr(OTLPSpanExporter, "_translate_data") or not hasattr(OTLPSpanExporter, "_export"):
+            return None
+
+        class _PreEncodedGrpcExporter(OTLPSpanExporter):
+            def _translate_data(self, data: Any) -> Any:  # the one hook: bytes we encoded, parsed in C
+                if isinstance(data, EncodedBatch):
+                    return ExportTraceServiceRequest.FromString(data.data)
+                return super()._translate_data(data)
+
+            def _count_data(self, data: Any) -> int:
+                return len(data)
+
+        exporter = _PreEncodedGrpcExporter()
+
+        def send_grpc(data: bytes, count: int) -> tuple[bool, str | None]:
+            ok = exporter.export(EncodedBatch(data, count)) == SpanExportResult.SUCCESS
+            return ok, None if ok else "the gRPC export failed (see the exporter's log)"
+
+        send_grpc.shutdown = exporter.shutdown  # type: ignore[attr-defined]
+        send_grpc.endpoint = getattr(exporter, "_endpoint", "?")  # type: ignore[attr-defined]
+        return send_grpc
+
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    exporter = HttpExporter()
+    client = getattr(exporter, "_client", None)
+    if client is None or not callable(getattr(client, "export", None)):
+        exporter.shutdown()
+        return None
+
+    def send_http(data: bytes, count: int) -> tuple[bool, str | None]:
+        result = client.export(data)
+        if result.success:
+            return True, None
+        detail = result.reason or (type(result.error).__name__ if result.error is not None else "no response")
+        return False, f"HTTP {result.status_code}: {detail}" if result.status_code else str(detail)
+
+    send_http.shutdown = exporter.shutdown  # type: ignore[attr-defined]
+    send_http.endpoint = getattr(exporter, "_endpoint", "?")  # type: ignore[attr-defined]
+    return send_http
+
+
+class OtlpSink:
+    """otel-npu's own OTLP export: encode on the resolver thread, send on the exporter thread."""
+
+    def __init__(self, send: Callable[[bytes, int], tuple[bool, str | None]], encoder: Any, stats: Any, *,
+                 max_queue_size: int = 2048, max_export_batch_size: int = 512,
+                 schedule_delay_s: float = 5.0) -> None:
+        self._send = send
+        self._encoder = encoder
+        self._stats = stats
+        self._max_queue = max_queue_size
+        self._batch = min(max_export_batch_size, max_queue_size)
+        self._delay = schedule_delay_s
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._cond = threading.Condition()
+        self._enqueued = 0   # spans accepted so far
+        self._settled = 0    # spans exported or failed so far
+        self._flush_to = 0   # export at once until _settled reaches this
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.endpoint = getattr(send, "endpoint", "?")
+
+    # -- resolver thread ----------------------------------------------------------------------------
+    def emit(self, r: Any) -> None:
+        encoded = self._encoder.encode(r)
+        if len(self._queue) >= self._max_queue:
+            self._stats.drop("export_queue_full")
+            return
+        self._queue.append(encoded)
+        self._enqueued += 1
+        if self._thread is None:
+            self._start()
+        if len(self._queue) == self._batch:  # exactly at the threshold: one notify per batch
+            with self._cond:
+                self._cond.notify()
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="otel-npu-exporter", daemon=True)
+        self._thread.start()
+
+    # -- exporter thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._stopping and len(self._queue) < self._batch and self._settled >= self._flush_to:
+                    self._cond.wait(self._delay)
+                stopping = self._stopping
+            while self._queue:
+                self._export_one_batch()
+                if len(self._queue) < self._batch and self._settled >= self._flush_to and not stopping:
+                    break
+            with self._cond:
+                self._cond.notify_all()
+            if stopping and not self._queue:
+                return
+
+    def _export_one_batch(self) -> None:
+        queue = self._queue
+        batch = []
+        popleft = queue.popleft
+        for _ in range(min(self._batch, len(queue))):
+            batch.append(popleft())
+        if not batch:
+            return
+        try:
+            ok, error = self._send(self._encoder.request(batch), len(batch))
+        except Exception as exc:  # the exporter should not raise; if it does, count and carry on
+            ok, error = False, f"{type(exc).__name__}: {exc}"
+        if ok:
+            self._stats.add("spans_exported", len(batch))
+        else:
+            self._stats.drop("export_failed", _ExportError(error or "unknown error"), len(batch))
+        with self._cond:
+            self._settled += len(batch)
+
+    # -- any thread ---------------------------------------------------------------------------------
+    def force_flush(self, timeout_s: float) -> bool:
+        """Export everything emitted so far. Blocks up to ``timeout_s``; True when all were sent or failed."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            target = self._enqueued
+            self._flush_to = max(self._flush_to, target)
+            if self._thread is None:
+                return self._settled >= target
+            self._cond.notify_all()
+            while self._settled < target:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return True
+
+    def shutdown(self, timeout_s: float) -> None:
+        self.force_flush(timeout_s)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        left = self._queue.__len__()
+        if left:
+            self._stats.drop("export_failed", _ExportError("not sent before shutdown"), left)
+            self._queue.clear()
+        shutdown = getattr(self._send, "shutdown", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception:  # pragma: no cover - best effort at exit
+                pass
+
+
+class _ExportError(Exception):
+    pass

@@ -1,0 +1,398 @@
+"""The resolver: one background thread per process that turns finished captures into timed records.
+
+Why it looks the way it does (measured, see ``benchmarks/``): the serving loop's own thread competes with
+this one for the GIL, and every wake-up or long stretch of Python here is time the loop may spend waiting.
+So the resolver
+
+* **wakes rarely**: every ``poll_interval_s`` (100 ms) by default; the hot path never signals it. It wakes
+  at once, and then polls every millisecond, only while someone waits on it (``flush()``, the compat pop);
+* **works in short slices**: it gives the GIL up (``time.sleep(0)``) every ``SLICE`` records, so a waiting
+  serving thread gets it back within tens of microseconds instead of the interpreter's 5 ms switch interval;
+* **never waits for the device**: it only asks ``query()``, and reads timings (which may block on torch_npu)
+  only for events already complete.
+
+Captures arrive through ``pending`` (a deque the hot path appends to). They are taken in into one FIFO per
+device stream: on a stream events complete in order, so the first incomplete capture ends the look at that
+stream. A capture whose end event has not completed ``event_timeout_s`` after it was recorded is resolved
+with host times and ``timed_out`` set (an ERROR span), and its events are abandoned, never reused. A step
+waits for the captures inside it so that its span covers them all.
+
+Resolved records go to ``emit`` (spans and metrics) and finished steps to ``on_step`` (the duration log
+line). Drops are counted in ``Stats`` and reported by one warning at most every ``REPORT_EVERY_S``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from .clock import CalibrationError, DeviceClock, HostClock
+from .devices.base import DeviceBackend, EventPool
+
+_log = logging.getLogger("otel_npu")
+
+#: ``Capture.start`` of a capture that could not be timed (event pool empty, record failed). Its children
+#: parent to its nearest timed ancestor.
+DROPPED = object()
+
+#: Records resolved between two voluntary GIL releases.
+SLICE = 32
+#: Seconds between two drop/failure warnings (each says how many and why since the last one).
+REPORT_EVERY_S = 60.0
+#: Poll interval while a flush or a blocking pop waits.
+URGENT_POLL_S = 0.001
+
+DROP_REASONS = {
+    "pending_limit": "more captures were waiting for their device events than OTEL_NPU_MAX_PENDING allows",
+    "event_pool_empty": "no pre-created timing event was free (the resolver is behind the device)",
+    "record_failed": "recording a device event raised",
+    "resolver_stopped": "captured after otel-npu was shut down",
+}
+
+
+class Stats:
+    """Counters shared by the hot path (drops only, under a lock: a rare path), the resolver and the sinks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.drops: collections.Counter[str] = collections.Counter()
+        self.first_error: dict[str, str] = {}
+        self._reported: collections.Counter[str] = collections.Counter()
+        self._last_report = float("-inf")
+
+    def drop(self, reason: str, exc: BaseException | None = None, n: int = 1) -> None:
+        with self._lock:
+            self.drops[reason] += n
+            if exc is not None and reason not in self.first_error:
+                self.first_error[reason] = f"{type(exc).__name__}: {exc}"
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = dict(self.counts)
+            out["dropped"] = dict(self.drops)
+            out["dropped_total"] = sum(self.drops.values())
+            return out
+
+    def report(self, now: float, force: bool = False) -> None:
+        """Warn about drops since the last warning: at most once every REPORT_EVERY_S unless forced."""
+        with self._lock:
+            new = self.drops - self._reported
+            if not new or (not force and now - self._last_report < REPORT_EVERY_S):
+                return
+            self._reported = collections.Counter(self.drops)
+            self._last_report = now
+            errors = dict(self.first_error)
+        parts = []
+        for reason, n in sorted(new.items()):
+            why = DROP_REASONS.get(reason, reason)
+            detail = f" (first error: {errors[reason]})" if reason in errors else ""
+            parts.append(f"{n} x {reason}: {why}{detail}")
+        _log.warning("otel-npu lost %d captures since the last report: %s", sum(new.values()), "; ".join(parts))
+
+
+class _StepState:
+    __slots__ = ("unresolved", "children", "start_ns", "end_ns", "ready")
+
+    def __init__(self) -> None:
+        self.unresolved = 0
+        self.children: list[Any] = []
+        self.start_ns = None
+        self.end_ns = None
+        self.ready = False
+
+
+class _FlushMarker:
+    """Put in ``pending`` by ``wait()``: done once everything taken in before it is resolved."""
+
+    __slots__ = ("floor", "done")
+
+    def __init__(self) -> None:
+        self.floor = -1  # intake sequence number below which everything must be resolved
+        self.done = False
+
+
+def nearest_timed(capture: Any) -> Any:
+    """``capture`` itself, or its nearest ancestor that is not DROPPED (``None`` at the top)."""
+    while capture is not None and capture.start is DROPPED:
+        capture = capture.parent
+    return capture
+
+
+class Resolver:
+    """The background thread. ``start()``, ``wake()``, ``wait(timeout)``, ``stop(timeout)``."""
+
+    def __init__(self, *, pending: collections.deque, backend: DeviceBackend, pool: EventPool | None,
+                 clock: DeviceClock | None, host_clock: HostClock, stats: Stats,
+                 emit: Callable[[Any], None], on_step: Callable[[Any, list], None] | None,
+                 poll_interval_s: float, event_timeout_s: float) -> None:
+        self._pending = pending
+        self._backend = backend
+        self._query = backend.query
+        self._pool = pool
+        self._clock = clock
+        self._host = host_clock
+        self._mono = host_clock.mono
+        self._stats = stats
+        self._emit = emit
+        self._on_step = on_step
+        self._interval = poll_interval_s
+        self._timeout_ns = int(event_timeout_s * 1e9)
+        self._queues: dict[Any, collections.deque] = {}
+        self._steps: dict[Any, _StepState] = {}
+        self._markers: list[_FlushMarker] = []
+        self._intake_seq = 0
+        self._wake = threading.Event()
+        self._cond = threading.Condition()
+        self._waiters = 0
+        self._stopping = False
+        self._last_host_refresh = 0
+        self._taken_last_pass = 0
+        self.thread = threading.Thread(target=self._run, name="otel-npu-resolver", daemon=True)
+        self.alive = False
+
+    # -- control (any thread) -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.alive = True
+        self.thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until every capture handed over before this call is resolved (or ``timeout_s`` passed).
+
+        Returns True when all were resolved. Blocks the caller, never the device.
+        """
+        if not self.alive:
+            return not self._pending
+        marker = _FlushMarker()
+        self._pending.append(marker)
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        with self._cond:
+            self._waiters += 1
+            try:
+                self._wake.set()
+                while not marker.done:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self.alive:
+                        return False
+                    self._cond.wait(min(left, 0.05))
+                    self._wake.set()
+                return True
+            finally:
+                self._waiters -= 1
+
+    def stop(self, timeout_s: float) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(max(0.0, timeout_s))
+
+    # -- the thread -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wake.wait(URGENT_POLL_S if self._waiters else self._interval)
+                self._wake.clear()
+                self._pass()
+            self._pass()
+        except BaseException:  # a bug here must not go unnoticed, nor take the program down
+            _log.exception("otel-npu: the resolver thread failed; captures will no longer be resolved")
+        finally:
+            self.alive = False
+            with self._cond:
+                self._cond.notify_all()
+
+    def _pass(self) -> None:
+        mono = self._mono
+        now = mono()
+        taken = self._take_in()
+        self._calibrate(now)
+        resolved = self._resolve_ready(now)
+        self._refill_pool(taken)
+        self._stats.report(time.monotonic())
+        if resolved or taken:
+            self._stats.add("resolver_passes")
+        if self._markers:
+            self._settle_markers()
+        if self._waiters:
+            with self._cond:
+                self._cond.notify_all()
+
+    def _take_in(self) -> int:
+        pending, queues, steps = self._pending, self._queues, self._steps
+        stream_key = self._backend.stream_key
+        taken = 0
+        while pending:
+            item = pending.popleft()
+            if item.__class__ is _FlushMarker:
+                item.floor = self._intake_seq
+                self._markers.append(item)
+                continue
+            item.intake = self._intake_seq
+            self._intake_seq += 1
+            item.done = False
+            item.timed_out = False
+            step = nearest_timed(item.parent)
+            while step is not None and not step.is_step:
+                step = nearest_timed(step.parent)
+            item.step = step
+            if step is not None:
+                state = steps.get(step)
+                if state is None:
+                    state = steps[step] = _StepState()
+                state.unresolved += 1
+            key = stream_key(item.stream) if item.stream is not None else None
+            queue = queues.get(key)
+            if queue is None:
+                queue = queues[key] = collections.deque()
+            queue.append(item)
+            taken += 1
+        self._taken_last_pass = taken
+        return taken
+
+    def _calibrate(self, now: int) -> None:
+        clock = self._clock
+        if now - self._last_host_refresh > 2e9:
+            self._host.refresh()
+            self._last_host_refresh = now
+        if clock is not None and clock.due(now):
+            try:
+                clock.calibrate()
+            except CalibrationError as exc:
+                self._stats.drop("calibration_failed", exc)
+            except Exception as exc:  # a device error: keep the old anchor, say so once per report
+                self._stats.drop("calibration_failed", exc)
+
+    def _resolve_ready(self, now: int) -> int:
+        query, timeout_ns, mono = self._query, self._timeout_ns, self._mono
+        host_timed = self._backend.host_timed
+        count = 0
+        for key in list(self._queues):
+            queue = self._queues[key]
+            while queue:
+                r = queue[0]
+                if not host_timed and not query(r.end):
+                    if now - r.host_end <= timeout_ns:
+                        break
+                    queue.popleft()
+                    self._finish(r, None)
+                else:
+                    queue.popleft()
+                    self._finish(r, mono())
+                count += 1
+                if count % SLICE == 0:
+                    time.sleep(0)  # let a waiting serving thread have the GIL
+            if not queue:
+                del self._queues[key]
+        return count
+
+    def _finish(self, r: Any, seen: int | None) -> None:
+        """Place ``r`` in time (``seen is None``: it timed out), then emit it or hold it for its step."""
+        host = self._host
+        if seen is None:
+            r.timed_out = True
+            begin, finish, error = r.host_start, r.host_end, 0
+            self._stats.add("timed_out")
+        elif self._backend.host_timed:
+            begin, finish, error = r.start, r.end, host.error_ns
+        else:
+            try:
+                begin, finish, error = self._clock.place(r.start, r.end, r.host_start, r.host_end, seen)
+            except Exception as exc:  # a device error reading times: keep the span, with host times
+                self._stats.drop("timing_read_failed", exc, 0)
+                self._stats.add("timing_read_failed")
+                begin, finish, error = r.host_start, r.host_end, 0
+            self._pool.give(r.start)
+            self._pool.give(r.end)
+        r.start_ns = host.to_wall(begin)
+        r.end_ns = host.to_wall(finish)
+        r.clock_error_ns = error + host.error_ns
+        self._stats.add("resolved")
+        if r.is_step:
+            state = self._steps.get(r)
+            if state is not None and state.unresolved:
+                state.ready = True  # waits for the captures inside it
+                return
+            self._finish_step(r, state)
+        else:
+            self._complete(r)
+
+    def _finish_step(self, r: Any, state: _StepState | None) -> None:
+        children: list = []
+        if state is not None:
+            del self._steps[r]
+            children = state.children
+            if state.start_ns is not None:
+                r.start_ns = min(r.start_ns, state.start_ns)
+                r.end_ns = max(r.end_ns, state.end_ns)
+        self._complete(r)
+        if self._on_step is not None:
+            children.sort(key=_by_host_start)
+            try:
+                self._on_step(r, children)
+            except Exception:
+                _log.exception("otel-npu: reporting step %r failed", r.name)
+
+    def _complete(self, r: Any) -> None:
+        """``r`` has its final times: emit it, and count it as done in its step."""
+        r.done = True
+        try:
+            self._emit(r)
+        except Exception as exc:
+            self._stats.drop("emit_failed", exc)
+            if self._stats.drops["emit_failed"] == 1:
+                _log.exception("otel-npu: turning capture %r into a span failed", r.name)
+        step = r.step
+        if step is not None:
+            state = self._steps[step]
+            state.unresolved -= 1
+            state.children.append(r)
+            if state.start_ns is None or r.start_ns < state.start_ns:
+                state.start_ns = r.start_ns
+            if state.end_ns is None or r.end_ns > state.end_ns:
+                state.end_ns = r.end_ns
+            if state.ready and not state.unresolved:
+                self._finish_step(step, state)
+
+    def _refill_pool(self, taken: int) -> None:
+        pool = self._pool
+        if pool is None:
+            return
+        # Enough free events for the busiest pass seen lately, twice over (two per capture).
+        target = max(256, 4 * taken)
+        if len(pool) < target:
+            try:
+                pool.refill(target)
+            except Exception as exc:
+                self._stats.drop("pool_refill_failed", exc, 0)
+
+    # -- flush bookkeeping (resolver thread) ------------------------------------------------------------
+    def _settle_markers(self) -> None:
+        """Mark done the flush markers whose predecessors are all resolved."""
+        floor = self._intake_seq  # intake number of the oldest unresolved record
+        for queue in self._queues.values():
+            if queue and queue[0].intake < floor:
+                floor = queue[0].intake
+        for step, state in self._steps.items():
+            if state.ready and step.intake < floor:
+                floor = step.intake
+        keep = []
+        for marker in self._markers:
+            if marker.floor <= floor:
+                marker.done = True
+            else:
+                keep.append(marker)
+        self._markers = keep
+
+
+def _by_host_start(r: Any) -> int:
+    return r.host_start

@@ -1,0 +1,171 @@
+"""The per-process wiring: settings, device, event pool, clocks, resolver, span pipeline; fork and exit.
+
+A ``Runtime`` is created by the first capture after otel-npu is enabled (not at import: importing must not
+touch CUDA or torch_npu, which would break processes that fork workers afterwards). Creating it detects the
+device, pre-creates timing events, takes the first clock anchor (a short wait on otel-npu's own idle
+stream, once), builds the span pipeline and starts the resolver thread.
+
+Process life:
+
+* **exit**: an ``atexit`` hook flushes and shuts down within ``shutdown_timeout_s`` (default 5 s), so a dead
+  collector cannot hang the exit; the background threads are daemons;
+* **fork**: in the child the parent's runtime is abandoned without touching its locks or threads (they do
+  not exist there), its pending captures are dropped (the parent still resolves them), and the next capture
+  in the child starts a fresh runtime.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable
+
+from . import config, devices, durations, telemetry
+from .clock import DeviceClock, HostClock
+from .devices.base import EventPool
+from .resolver import Resolver, Stats
+from .spans import process_attributes
+
+_log = logging.getLogger("otel_npu")
+
+_settings = config.from_env()
+_runtime: "Runtime | None" = None
+_lock = threading.Lock()
+_atexit_registered = False
+_fork_hooks: list[Callable[[], None]] = []
+
+
+class Runtime:
+    """Everything otel-npu runs in one process. Built by ``start()``; see the module docstring."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.backend, self.passed_over = devices.select(settings.device)
+        self.stats = Stats()
+        self.pending: collections.deque = collections.deque()
+        self.host_clock = HostClock()
+        self.pool: EventPool | None = None
+        self.clock: DeviceClock | None = None
+        if not self.backend.host_timed:
+            self.pool = EventPool(self.backend, initial=256, limit=2 * settings.max_pending + 256)
+            self.clock = DeviceClock(self.backend, self._anchor_event, self.pool.give, mono=self.host_clock.mono,
+                                     keep_s=settings.event_timeout_s + 10.0)
+            self.clock.calibrate()
+        self.pipeline = telemetry.build(
+            settings, process_attrs=process_attributes(self.backend.label()),
+            stream_label=self.backend.stream_label, to_wall=self.host_clock.to_wall, stats=self.stats)
+        if settings.log_durations:
+            durations.ensure_visible()
+        self.resolver = Resolver(
+            pending=self.pending, backend=self.backend, pool=self.pool, clock=self.clock,
+            host_clock=self.host_clock, stats=self.stats, emit=self.pipeline.emit,
+            on_step=durations.log_step if settings.log_durations else None,
+            poll_interval_s=settings.poll_interval_s, event_timeout_s=settings.event_timeout_s)
+        self.resolver.start()
+        self.pid = os.getpid()
+
+    def _anchor_event(self) -> Any:
+        pool = self.pool
+        return pool.take() if len(pool) else self.backend.new_event()
+
+    def describe(self) -> str:
+        return (f"device {self.backend.label()}, spans to {self.pipeline.description}, "
+                f"max {self.settings.max_pending} pending, event timeout {self.settings.event_timeout_s:g} s")
+
+    def flush(self, timeout_s: float) -> bool:
+        """Resolve everything captured so far and hand it to the exporters (sent, for otel-npu's own OTLP)."""
+        deadline = time.monotonic() + timeout_s
+        resolved = self.resolver.wait(timeout_s)
+        exported = self.pipeline.flush(max(0.0, deadline - time.monotonic()))
+        self.stats.report(time.monotonic(), force=True)
+        return resolved and exported
+
+    def shutdown(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        ok = self.flush(timeout_s)
+        self.resolver.stop(max(0.0, deadline - time.monotonic()))
+        self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
+        left = len(self.pending)
+        if left:
+            self.stats.drop("resolver_stopped", n=left)
+        self.stats.report(time.monotonic(), force=True)
+        self.backend.close()
+        return ok
+
+
+def settings() -> config.Settings:
+    return _settings
+
+
+def set_settings(new: config.Settings) -> None:
+    global _settings
+    _settings = new
+
+
+def current() -> Runtime | None:
+    """The running runtime of this process, if any (``None`` before the first capture)."""
+    return _runtime
+
+
+def start() -> Runtime | None:
+    """Start the runtime for the current settings (once); ``None`` if it cannot run here (logged)."""
+    global _runtime, _atexit_registered
+    with _lock:
+        if _runtime is not None:
+            return _runtime
+        try:
+            rt = Runtime(_settings)
+        except devices.DeviceUnavailable as exc:
+            _log.warning("otel-npu is disabled: the %s device is not usable: %s", _settings.device, exc)
+            return None
+        except Exception:
+            _log.exception("otel-npu is disabled: starting it failed")
+            return None
+        _runtime = rt
+        if not _atexit_registered:
+            atexit.register(_at_exit)
+            _atexit_registered = True
+        _log.info("otel-npu started: %s", rt.describe())
+        for reason in rt.passed_over:
+            _log.info("otel-npu: not using %s", reason)
+        return rt
+
+
+def stop(timeout_s: float) -> bool:
+    """Flush and shut down the running runtime (if any) within ``timeout_s``; True if all was delivered."""
+    global _runtime
+    with _lock:
+        rt, _runtime = _runtime, None
+    if rt is None:
+        return True
+    return rt.shutdown(timeout_s)
+
+
+def _at_exit() -> None:
+    try:
+        stop(_settings.shutdown_timeout_s)
+    except Exception:  # pragma: no cover - never let telemetry fail an exit
+        _log.debug("otel-npu: shutdown at exit failed", exc_info=True)
+
+
+def on_fork_child(hook: Callable[[], None]) -> None:
+    """Run ``hook`` in a forked child after the runtime was reset (the capture module re-arms itself)."""
+    _fork_hooks.append(hook)
+
+
+def _after_fork_in_child() -> None:
+    global _runtime, _lock
+    _lock = threading.Lock()  # replaced, not released: another thread may have held it at fork time
+    abandoned, _runtime = _runtime, None
+    if abandoned is not None:
+        _log.debug("otel-npu: forked child drops %d captures pending in the parent", len(abandoned.pending))
+    for hook in _fork_hooks:
+        hook()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

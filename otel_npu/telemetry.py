@@ -1,0 +1,246 @@
+"""Where spans go: the application's TracerProvider, or a pipeline otel-npu builds from the ``OTEL_*`` variables.
+
+Decided once, when otel-npu starts (the first capture in a process):
+
+* **the application's provider** (``pipeline="auto"`` or ``"app"``; or one given to ``configure()``): when an
+  SDK ``TracerProvider`` is installed (vLLM's ``init_tracer``, ``opentelemetry-instrument``, your own),
+  spans go through it: its sampler, id generator, resource and span processors;
+* **otel-npu's own pipeline** (otherwise, or ``pipeline="own"``), configured by the standard variables:
+  ``OTEL_SDK_DISABLED``, ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER[_ARG]``,
+  ``OTEL_TRACES_EXPORTER`` (``otlp`` default, ``console``, ``none``; comma-separated),
+  ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`` (``http/protobuf`` default, as the spec says; ``grpc``), and the
+  ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT|HEADERS|TIMEOUT|COMPRESSION|CERTIFICATE...`` variables, which the SDK's
+  exporter classes read themselves (they do not read the protocol: that choice is made here). OTLP spans are
+  encoded by otel-npu itself (``otlp.py``) and batched per ``OTEL_BSP_*``.
+
+Invalid values are warned about once (variable, value, what is accepted) and replaced by the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any, Callable, Mapping
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import sampling
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from . import export, otlp
+from .spans import SpanFactory
+
+_log = logging.getLogger("otel_npu")
+
+SCOPE_NAME = "otel_npu"
+EXPORTERS = ("otlp", "console", "none")
+PROTOCOLS = ("http/protobuf", "grpc")
+SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
+            "parentbased_traceidratio")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+class Pipeline:
+    """The spans half of a runtime: decisions (``factory``) and destinations (``sinks``)."""
+
+    def __init__(self, factory: SpanFactory, sinks: list, stats: Any, description: str) -> None:
+        self.factory = factory
+        self.sinks = sinks
+        self._stats = stats
+        self.description = description
+
+    def emit(self, r: Any) -> None:
+        if not self.sinks:
+            return
+        if not self.factory.identify(r):
+            self._stats.add("spans_unsampled")
+            return
+        for sink in self.sinks:
+            sink.emit(r)
+        self._stats.add("spans_emitted")
+
+    def flush(self, timeout_s: float) -> bool:
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        ok = True
+        for sink in self.sinks:
+            ok = sink.force_flush(max(0.0, deadline - time.monotonic())) and ok
+        return ok
+
+    def shutdown(self, timeout_s: float) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        for sink in self.sinks:
+            try:
+                sink.shutdown(max(0.0, deadline - time.monotonic()))
+            except Exception:  # pragma: no cover - best effort
+                _log.debug("otel-npu: shutting a sink down failed", exc_info=True)
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() == "true"
+
+
+def sampler_from_env(env: Mapping[str, str]) -> Any:
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    if name not in SAMPLERS:
+        _log.warning("OTEL_TRACES_SAMPLER=%r is not supported by otel-npu's own pipeline: accepted values are "
+                     "%s; using parentbased_always_on", env.get("OTEL_TRACES_SAMPLER"), ", ".join(SAMPLERS))
+        name = "parentbased_always_on"
+    if name.endswith("traceidratio"):
+        raw = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+        try:
+            ratio = float(raw) if raw else 1.0
+            if not 0.0 <= ratio <= 1.0:
+                raise ValueError
+        except ValueError:
+            _log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not valid for %s: accepted values are numbers from 0 "
+                         "to 1; using 1.0", raw, name)
+            ratio = 1.0
+        inner = sampling.TraceIdRatioBased(ratio)
+        return sampling.ParentBased(inner) if name.startswith("parentbased") else inner
+    return {
+        "always_on": sampling.ALWAYS_ON, "always_off": sampling.ALWAYS_OFF,
+        "parentbased_always_on": sampling.DEFAULT_ON, "parentbased_always_off": sampling.DEFAULT_OFF,
+    }[name]
+
+
+def protocol_from_env(env: Mapping[str, str]) -> str:
+    for var in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        raw = env.get(var, "").strip().lower()
+        if raw:
+            if raw in PROTOCOLS:
+                return raw
+            _log.warning("%s=%r is not supported: accepted values are %s; using http/protobuf",
+                         var, env.get(var), ", ".join(PROTOCOLS))
+            return "http/protobuf"
+    return "http/protobuf"
+
+
+def exporters_from_env(env: Mapping[str, str]) -> list[str]:
+    raw = env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp"
+    names = []
+    for name in (part.strip() for part in raw.split(",")):
+        if not name:
+            continue
+        if name not in EXPORTERS:
+            _log.warning("OTEL_TRACES_EXPORTER names %r, which otel-npu does not know: accepted values are %s; "
+                         "ignored", name, ", ".join(EXPORTERS))
+            continue
+        if name not in names:
+            names.append(name)
+    return [] if "none" in names else names
+
+
+def resource_from_env(process_attrs: Mapping[str, Any]) -> Resource:
+    """``Resource.create`` (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``) plus host and process."""
+    base = {"host.name": socket.gethostname(), "process.pid": os.getpid()}
+    for key in ("otel_npu.rank", "otel_npu.local_rank"):
+        if key in process_attrs:
+            base[key] = process_attrs[key]
+    return Resource.create(base)
+
+
+def app_provider(settings: Any) -> Any | None:
+    """The SDK TracerProvider spans should go through, if any (see the module docstring)."""
+    if settings.tracer_provider is not None:
+        return settings.tracer_provider
+    if settings.pipeline == "own":
+        return None
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        return provider
+    if settings.pipeline == "app":
+        _log.warning("otel-npu: OTEL_NPU_PIPELINE=app but no SDK TracerProvider is installed (found %s); "
+                     "using otel-npu's own pipeline", type(provider).__name__)
+    return None
+
+
+def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Callable[[Any], str],
+          to_wall: Callable[[int], int], stats: Any, env: Mapping[str, str] | None = None) -> Pipeline:
+    """The pipeline for ``settings`` (never raises for configuration problems: warns and degrades)."""
+    env = os.environ if env is None else env
+    scope = InstrumentationScope(SCOPE_NAME, _version())
+    common = dict(stream_label=stream_label, to_wall=to_wall, const_attributes=process_attrs, stats=stats,
+                  event_timeout_s=settings.event_timeout_s)
+
+    provider = app_provider(settings)
+    if provider is not None:
+        tracer = provider.get_tracer(SCOPE_NAME, _version())
+        if not hasattr(tracer, "span_processor"):  # a provider that is not the SDK's
+            _log.warning("otel-npu: the TracerProvider %s is not an OpenTelemetry SDK provider; spans cannot "
+                         "be handed to it, using otel-npu's own pipeline", type(provider).__name__)
+        else:
+            factory = SpanFactory(sampler=tracer.sampler, id_generator=tracer.id_generator, **common)
+            sink = export.SdkSink(tracer.span_processor, tracer.resource, scope, factory, owned=False)
+            return Pipeline(factory, [sink], stats, f"the application's TracerProvider ({type(provider).__name__})")
+
+    factory = SpanFactory(sampler=sampler_from_env(env), id_generator=RandomIdGenerator(), **common)
+    if _flag(env, "OTEL_SDK_DISABLED"):
+        return Pipeline(factory, [], stats, "none (OTEL_SDK_DISABLED=true)")
+    resource = resource_from_env(process_attrs)
+    sinks: list = []
+    described = []
+    for name in exporters_from_env(env):
+        try:
+            sink, text = _own_sink(name, env, factory, resource, scope, stats)
+        except Exception as exc:
+            _log.warning("otel-npu: cannot set up the %s exporter (%s: %s); its spans are not exported",
+                         name, type(exc).__name__, exc)
+            continue
+        sinks.append(sink)
+        described.append(text)
+    return Pipeline(factory, sinks, stats, "otel-npu's own: " + (", ".join(described) or "no exporter"))
+
+
+def _bsp_setting(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+        if value <= 0:
+            raise ValueError
+        return value
+    except ValueError:
+        _log.warning("%s=%r is not valid: accepted values are positive whole numbers; using %d", name, raw, default)
+        return default
+
+
+def _own_sink(name: str, env: Mapping[str, str], factory: SpanFactory, resource: Resource,
+              scope: InstrumentationScope, stats: Any) -> tuple[Any, str]:
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+        return export.SdkSink(SimpleSpanProcessor(ConsoleSpanExporter()), resource, scope, factory,
+                              owned=True), "console"
+    protocol = protocol_from_env(env)
+    send = export.transport_for(protocol)
+    if send is None:  # the installed exporter lacks the hooks: the SDK path works, more slowly
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        _log.info("otel-npu: this opentelemetry-exporter-otlp has no pre-encoded export path; using the SDK's")
+        return export.SdkSink(BatchSpanProcessor(OTLPSpanExporter()), resource, scope, factory, owned=True), \
+            f"otlp {protocol} (SDK encoder)"
+    encoder = otlp.SpanEncoder(factory, resource, scope.name, scope.version or "")
+    sink = export.OtlpSink(
+        send, encoder, stats,
+        max_queue_size=_bsp_setting(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048),
+        max_export_batch_size=_bsp_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
+        schedule_delay_s=_bsp_setting(env, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000.0,
+    )
+    return sink, f"otlp {protocol} -> {sink.endpoint}"

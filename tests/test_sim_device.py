@@ -1,0 +1,222 @@
+"""The core claims, proved on the simulated asynchronous device (work really runs later, on other threads)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from opentelemetry.trace import StatusCode
+
+import otel_npu
+from otel_npu.spans import ATTR_CLOCK_ERROR, ATTR_DEVICE, ATTR_HOST_START, ATTR_STREAM, ATTR_TIMED_OUT
+from otel_npu.testing import SimDevice
+
+from .conftest import TIME_BOUND_NS, enable, wall_of
+
+
+def truth(c) -> tuple[int, int]:
+    """Wall-clock times at which the simulated device ran a capture's two events (read right after exit,
+    while the device is still busy, so the events cannot have been recycled yet)."""
+    return wall_of(c.start.exec_mono_ns), wall_of(c.end.exec_mono_ns)
+
+
+def assert_device_times(span, t: tuple[int, int]) -> None:
+    """The span's start/end are the device's, within the span's own stated bound and within TIME_BOUND_NS."""
+    error = max(abs(span.start_time - t[0]), abs(span.end_time - t[1]))
+    assert error <= span.attributes[ATTR_CLOCK_ERROR], (span.name, error, span.attributes[ATTR_CLOCK_ERROR])
+    assert error <= TIME_BOUND_NS, (span.name, error)
+
+
+def test_capturing_thread_never_waits_for_the_device(provider, spans, sim):
+    enable(provider, device=sim)
+    stream = sim.current_stream()
+    t0 = time.perf_counter()
+    with otel_npu.capture("forward") as c:
+        stream.launch(0.3)  # 300 ms of device work
+    host_s = time.perf_counter() - t0
+    expected = truth(c)
+    assert host_s < 0.05, f"the capture blocked the host for {host_s * 1e3:.1f} ms"
+    assert not stream.query(), "the device had finished before the host returned: the test proves nothing"
+    assert otel_npu.flush(5.0)
+    span = spans.one("forward")
+    assert_device_times(span, expected)
+    assert span.end_time - span.start_time >= 0.3e9  # device time, not the host's few microseconds
+    # The host entered the capture long before the device got to it only if work was queued ahead; here
+    # the stream was idle, so the device started within the launch latency of the host's entry.
+    assert 0 <= span.start_time - span.attributes[ATTR_HOST_START] <= TIME_BOUND_NS
+    # No timing read on the capturing thread, none on an unfinished event.
+    assert sim.timing_reads(on_thread=threading.get_ident()) == []
+    assert sim.timing_reads(incomplete=True) == []
+
+
+def test_span_times_equal_device_times_and_the_stated_error_bound_holds(provider, spans, sim):
+    enable(provider, device=sim)
+    stream = sim.current_stream()
+    expected = {}
+    for i in range(20):
+        stream.launch(0.002)  # work queued ahead: the device lags the host
+        with otel_npu.capture(f"stage{i}") as c:
+            stream.launch(0.001 + 0.0005 * (i % 3))
+        expected[f"stage{i}"] = truth(c)
+    assert otel_npu.flush(5.0)
+    for name, t in expected.items():
+        assert_device_times(spans.one(name), t)
+    lead = [spans.one(n).start_time - spans.one(n).attributes[ATTR_HOST_START] for n in expected]
+    assert max(lead) > 1_000_000, "queued work should show as the host running ahead of the device"
+
+
+def test_nesting_and_step_cover_their_captures(provider, spans, sim):
+    enable(provider, device=sim)
+    stream = sim.current_stream()
+    with otel_npu.step("Decode") as s:
+        with otel_npu.capture("prepare input and forward"):
+            stream.launch(0.002)
+            with otel_npu.capture("forward"):
+                stream.launch(0.004)
+        with otel_npu.capture("post process"):
+            stream.launch(0.001)
+    step_truth = truth(s)
+    assert otel_npu.flush(5.0)
+    step = spans.one("Decode")
+    outer = spans.one("prepare input and forward")
+    inner = spans.one("forward")
+    post = spans.one("post process")
+    assert step.parent is None
+    assert outer.parent.span_id == step.context.span_id and post.parent.span_id == step.context.span_id
+    assert inner.parent.span_id == outer.context.span_id
+    assert {s.context.trace_id for s in spans.all} == {step.context.trace_id}
+    slack = 1000  # events recorded back to back run at the same device time; rounding may differ by ns
+    assert outer.start_time - slack <= inner.start_time <= inner.end_time <= outer.end_time + slack
+    assert step.start_time - slack <= outer.start_time and post.end_time <= step.end_time + slack
+    assert_device_times(step, step_truth)
+    assert inner.attributes["otel_npu.step"] == "Decode"
+    assert inner.attributes[ATTR_DEVICE] == "sim:0"
+
+
+def test_two_streams_completing_out_of_order(provider, spans, sim):
+    enable(provider, device=sim)
+    slow, fast = sim.new_stream("slow"), sim.new_stream("fast")
+    with sim.stream(slow), otel_npu.capture("slow") as a:
+        slow.launch(0.3)
+    with sim.stream(fast), otel_npu.capture("fast") as b:
+        fast.launch(0.01)
+    ta, tb = truth(a), truth(b)
+    assert otel_npu.flush(5.0)
+    order = [s.name for s in spans.all]
+    assert order == ["fast", "slow"], "the fast stream's capture must not wait behind the slow one"
+    assert_device_times(spans.one("slow"), ta)
+    assert_device_times(spans.one("fast"), tb)
+    assert spans.one("slow").attributes[ATTR_STREAM] != spans.one("fast").attributes[ATTR_STREAM]
+
+
+def test_explicit_stream_argument(provider, spans, sim):
+    enable(provider, device=sim)
+    side = sim.new_stream("side")
+    with otel_npu.capture("copy", stream=side) as c:
+        side.launch(0.02)
+    assert c.stream is side
+    assert otel_npu.flush(5.0)
+    assert spans.one("copy").end_time - spans.one("copy").start_time >= 0.02e9 - TIME_BOUND_NS
+
+
+def test_event_timeout_gives_an_error_span_and_does_not_hold_the_rest(provider, spans, sim):
+    enable(provider, device=sim, event_timeout_s=0.2)
+    stuck = sim.new_stream("stuck")
+    with sim.stream(stuck), otel_npu.capture("hung kernel"):
+        stuck.launch(30.0)  # never finishes within the test
+    with otel_npu.capture("fine"):
+        sim.current_stream().launch(0.001)
+    assert otel_npu.flush(5.0)
+    hung = spans.one("hung kernel")
+    assert hung.status.status_code is StatusCode.ERROR
+    assert "did not complete within 0.2 s" in hung.status.description
+    assert hung.attributes[ATTR_TIMED_OUT] is True
+    assert spans.one("fine").status.status_code is StatusCode.UNSET
+    assert otel_npu.stats()["timed_out"] == 1
+
+
+def test_drops_at_the_pending_limit_are_counted_and_reported(provider, spans, sim, caplog_otel):
+    enable(provider, device=sim, max_pending=10, poll_interval_s=30.0)
+    t0 = time.perf_counter()
+    for i in range(50):
+        with otel_npu.capture("c"):
+            pass
+    assert time.perf_counter() - t0 < 1.0, "dropping must never block the capturing thread"
+    assert otel_npu.flush(5.0)
+    assert len(spans.named("c")) == 10
+    assert otel_npu.stats()["dropped"] == {"pending_limit": 40}
+    warnings = [r.getMessage() for r in caplog_otel.records if "lost" in r.getMessage()]
+    assert len(warnings) == 1 and "40 x pending_limit" in warnings[0] and "OTEL_NPU_MAX_PENDING" in warnings[0]
+
+
+def test_empty_event_pool_drops_are_counted_not_allocated(provider, spans, sim):
+    enable(provider, device=sim, poll_interval_s=30.0)
+    with otel_npu.capture("first"):
+        pass
+    from otel_npu import runtime
+
+    rt = runtime.current()
+    created = rt.pool.created
+    free = len(rt.pool)
+    for _ in range(free // 2 + 5):
+        with otel_npu.capture("many"):
+            pass
+    assert rt.pool.created == created, "the hot path must not create device events"
+    assert otel_npu.stats()["dropped"].get("event_pool_empty", 0) >= 5
+    assert otel_npu.flush(5.0)
+    assert len(spans.named("many")) == free // 2
+
+
+def test_children_of_a_dropped_capture_attach_to_its_parent(provider, spans, sim):
+    enable(provider, device=sim, poll_interval_s=30.0)
+    from otel_npu import runtime
+
+    with otel_npu.capture("warm-up"):
+        pass
+    rt = runtime.current()
+    with otel_npu.step("Decode"):
+        taken = [rt.pool.take() for _ in range(len(rt.pool))]  # starve the pool for the next capture
+        with otel_npu.capture("untimed"):
+            for event in taken[:4]:
+                rt.pool.give(event)
+            with otel_npu.capture("timed child"):
+                pass
+    assert otel_npu.flush(5.0)
+    assert spans.named("untimed") == []
+    assert spans.one("timed child").parent.span_id == spans.one("Decode").context.span_id
+    assert otel_npu.stats()["dropped"]["event_pool_empty"] == 1
+
+
+def test_device_clock_drift_stays_within_the_stated_bound(provider, spans):
+    device = SimDevice(drift_ppm=80.0)
+    try:
+        enable(provider, device=device)
+        expected = {}
+        for i in range(10):
+            with otel_npu.capture(f"k{i}") as c:
+                device.current_stream().launch(0.01)
+            expected[f"k{i}"] = truth(c)
+            time.sleep(0.02)
+        assert otel_npu.flush(5.0)
+        for name, (start, end) in expected.items():
+            span = spans.one(name)
+            error = max(abs(span.start_time - start), abs(span.end_time - end))
+            assert error <= span.attributes[ATTR_CLOCK_ERROR], (name, error, span.attributes[ATTR_CLOCK_ERROR])
+    finally:
+        device.close()
+
+
+def test_timing_reads_happen_only_on_the_resolver_thread_for_finished_events(provider, spans, sim):
+    enable(provider, device=sim)
+    stream = sim.current_stream()
+    for _ in range(30):
+        with otel_npu.capture("x"):
+            stream.launch(0.001)
+    assert otel_npu.flush(5.0)
+    reads = sim.timing_reads()
+    assert reads, "expected the resolver to read event times"
+    threads = {r.thread for r in reads}
+    assert threading.get_ident() not in threads
+    assert {t.name for t in threading.enumerate() if t.ident in threads} <= {"otel-npu-resolver"}
+    assert sim.timing_reads(incomplete=True) == []
