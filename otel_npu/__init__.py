@@ -1,6 +1,6 @@
 """otel-npu: device-measured stage timings (Ascend NPU, CUDA, CPU) as OpenTelemetry spans.
 
-The data path, one module each: ``capture`` (hot path: two device events) -> ``resolver`` (background thread:
+The data path, one module each: ``capturing`` (hot path: two device events) -> ``resolver`` (background thread:
 waits for finished events) -> ``clock`` (device time to wall clock) -> ``spans`` (ids, parents, attributes)
 -> ``export`` / ``otlp`` (OTLP or the application's TracerProvider), over ``devices`` (npu, cuda, cpu).
 
@@ -22,10 +22,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from . import capture as _capture_mod  # noqa: E402  (after __version__: telemetry reads it)
+from . import capturing as _capture_mod  # noqa: E402  (after __version__: telemetry reads it)
 from . import config as _config  # noqa: E402
 from . import runtime as _runtime  # noqa: E402
-from .capture import capture, step  # noqa: E402
+from .capturing import capture, step  # noqa: E402
 from .compat import ProfileExecuteDuration  # noqa: E402
 
 __all__ = ["capture", "step", "flush", "shutdown", "configure", "enabled", "stats", "ProfileExecuteDuration",

@@ -19,7 +19,7 @@ import logging
 import threading
 from typing import Any
 
-from . import capture as _capture
+from . import capturing as _capture
 from . import durations, runtime
 from .resolver import DROPPED
 

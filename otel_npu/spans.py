@@ -163,7 +163,11 @@ class SpanFactory:
         return attrs
 
     def links(self, r: Any) -> list[SpanContext]:
-        """The valid SpanContexts among a step's ``links`` (spans, SpanContexts or Links accepted)."""
+        """The valid SpanContexts among a step's ``links`` (spans, SpanContexts or Links accepted).
+
+        Converted once: the step's tuple is replaced by the resulting list."""
+        if r.links.__class__ is list:
+            return r.links
         out = []
         for item in r.links:
             if isinstance(item, SpanContext):
@@ -179,6 +183,7 @@ class SpanFactory:
                 continue
             if ctx.is_valid:
                 out.append(ctx)
+        r.links = out
         return out
 
     def status(self, r: Any) -> tuple[StatusCode, str | None]:

@@ -20,10 +20,10 @@ class CpuBackend(DeviceBackend):
     def label(self) -> str:
         return "cpu"
 
-    # The capture hot path for this backend reads perf_counter_ns directly (see capture.py); these
+    # The capture hot path for this backend reads perf_counter_ns directly (see capturing.py); these
     # methods exist for completeness of the protocol.
     def current_stream(self) -> Any:
-        return threading.get_ident()
+        return threading.current_thread()
 
     def record(self, event: Any, stream: Any) -> None:  # pragma: no cover - not used: see above
         raise TypeError("the CPU backend has no events")
@@ -41,10 +41,7 @@ class CpuBackend(DeviceBackend):
         return float(event - reference)
 
     def stream_label(self, stream: Any) -> str:
-        for thread in threading.enumerate():
-            if thread.ident == stream:
-                return f"thread:{thread.name}"
-        return f"thread:{stream}"
+        return f"thread:{getattr(stream, 'name', stream)}"
 
     def record_anchor(self, event: Any) -> None:  # pragma: no cover - host-timed: no anchors
         raise TypeError("the CPU backend has no events")

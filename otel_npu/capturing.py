@@ -45,7 +45,7 @@ _set_current = _current.set
 _reset_current = _current.reset
 _otel_current = _otel_context.get_current
 _now = time.perf_counter_ns
-_get_ident = threading.get_ident
+_current_thread = threading.current_thread
 
 _DELEGATED = object()  # ``_token`` of a capture object entered again: a fresh capture does the work
 
@@ -147,7 +147,7 @@ class _HostCapture(Capture):
             self.otel_ctx = _otel_current()
         self._token = _set_current(self)
         if self.stream is None:
-            self.stream = _get_ident()  # the CPU's "stream" is the thread
+            self.stream = _current_thread()  # the CPU's "stream" is the thread
         self.start = self.host_start = _now()
         return self
 
