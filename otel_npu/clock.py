@@ -129,11 +129,16 @@ class DeviceClock:
         t2 = mono()
         return event, t0, t1, t2
 
-    def calibrate(self, tries: int = 3, good_ns: int = 10_000, max_tries: int = 8) -> Anchor:
-        """Take a new anchor and update the drift estimate. Blocks ≈ tens of µs (≤ ~1 s if the device stalls).
+    def calibrate(self, tries: int = 3, good_ns: int = 10_000, max_tries: int = 8, *,
+                  read_now: bool = True) -> Anchor:
+        """Take a new anchor. Blocks ≈ tens of µs (≤ ~1 s if the device stalls): it waits, with ``query()``
+        only, for an event on the backend's own idle stream.
 
         Keeps the narrowest of ``tries`` windows, trying up to ``max_tries`` times while none is under
-        ``good_ns`` (a preempted sample has a wide window; a later one usually does not).
+        ``good_ns`` (a preempted sample has a wide window; a later one usually does not). With
+        ``read_now=False`` the anchor's device time is read later, by ``place`` on the resolver thread:
+        at start-up the first anchor is taken on the capturing thread, which must not do timing reads
+        (torch_npu's block and drain every stream's queue).
         """
         best = None
         attempt = 0
@@ -151,14 +156,23 @@ class DeviceClock:
             else:
                 self._give(event)
         event, estimate, bound, seen = best
-        reference = self._backend.reference(event)
-        previous = self.anchors[-1] if self.anchors else None
-        device_ns = 0.0 if previous is None else previous.device_ns + self._backend.offset_ns(previous.reference, event)
-        anchor = Anchor(event, reference, estimate, bound, seen, device_ns)
+        anchor = Anchor(event, None, estimate, bound, seen, 0.0)
         self.anchors.append(anchor)
-        self._update_rate(anchor)
+        if read_now:
+            self._read(anchor)
         self._retire(seen)
         return anchor
+
+    def _read(self, anchor: Anchor) -> None:
+        """Read the anchor's device time (resolver thread) and chain it to the one before for drift."""
+        anchor.reference = self._backend.reference(anchor.event)
+        index = self.anchors.index(anchor)
+        if index > 0:
+            previous = self.anchors[index - 1]
+            if previous.reference is None:
+                self._read(previous)
+            anchor.device_ns = previous.device_ns + self._backend.offset_ns(previous.reference, anchor.event)
+        self._update_rate(anchor)
 
     def _update_rate(self, newest: Anchor) -> None:
         base = self._drift_base
@@ -199,6 +213,8 @@ class DeviceClock:
         cannot run earlier); ``seen``: when the resolver saw the end event complete (it cannot run later).
         """
         anchor = self.anchor_for(host_start)
+        if anchor.reference is None:
+            self._read(anchor)
         offset, duration = self._backend.place(anchor.reference, start, end)
         rate = self.rate
         begin = anchor.mono_ns + int(offset * rate)

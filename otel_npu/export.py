@@ -131,6 +131,7 @@ class OtlpSink:
         self._settled = 0    # spans exported or failed so far
         self._flush_to = 0   # export at once until _settled reaches this
         self._stopping = False
+        self._closed = False
         self._thread: threading.Thread | None = None
         self.endpoint = getattr(send, "endpoint", "?")
 
@@ -180,12 +181,14 @@ class OtlpSink:
             ok, error = self._send(self._encoder.request(batch), len(batch))
         except Exception as exc:  # the exporter should not raise; if it does, count and carry on
             ok, error = False, f"{type(exc).__name__}: {exc}"
+        with self._cond:
+            if self._closed:  # counted as lost by shutdown() already
+                return
+            self._settled += len(batch)
         if ok:
             self._stats.add("spans_exported", len(batch))
         else:
             self._stats.drop("export_failed", _ExportError(error or "unknown error"), len(batch))
-        with self._cond:
-            self._settled += len(batch)
 
     # -- any thread ---------------------------------------------------------------------------------
     def force_flush(self, timeout_s: float) -> bool:
@@ -205,14 +208,16 @@ class OtlpSink:
         return True
 
     def shutdown(self, timeout_s: float) -> None:
+        """Flush within ``timeout_s``, then stop. What is still queued or in flight is counted as lost."""
         self.force_flush(timeout_s)
         with self._cond:
             self._stopping = True
-            self._cond.notify_all()
-        left = self._queue.__len__()
-        if left:
-            self._stats.drop("export_failed", _ExportError("not sent before shutdown"), left)
+            self._closed = True
+            lost = self._enqueued - self._settled
             self._queue.clear()
+            self._cond.notify_all()
+        if lost:
+            self._stats.drop("export_failed", _ExportError("not delivered before shutdown"), lost)
         shutdown = getattr(self._send, "shutdown", None)
         if shutdown is not None:
             try:

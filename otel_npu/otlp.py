@@ -157,6 +157,8 @@ class SpanEncoder:
         if code.value:
             status = (field(2, description.encode("utf-8", "replace")) if description else b"") + b"\x18" + varint(code.value)
             parts.append(field(15, status))
+        else:
+            parts.append(b"\x7a\x00")  # an empty Status (UNSET), as the SDK encoder writes it
         parts.append(_FLAGS_REMOTE if r.parent_remote else _FLAGS_LOCAL)
         body = b"".join(parts)
         return b"\x12" + varint(len(body)) + body

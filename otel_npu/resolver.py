@@ -45,11 +45,17 @@ REPORT_EVERY_S = 60.0
 #: Poll interval while a flush or a blocking pop waits.
 URGENT_POLL_S = 0.001
 
+#: Why data was lost, and what was lost: every drop is counted under one of these (or an error's name).
 DROP_REASONS = {
-    "pending_limit": "more captures were waiting for their device events than OTEL_NPU_MAX_PENDING allows",
-    "event_pool_empty": "no pre-created timing event was free (the resolver is behind the device)",
-    "record_failed": "recording a device event raised",
-    "resolver_stopped": "captured after otel-npu was shut down",
+    "pending_limit": ("captures", "more captures were waiting for their device events than OTEL_NPU_MAX_PENDING"),
+    "event_pool_empty": ("captures", "no pre-created timing event was free (the resolver is behind the device)"),
+    "record_failed": ("captures", "recording a device event raised"),
+    "resolver_stopped": ("captures", "captured while otel-npu was shutting down"),
+    "emit_failed": ("spans", "turning a resolved capture into a span raised"),
+    "export_queue_full": ("spans", "the export queue (OTEL_BSP_MAX_QUEUE_SIZE) was full: the collector is slow "
+                                   "or unreachable"),
+    "export_failed": ("spans", "the collector did not accept them"),
+    "calibration_failed": ("clock anchors", "a clock reference event did not complete; older anchors are used"),
 }
 
 
@@ -69,6 +75,12 @@ class Stats:
             self.drops[reason] += n
             if exc is not None and reason not in self.first_error:
                 self.first_error[reason] = f"{type(exc).__name__}: {exc}"
+
+    def note_error(self, name: str, exc: BaseException) -> None:
+        """Count a failure that lost nothing (the capture still became a span), keeping the first error."""
+        with self._lock:
+            self.counts[name] += 1
+            self.first_error.setdefault(name, f"{type(exc).__name__}: {exc}")
 
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -92,10 +104,10 @@ class Stats:
             errors = dict(self.first_error)
         parts = []
         for reason, n in sorted(new.items()):
-            why = DROP_REASONS.get(reason, reason)
+            what, why = DROP_REASONS.get(reason, ("items", reason))
             detail = f" (first error: {errors[reason]})" if reason in errors else ""
-            parts.append(f"{n} x {reason}: {why}{detail}")
-        _log.warning("otel-npu lost %d captures since the last report: %s", sum(new.values()), "; ".join(parts))
+            parts.append(f"{n} {what} ({reason}): {why}{detail}")
+        _log.warning("otel-npu lost data since its last report: %s", "; ".join(parts))
 
 
 class _StepState:
@@ -308,8 +320,7 @@ class Resolver:
             try:
                 begin, finish, error = self._clock.place(r.start, r.end, r.host_start, r.host_end, seen)
             except Exception as exc:  # a device error reading times: keep the span, with host times
-                self._stats.drop("timing_read_failed", exc, 0)
-                self._stats.add("timing_read_failed")
+                self._stats.note_error("timing_read_failed", exc)
                 begin, finish, error = r.host_start, r.host_end, 0
             self._pool.give(r.start)
             self._pool.give(r.end)
@@ -373,7 +384,7 @@ class Resolver:
             try:
                 pool.refill(target)
             except Exception as exc:
-                self._stats.drop("pool_refill_failed", exc, 0)
+                self._stats.note_error("pool_refill_failed", exc)
 
     # -- flush bookkeeping (resolver thread) ------------------------------------------------------------
     def _settle_markers(self) -> None:

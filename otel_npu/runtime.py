@@ -54,7 +54,7 @@ class Runtime:
             self.pool = EventPool(self.backend, initial=256, limit=2 * settings.max_pending + 256)
             self.clock = DeviceClock(self.backend, self._anchor_event, self.pool.give, mono=self.host_clock.mono,
                                      keep_s=settings.event_timeout_s + 10.0)
-            self.clock.calibrate()
+            self.clock.calibrate(read_now=False)  # the read happens on the resolver thread
         self.pipeline = telemetry.build(
             settings, process_attrs=process_attributes(self.backend.label()),
             stream_label=self.backend.stream_label, to_wall=self.host_clock.to_wall, stats=self.stats)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from typing import Any, Callable, Mapping
 
 from opentelemetry import trace
@@ -222,7 +223,8 @@ def _own_sink(name: str, env: Mapping[str, str], factory: SpanFactory, resource:
     if name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 
-        return export.SdkSink(SimpleSpanProcessor(ConsoleSpanExporter()), resource, scope, factory,
+        # stdout as it is now: ConsoleSpanExporter's default is the one at its import
+        return export.SdkSink(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout)), resource, scope, factory,
                               owned=True), "console"
     protocol = protocol_from_env(env)
     send = export.transport_for(protocol)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.machinery
 import itertools
 import struct
 import threading
@@ -314,6 +315,7 @@ def _cuda_api(sim: SimDevice) -> types.SimpleNamespace:
 def _npu_module(device: SimDevice) -> types.ModuleType:
     """A stand-in for the ``torch_npu`` module (install it as ``sys.modules["torch_npu"]`` in tests)."""
     module = types.ModuleType("torch_npu")
+    module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
     module.__doc__ = "otel_npu.testing stand-in for torch_npu, over a SimDevice"
     module.npu = _cuda_api(device)
     module.__version__ = "7.0.0.sim"

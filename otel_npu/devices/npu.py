@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from typing import Any, Hashable
 
 from .base import DeviceBackend, DeviceUnavailable
@@ -27,7 +28,14 @@ from .base import DeviceBackend, DeviceUnavailable
 
 def import_torch_npu() -> Any:
     """Import torch_npu, or raise ``DeviceUnavailable`` saying why in words a user can act on."""
-    if importlib.util.find_spec("torch_npu") is None:
+    loaded = sys.modules.get("torch_npu")
+    if loaded is not None:
+        return loaded
+    try:
+        spec = importlib.util.find_spec("torch_npu")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
         raise DeviceUnavailable("torch_npu is not installed (pip install 'otel-npu[npu]' on an Ascend host)")
     try:
         return importlib.import_module("torch_npu")
@@ -63,20 +71,17 @@ class NpuBackend(DeviceBackend):
         self._Event = npu.Event
         self._current_stream = npu.current_stream
         self._anchor_stream = npu.Stream()
-        self._use_recorded_time = self._probe_recorded_time()
+        self._use_recorded_time: bool | None = None  # decided by the first timing read (resolver thread)
 
-    def _probe_recorded_time(self) -> bool:
-        """recorded_time() needs torch_npu >= 7.0.0 and CANN support; try it once on an idle event."""
-        if not hasattr(self._Event, "recorded_time"):
-            return False
-        event = self._Event(enable_timing=True)
-        event.record(self._anchor_stream)
-        event.synchronize()  # once, at start-up, on our own idle stream
-        try:
-            event.recorded_time()
-        except Exception:
-            return False
-        return True
+    def _recorded_time_works(self, completed_event: Any) -> bool:
+        """recorded_time() needs torch_npu >= 7.0.0 and CANN support: try it once, on a finished event."""
+        if self._use_recorded_time is None:
+            try:
+                completed_event.recorded_time()
+                self._use_recorded_time = True
+            except Exception:
+                self._use_recorded_time = False
+        return self._use_recorded_time
 
     def label(self) -> str:
         return self._label
@@ -96,7 +101,7 @@ class NpuBackend(DeviceBackend):
         return event.query()
 
     def reference(self, event: Any) -> Any:
-        if self._use_recorded_time:
+        if self._recorded_time_works(event):
             return event.recorded_time() * 1000  # µs -> ns
         return event
 

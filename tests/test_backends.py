@@ -1,0 +1,154 @@
+"""Device backends: NPU against a torch_npu stand-in, CUDA against torch.cuda (real GPU when present), detection."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import otel_npu
+from otel_npu import devices
+from otel_npu.devices.npu import NpuBackend, import_torch_npu
+from otel_npu.spans import ATTR_DEVICE
+from otel_npu.testing import SimDevice
+
+from .conftest import TIME_BOUND_NS, enable, wall_of
+
+
+@pytest.fixture
+def npu_sim(monkeypatch):
+    """A simulated Ascend device installed as the ``torch_npu`` module."""
+    device = SimDevice(api="npu")
+    monkeypatch.setitem(sys.modules, "torch_npu", device.torch_npu)
+    yield device
+    device.close()
+
+
+def run_decode_steps(stream, n: int = 5) -> list[tuple[int, int]]:
+    truths = []
+    for _ in range(n):
+        with otel_npu.step("Decode"):
+            with otel_npu.capture("forward") as c:
+                stream.launch(0.004)
+            truths.append((wall_of(c.start.exec_mono_ns), wall_of(c.end.exec_mono_ns)))
+            with otel_npu.capture("post process"):
+                stream.launch(0.001)
+    return truths
+
+
+def test_npu_backend_uses_recorded_time_only_off_the_capturing_thread(provider, spans, npu_sim):
+    enable(provider, device="npu")
+    truths = run_decode_steps(npu_sim.current_stream())
+    assert otel_npu.flush(5.0)
+    forwards = spans.named("forward")
+    assert len(forwards) == 5 and len(spans.named("Decode")) == 5
+    for span, (start, end) in zip(forwards, truths):
+        assert span.attributes[ATTR_DEVICE] == "npu:0"
+        assert abs(span.start_time - start) <= TIME_BOUND_NS and abs(span.end_time - end) <= TIME_BOUND_NS
+    reads = npu_sim.timing_reads()
+    assert {r.method for r in reads} == {"recorded_time"}
+    # torch_npu's timing reads block and hold the GIL: never on the capturing thread, never unfinished.
+    assert npu_sim.timing_reads(on_thread=threading.get_ident()) == []
+    assert npu_sim.timing_reads(incomplete=True) == []
+
+
+def test_npu_backend_falls_back_to_elapsed_time_without_recorded_time(provider, spans, npu_sim, monkeypatch):
+    def unsupported(self):
+        raise RuntimeError("aclrtEventGetTimestamp is not supported by this CANN")
+
+    monkeypatch.setattr(type(npu_sim.Event()), "recorded_time", unsupported)
+    enable(provider, device="npu")
+    truths = run_decode_steps(npu_sim.current_stream(), 3)
+    assert otel_npu.flush(5.0)
+    for span, (start, end) in zip(spans.named("forward"), truths):
+        assert abs(span.start_time - start) <= TIME_BOUND_NS and abs(span.end_time - end) <= TIME_BOUND_NS
+    assert "elapsed_time" in {r.method for r in npu_sim.timing_reads()}
+    assert npu_sim.timing_reads(on_thread=threading.get_ident()) == []
+
+
+def test_torch_npu_missing_is_explained(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # import fails as if absent
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(devices.DeviceUnavailable, match="torch_npu is not installed"):
+        import_torch_npu()
+
+
+def test_torch_npu_installed_but_unusable_is_explained_and_never_crashes(tmp_path, monkeypatch, provider,
+                                                                         caplog_otel):
+    package = tmp_path / "torch_npu"
+    package.mkdir()
+    (package / "__init__.py").write_text(textwrap.dedent("""
+        raise OSError("libhccl.so: cannot open shared object file: No such file or directory")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    with pytest.raises(devices.DeviceUnavailable) as info:
+        import_torch_npu()
+    message = str(info.value)
+    assert "torch_npu is installed but unusable" in message and "libhccl.so" in message
+    assert "CANN" in message and "set_env.sh" in message
+    # Asked for explicitly: otel-npu disables itself with that message; the program runs on.
+    enable(provider, device="npu")
+    with otel_npu.capture("forward"):
+        pass
+    assert not otel_npu.enabled()
+    assert any("torch_npu is installed but unusable" in r.getMessage() for r in caplog_otel.records)
+
+
+def test_auto_detection_prefers_npu_then_cuda_then_cpu(npu_sim):
+    backend, reasons = devices.select("auto")
+    assert backend.label() == "npu:0" and reasons == []
+
+
+def test_auto_detection_explains_why_it_fell_back_to_cpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    backend, reasons = devices.select("auto")
+    assert backend.kind == "cpu"
+    assert reasons[0].startswith("npu: torch_npu is not installed")
+    assert reasons[1].startswith("cuda: torch.cuda.is_available() is False")
+
+
+def test_cuda_backend_code_over_the_simulated_device(provider, spans, sim):
+    """The CUDA backend (float32 elapsed_time, anchors) driven through a torch.cuda-shaped stand-in."""
+    from otel_npu.devices.cuda import CudaBackend
+
+    backend = CudaBackend(sim.torch_cuda)
+    enable(provider, device=backend)
+    truths = run_decode_steps(sim.current_stream(), 3)
+    assert otel_npu.flush(5.0)
+    for span, (start, end) in zip(spans.named("forward"), truths):
+        assert span.attributes[ATTR_DEVICE] == "cuda:0"
+        assert abs(span.start_time - start) <= TIME_BOUND_NS and abs(span.end_time - end) <= TIME_BOUND_NS
+    assert {r.method for r in sim.timing_reads()} == {"elapsed_time"}
+
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run on a lent GPU machine)")
+def test_real_cuda_stages_are_device_timed(provider, spans):
+    enable(provider, device="cuda")
+    x = torch.randn(2048, 2048, device="cuda")
+    torch.cuda.synchronize()
+    import time
+
+    t0 = time.perf_counter()
+    with otel_npu.step("Decode"):
+        with otel_npu.capture("forward"):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time, queued instantly
+            y = x @ x
+        with otel_npu.capture("post process"):
+            y.sum()
+    host_s = time.perf_counter() - t0
+    assert host_s < 0.05, "capturing must not wait for the GPU"
+    assert otel_npu.flush(10.0)
+    forward = spans.one("forward")
+    assert forward.attributes[ATTR_DEVICE].startswith("cuda:")
+    assert forward.end_time - forward.start_time > 20_000_000  # the GPU's time, not the host's
+    assert spans.one("Decode").end_time >= spans.one("post process").end_time

@@ -1,0 +1,153 @@
+"""otel-npu's own pipeline: OTLP over HTTP and gRPC to real receivers, configured by the OTEL_* variables."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+import otel_npu
+
+from .otlp_receiver import GrpcReceiver, HttpReceiver, attributes
+
+
+@pytest.fixture
+def http_receiver():
+    receiver = HttpReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+def grpc_receiver():
+    receiver = GrpcReceiver()
+    yield receiver
+    receiver.close()
+
+
+def own_pipeline_env(monkeypatch, endpoint: str, protocol: str, **extra: str) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "decode-worker")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+    monkeypatch.setenv("RANK", "3")
+    for key, value in extra.items():
+        monkeypatch.setenv(key, value)
+
+
+def run_steps(tracer_provider: TracerProvider | None = None) -> tuple[int, int]:
+    tracer = (tracer_provider or TracerProvider()).get_tracer("app")
+    request = tracer.start_span("llm_request")
+    for _ in range(3):
+        with otel_npu.step("Decode", links=[request]):
+            with otel_npu.capture("forward", attributes={"tokens": 7}):
+                pass
+            with otel_npu.capture("sample"):
+                pass
+    with trace.use_span(request, end_on_exit=True):
+        with otel_npu.capture("prefill forward"):
+            pass
+    return request.get_span_context().trace_id, request.get_span_context().span_id
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_spans_reach_a_real_otlp_receiver(protocol, monkeypatch, http_receiver, grpc_receiver):
+    receiver = http_receiver if protocol == "http/protobuf" else grpc_receiver
+    own_pipeline_env(monkeypatch, receiver.endpoint, protocol)
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    request_trace, request_span = run_steps()
+    assert otel_npu.flush(10.0)
+    received = receiver.wait_for(10)
+    assert len(received) == 10
+    resource = received[0][0]
+    assert resource["service.name"] == "decode-worker"
+    assert resource["deployment.environment"] == "test"
+    assert resource["otel_npu.rank"] == 3 and resource["process.pid"] > 0
+    by_name: dict[str, list] = {}
+    for _, span in received:
+        by_name.setdefault(span.name, []).append(span)
+    assert sorted(by_name) == ["Decode", "forward", "prefill forward", "sample"]
+    steps = {s.span_id: s for s in by_name["Decode"]}
+    for forward in by_name["forward"]:
+        assert forward.parent_span_id in steps
+        assert forward.trace_id == steps[forward.parent_span_id].trace_id
+        attrs = attributes(forward.attributes)
+        assert attrs["tokens"] == 7 and attrs["otel_npu.step"] == "Decode" and attrs["otel_npu.device"] == "cpu"
+        assert attrs["otel_npu.rank"] == 3
+        assert forward.start_time_unix_nano <= forward.end_time_unix_nano
+    for step in by_name["Decode"]:
+        assert [(int.from_bytes(l.trace_id, "big"), int.from_bytes(l.span_id, "big")) for l in step.links] == \
+            [(request_trace, request_span)]
+    (prefill,) = by_name["prefill forward"]
+    assert int.from_bytes(prefill.trace_id, "big") == request_trace
+    assert int.from_bytes(prefill.parent_span_id, "big") == request_span
+    stats = otel_npu.stats()
+    assert stats["spans_exported"] == 10 and stats["dropped_total"] == 0
+    assert "otel-npu's own: otlp " + protocol in stats["pipeline"]
+
+
+def test_headers_and_traces_endpoint_variables_are_honoured(monkeypatch, http_receiver):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", http_receiver.endpoint + "/v1/traces")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=otel-npu,authorization=Bearer%20s3cret")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    with otel_npu.capture("forward"):
+        pass
+    assert otel_npu.flush(10.0)
+    assert len(http_receiver.wait_for(1)) == 1
+    headers = {k.lower(): v for k, v in http_receiver.headers[0].items()}
+    assert headers["x-tenant"] == "otel-npu" and headers["authorization"] == "Bearer s3cret"
+
+
+def test_sampler_variables_are_honoured(monkeypatch, http_receiver):
+    own_pipeline_env(monkeypatch, http_receiver.endpoint, "http/protobuf", OTEL_TRACES_SAMPLER="always_off")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    for _ in range(5):
+        with otel_npu.capture("forward"):
+            pass
+    assert otel_npu.flush(5.0)
+    assert http_receiver.spans() == []
+    assert otel_npu.stats()["spans_unsampled"] == 5
+
+
+def test_sdk_disabled_and_exporter_none_export_nothing_but_still_resolve(monkeypatch, http_receiver):
+    own_pipeline_env(monkeypatch, http_receiver.endpoint, "http/protobuf", OTEL_SDK_DISABLED="true")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    with otel_npu.capture("forward"):
+        pass
+    assert otel_npu.flush(5.0)
+    assert http_receiver.spans() == [] and otel_npu.stats()["resolved"] == 1
+    assert "OTEL_SDK_DISABLED" in otel_npu.stats()["pipeline"]
+
+
+def test_console_exporter(monkeypatch, capfd):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    with otel_npu.capture("forward"):
+        pass
+    assert otel_npu.flush(5.0)
+    out = capfd.readouterr().out
+    assert '"name": "forward"' in out and '"otel_npu.device": "cpu"' in out
+
+
+def test_unknown_exporter_and_protocol_warn_and_fall_back(monkeypatch, http_receiver, caplog_otel):
+    own_pipeline_env(monkeypatch, http_receiver.endpoint, "http/json", OTEL_TRACES_EXPORTER="zipkin,otlp")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    with otel_npu.capture("forward"):
+        pass
+    assert otel_npu.flush(10.0)
+    assert len(http_receiver.wait_for(1)) == 1
+    messages = " ".join(r.getMessage() for r in caplog_otel.records)
+    assert "OTEL_TRACES_EXPORTER names 'zipkin'" in messages
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is not supported" in messages
+
+
+def test_unreachable_collector_is_counted_not_raised(monkeypatch, caplog_otel):
+    own_pipeline_env(monkeypatch, "http://127.0.0.1:9", "http/protobuf", OTEL_EXPORTER_OTLP_TIMEOUT="1")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    for _ in range(3):
+        with otel_npu.capture("forward"):
+            pass
+    assert otel_npu.flush(5.0) is True  # flushed means "sent or failed", and failures are counted
+    stats = otel_npu.stats()
+    assert stats["dropped"]["export_failed"] == 3
+    assert any("3 spans (export_failed)" in r.getMessage() for r in caplog_otel.records)

@@ -1,0 +1,154 @@
+"""Process life: fork (fresh resolver in the child, parent's captures dropped, no deadlock) and a bounded exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import otel_npu
+from otel_npu import runtime
+
+from .conftest import enable
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+def run_in_child(body) -> dict:
+    """Fork; run ``body()`` in the child and return what it returned (JSON), failing if it hangs."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        status = 0
+        try:
+            os.close(read_fd)
+            os.write(write_fd, json.dumps(body()).encode())
+        except BaseException as exc:  # report, never fall back into the parent's pytest
+            os.write(write_fd, json.dumps({"error": repr(exc)}).encode())
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    ready, _, _ = select.select([read_fd], [], [], 30.0)
+    data = os.read(read_fd, 1 << 20) if ready else b""
+    os.close(read_fd)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.01)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not exit: deadlock?")
+    assert data, "the forked child reported nothing within 30 s: deadlock?"
+    result = json.loads(data)
+    assert "error" not in result, result
+    return result
+
+
+def test_forked_child_starts_a_fresh_resolver_and_drops_the_parents_pending(provider, spans):
+    enable(provider, device="cpu", poll_interval_s=30.0)  # the parent resolver will not drain on its own
+    for _ in range(5):
+        with otel_npu.capture("parent"):
+            pass
+    parent_runtime = runtime.current()
+
+    def child():
+        with otel_npu.capture("child"):
+            pass
+        flushed = otel_npu.flush(5.0)
+        return {"flushed": flushed, "names": [s.name for s in spans.all],
+                "resolved": otel_npu.stats()["resolved"], "pid": spans.one("child").attributes["process.pid"],
+                "fresh": runtime.current() is not parent_runtime,
+                "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("otel-npu"))}
+
+    result = run_in_child(child)
+    assert result["flushed"] and result["fresh"]
+    assert result["names"] == ["child"], "the parent's pending captures must not be resolved in the child"
+    assert result["resolved"] == 1 and result["pid"] != os.getpid()
+    assert result["threads"] == ["otel-npu-resolver"]
+    assert otel_npu.flush(5.0)
+    assert [s.name for s in spans.all] == ["parent"] * 5, "the parent still resolves its own captures"
+
+
+def test_fork_while_capturing_and_resolving_never_deadlocks(provider, spans):
+    enable(provider, device="cpu", poll_interval_s=0.001)
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            with otel_npu.step("Decode"):
+                with otel_npu.capture("forward"):
+                    pass
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        for _ in range(5):
+            time.sleep(0.02)
+            result = run_in_child(lambda: {"ok": _capture_and_flush()})
+            assert result["ok"]
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _capture_and_flush() -> bool:
+    with otel_npu.capture("in child"):
+        pass
+    return otel_npu.flush(5.0)
+
+
+@pytest.fixture
+def silent_collector():
+    """A TCP server that accepts connections and never answers: the worst collector."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_exit_is_bounded_when_the_collector_never_answers(silent_collector):
+    script = textwrap.dedent("""
+        import time, otel_npu
+        for _ in range(100):
+            with otel_npu.capture("forward"):
+                pass
+        print("END", time.time(), flush=True)
+    """)
+    env = dict(os.environ, OTEL_NPU_ENABLED="1", OTEL_NPU_DEVICE="cpu", OTEL_NPU_SHUTDOWN_TIMEOUT_S="1",
+               OTEL_EXPORTER_OTLP_ENDPOINT=silent_collector, OTEL_EXPORTER_OTLP_TIMEOUT="30")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    exited = time.time()
+    assert proc.returncode == 0, proc.stderr
+    end = float(proc.stdout.split("END")[1])
+    assert exited - end < 1.0 + 2.0, f"exit took {exited - end:.1f} s with a 1 s shutdown bound"
+    assert "otel-npu lost data" in proc.stderr and "100 spans (export_failed)" in proc.stderr
