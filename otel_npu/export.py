@@ -113,6 +113,50 @@ def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | Non
     return send_http
 
 
+def file_transport(path: str) -> Callable[[bytes, int], tuple[bool, str | None]]:
+    """A ``send`` that appends each batch to ``path`` as one line of OTLP/JSON (an ExportTraceServiceRequest,
+    trace and span ids in hex as the OTLP/JSON encoding requires, enums as integers)."""
+    import json
+    import os
+
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle = open(path, "a", encoding="utf-8")
+    lock = threading.Lock()
+
+    def send_file(data: bytes, count: int) -> tuple[bool, str | None]:
+        message = json_format.MessageToDict(ExportTraceServiceRequest.FromString(data), use_integers_for_enums=True)
+        for rs in message.get("resourceSpans", ()):
+            for ss in rs.get("scopeSpans", ()):
+                for span in ss.get("spans", ()):
+                    _hex_ids(span)
+                    for link in span.get("links", ()):
+                        _hex_ids(link)
+        line = json.dumps(message, separators=(",", ":")) + "\n"
+        try:
+            with lock:
+                handle.write(line)
+                handle.flush()
+        except OSError as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        return True, None
+
+    send_file.shutdown = handle.close  # type: ignore[attr-defined]
+    send_file.endpoint = os.path.abspath(path)  # type: ignore[attr-defined]
+    return send_file
+
+
+def _hex_ids(obj: dict) -> None:
+    import base64
+
+    for key in ("traceId", "spanId", "parentSpanId"):
+        if key in obj:
+            obj[key] = base64.b64decode(obj[key]).hex()
+
+
 class OtlpSink:
     """otel-npu's own OTLP export: encode on the resolver thread, send on the exporter thread."""
 

@@ -37,6 +37,8 @@ from .spans import SpanFactory
 _log = logging.getLogger("otel_npu")
 
 SCOPE_NAME = "otel_npu"
+#: Also write spans to this file, as OTLP/JSON lines (one ExportTraceServiceRequest per line).
+TRACES_FILE_ENV = "OTEL_NPU_TRACES_FILE"
 EXPORTERS = ("otlp", "console", "none")
 PROTOCOLS = ("http/protobuf", "grpc")
 SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
@@ -192,6 +194,15 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
     resource = resource_from_env(process_attrs)
     sinks: list = []
     described = []
+    traces_file = env.get(TRACES_FILE_ENV, "").strip()
+    if traces_file:
+        try:
+            encoder = otlp.SpanEncoder(factory, resource, scope.name, scope.version or "")
+            sinks.append(export.OtlpSink(export.file_transport(traces_file), encoder, stats,
+                                         schedule_delay_s=1.0))
+            described.append(f"file {traces_file}")
+        except OSError as exc:
+            _log.warning("%s=%r cannot be written (%s); no trace file", TRACES_FILE_ENV, traces_file, exc)
     for name in exporters_from_env(env):
         try:
             sink, text = _own_sink(name, env, factory, resource, scope, stats)

@@ -151,3 +151,27 @@ def test_unreachable_collector_is_counted_not_raised(monkeypatch, caplog_otel):
     stats = otel_npu.stats()
     assert stats["dropped"]["export_failed"] == 3
     assert any("3 spans (export_failed)" in r.getMessage() for r in caplog_otel.records)
+
+
+def test_traces_file_is_otlp_json_lines_with_hex_ids(monkeypatch, tmp_path):
+    import json
+
+    path = tmp_path / "out" / "traces.jsonl"
+    monkeypatch.setenv("OTEL_NPU_TRACES_FILE", str(path))
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    with otel_npu.step("Decode"):
+        with otel_npu.capture("forward"):
+            pass
+    assert otel_npu.flush(5.0)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1
+    request = json.loads(lines[0])
+    spans_ = request["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    by_name = {s["name"]: s for s in spans_}
+    assert set(by_name) == {"Decode", "forward"}
+    forward, step = by_name["forward"], by_name["Decode"]
+    assert len(forward["traceId"]) == 32 and int(forward["traceId"], 16)
+    assert len(forward["spanId"]) == 16 and forward["parentSpanId"] == step["spanId"]
+    assert forward["kind"] == 1 and int(forward["endTimeUnixNano"]) >= int(forward["startTimeUnixNano"])
+    assert "OTEL_NPU_TRACES_FILE" not in otel_npu.stats()["pipeline"] and str(path) in otel_npu.stats()["pipeline"]
