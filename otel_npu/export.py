@@ -23,6 +23,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from opentelemetry.sdk.trace.export import SpanExporter
+
 _log = logging.getLogger("otel_npu")
 
 
@@ -113,48 +115,84 @@ def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | Non
     return send_http
 
 
-def file_transport(path: str) -> Callable[[bytes, int], tuple[bool, str | None]]:
-    """A ``send`` that appends each batch to ``path`` as one line of OTLP/JSON (an ExportTraceServiceRequest,
-    trace and span ids in hex as the OTLP/JSON encoding requires, enums as integers)."""
+def otlp_json_line(request: Any) -> str:
+    """An ``ExportTraceServiceRequest`` as one line of OTLP/JSON: trace and span ids in hex (as the OTLP/JSON
+    encoding requires, not protobuf-JSON's base64), enums as integers, int64 as strings."""
+    import base64
     import json
-    import os
 
     from google.protobuf import json_format
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle = open(path, "a", encoding="utf-8")
-    lock = threading.Lock()
+    message = json_format.MessageToDict(request, use_integers_for_enums=True)
+    for rs in message.get("resourceSpans", ()):
+        for ss in rs.get("scopeSpans", ()):
+            for span in ss.get("spans", ()):
+                for obj in (span, *span.get("links", ())):
+                    for key in ("traceId", "spanId", "parentSpanId"):
+                        if key in obj:
+                            obj[key] = base64.b64decode(obj[key]).hex()
+    return json.dumps(message, separators=(",", ":")) + "\n"
 
-    def send_file(data: bytes, count: int) -> tuple[bool, str | None]:
-        message = json_format.MessageToDict(ExportTraceServiceRequest.FromString(data), use_integers_for_enums=True)
-        for rs in message.get("resourceSpans", ()):
-            for ss in rs.get("scopeSpans", ()):
-                for span in ss.get("spans", ()):
-                    _hex_ids(span)
-                    for link in span.get("links", ()):
-                        _hex_ids(link)
-        line = json.dumps(message, separators=(",", ":")) + "\n"
+
+class _LineFile:
+    """Appends whole lines to a file from several threads."""
+
+    def __init__(self, path: str) -> None:
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = os.path.abspath(path)
+        self._handle = open(path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def write(self, line: str) -> tuple[bool, str | None]:
         try:
-            with lock:
-                handle.write(line)
-                handle.flush()
-        except OSError as exc:
+            with self._lock:
+                self._handle.write(line)
+                self._handle.flush()
+        except (OSError, ValueError) as exc:
             return False, f"{type(exc).__name__}: {exc}"
         return True, None
 
-    send_file.shutdown = handle.close  # type: ignore[attr-defined]
-    send_file.endpoint = os.path.abspath(path)  # type: ignore[attr-defined]
+    def close(self) -> None:
+        with self._lock:
+            self._handle.close()
+
+
+def file_transport(path: str) -> Callable[[bytes, int], tuple[bool, str | None]]:
+    """A ``send`` for ``OtlpSink`` that appends each batch to ``path`` as one OTLP/JSON line."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    out = _LineFile(path)
+
+    def send_file(data: bytes, count: int) -> tuple[bool, str | None]:
+        return out.write(otlp_json_line(ExportTraceServiceRequest.FromString(data)))
+
+    send_file.shutdown = out.close  # type: ignore[attr-defined]
+    send_file.endpoint = out.path  # type: ignore[attr-defined]
     return send_file
 
 
-def _hex_ids(obj: dict) -> None:
-    import base64
+class JsonLinesSpanExporter(SpanExporter):
+    """An SDK ``SpanExporter`` writing the same OTLP/JSON lines file, for applications' own TracerProviders
+    (so that their request spans and otel-npu's spans land in one file)."""
 
-    for key in ("traceId", "spanId", "parentSpanId"):
-        if key in obj:
-            obj[key] = base64.b64decode(obj[key]).hex()
+    def __init__(self, path: str) -> None:
+        self._out = _LineFile(path)
+        self.path = self._out.path
+
+    def export(self, spans: Any) -> Any:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        ok, _ = self._out.write(otlp_json_line(encode_spans(spans)))
+        return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        self._out.close()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
 
 
 class OtlpSink:

@@ -215,6 +215,37 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
     return Pipeline(factory, sinks, stats, "otel-npu's own: " + (", ".join(described) or "no exporter"))
 
 
+def tracer_provider_from_env(env: Mapping[str, str] | None = None,
+                             extra_attributes: Mapping[str, Any] | None = None) -> TracerProvider:
+    """An SDK TracerProvider configured like otel-npu's own pipeline, for an application that has none
+    (the demo uses it for its request spans): resource and sampler from the ``OTEL_*`` variables, exporters
+    from ``OTEL_TRACES_EXPORTER`` / ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``, plus the ``OTEL_NPU_TRACES_FILE``
+    file. The caller installs it (``trace.set_tracer_provider``) and shuts it down."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+
+    env = os.environ if env is None else env
+    provider = TracerProvider(resource=resource_from_env(dict(extra_attributes or {})),
+                              sampler=sampler_from_env(env))
+    if _flag(env, "OTEL_SDK_DISABLED"):
+        return provider
+    traces_file = env.get(TRACES_FILE_ENV, "").strip()
+    if traces_file:
+        provider.add_span_processor(BatchSpanProcessor(export.JsonLinesSpanExporter(traces_file),
+                                                       schedule_delay_millis=1000))
+    for name in exporters_from_env(env):
+        if name == "console":
+            provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout)))
+        elif protocol_from_env(env) == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+            provider.add_span_processor(BatchSpanProcessor(HttpExporter()))
+    return provider
+
+
 def _bsp_setting(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:

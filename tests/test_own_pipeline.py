@@ -175,3 +175,25 @@ def test_traces_file_is_otlp_json_lines_with_hex_ids(monkeypatch, tmp_path):
     assert len(forward["spanId"]) == 16 and forward["parentSpanId"] == step["spanId"]
     assert forward["kind"] == 1 and int(forward["endTimeUnixNano"]) >= int(forward["startTimeUnixNano"])
     assert "OTEL_NPU_TRACES_FILE" not in otel_npu.stats()["pipeline"] and str(path) in otel_npu.stats()["pipeline"]
+
+
+def test_an_app_provider_from_env_puts_request_and_stage_spans_in_one_file(monkeypatch, tmp_path):
+    import json
+
+    from otel_npu.telemetry import tracer_provider_from_env
+
+    path = tmp_path / "traces.jsonl"
+    monkeypatch.setenv("OTEL_NPU_TRACES_FILE", str(path))
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    provider = tracer_provider_from_env()
+    otel_npu.configure(enabled=True, device="cpu", tracer_provider=provider)
+    with provider.get_tracer("app").start_as_current_span("llm_request"):
+        with otel_npu.capture("forward"):
+            pass
+    assert otel_npu.flush(5.0)
+    provider.shutdown()
+    spans_ = [s for line in path.read_text().splitlines()
+              for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"] for s in ss["spans"]]
+    by_name = {s["name"]: s for s in spans_}
+    assert by_name["forward"]["parentSpanId"] == by_name["llm_request"]["spanId"]
+    assert by_name["forward"]["traceId"] == by_name["llm_request"]["traceId"]
