@@ -119,6 +119,7 @@ class Capture:
         self.attributes = attributes
         self.stream = stream
         self.start = None
+        self.sampled = None  # read by spans.identify: set here, reading an unset slot would raise (slow)
 
     def __call__(self, fn: F) -> F:
         return _decorate(self.is_step, self.name, self.attributes, self._extra(), fn)

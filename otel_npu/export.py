@@ -268,7 +268,7 @@ class OtlpSink:
                 return
             self._settled += len(batch)
         if ok:
-            self._stats.add("spans_exported", len(batch))
+            self._stats.spans_exported += len(batch)
         else:
             self._stats.drop("export_failed", _ExportError(error or "unknown error"), len(batch))
 

@@ -30,13 +30,18 @@ _LINK_FLAGS_REMOTE = b"\x35" + _pack_u32(0x300)
 _KIND_INTERNAL = b"\x30\x01"  # field 6 (kind), varint 1
 
 
+_BYTE = tuple(bytes((i,)) for i in range(256))
+
+
 def varint(n: int) -> bytes:
     """Protobuf base-128 varint of a non-negative int (negative int64 values: pass ``n & (2**64-1)``)."""
     if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
+        return _BYTE[n]
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    out = []
     while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
+        out.append(n & 0x7F | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
@@ -77,9 +82,19 @@ def attributes(number: int, attrs: Mapping[str, Any] | Iterable[tuple[str, Any]]
     return b"".join(field(number, key_value(k, v)) for k, v in items)
 
 
-def _int_attr(key_field: bytes, value: int) -> bytes:
-    body = key_field + field(2, b"\x18" + varint(value & 0xFFFFFFFFFFFFFFFF))
-    return b"\x4a" + varint(len(body)) + body
+_pack_kind_times = struct.Struct("<BBBQBQ").pack  # kind (field 6) = INTERNAL, start (7), end (8)
+_U64 = 0xFFFFFFFFFFFFFFFF
+_STATUS_UNSET = b"\x7a\x00"  # an empty Status, as the SDK encoder writes it
+
+
+def _double_attr_prefix(key: str) -> bytes:
+    """Everything of a ``Span.attributes`` entry with a double value but the 8 value bytes."""
+    key_field = field(1, key.encode())
+    return b"\x4a" + varint(len(key_field) + 11) + key_field + b"\x12\x09\x21"
+
+
+def _length_prefix(n: int) -> bytes:
+    return _BYTE[n] if n < 0x80 else bytes((n & 0x7F | 0x80, n >> 7)) if n < 0x4000 else varint(n)
 
 
 class SpanEncoder:
@@ -93,9 +108,8 @@ class SpanEncoder:
         self._names: dict[str, bytes] = {}
         self._streams: dict[Any, bytes] = {}
         self._steps: dict[str, bytes] = {}
-        self._k_host_start = field(1, _spans.ATTR_HOST_START.encode())
-        self._k_host_lead = field(1, _spans.ATTR_HOST_LEAD.encode())
-        self._k_clock_error = field(1, _spans.ATTR_CLOCK_ERROR.encode())
+        self._lead = _double_attr_prefix(_spans.ATTR_HOST_LEAD)
+        self._error = _double_attr_prefix(_spans.ATTR_CLOCK_ERROR)
         self._timed_out = field(9, key_value(_spans.ATTR_TIMED_OUT, True))
         resource_body = attributes(1, getattr(resource, "attributes", {}) or {})
         schema = getattr(resource, "schema_url", "") or ""
@@ -111,57 +125,77 @@ class SpanEncoder:
         return encoded
 
     def encode(self, r: Any) -> bytes:
-        """One span as a ``ScopeSpans.spans`` field (ready to concatenate). ``r`` must be identified."""
+        """One span as a ``ScopeSpans.spans`` field (ready to concatenate). ``r`` must be identified.
+
+        Hot for the resolver (once per sampled capture): constant pieces come from caches, and the pieces
+        are joined once.
+        """
         f = self._f
-        host_start = f.host_start_ns(r)
-        parts = [
-            b"\x0a\x10", r.trace_id.to_bytes(16, "big"),
-            b"\x12\x08", r.span_id.to_bytes(8, "big"),
-        ]
-        if r.trace_state:
-            parts.append(field(3, r.trace_state.to_header().encode()))
-        if r.parent_span_id:
-            parts.append(b"\x22\x08")
-            parts.append(r.parent_span_id.to_bytes(8, "big"))
-        parts.append(self._cached(self._names, r.name, lambda: field(5, r.name.encode("utf-8", "replace"))))
-        parts.append(_KIND_INTERNAL)
-        parts.append(b"\x39" + _pack_u64(r.start_ns) + b"\x41" + _pack_u64(r.end_ns))
-        parts.append(self._const)
-        stream = r.stream
-        parts.append(self._cached(self._streams, stream,
-                                  lambda: field(9, key_value(_spans.ATTR_STREAM, f.stream_label(stream)))))
-        parts.append(_int_attr(self._k_host_start, host_start))
-        parts.append(_int_attr(self._k_host_lead, r.start_ns - host_start))
-        parts.append(_int_attr(self._k_clock_error, r.clock_error_ns))
+        start_ns = r.start_ns
+        name = self._names.get(r.name)
+        if name is None:
+            name = self._cached(self._names, r.name, lambda: field(5, r.name.encode("utf-8", "replace")))
+        stream = self._streams.get(r.stream)
+        if stream is None:
+            stream = self._cached(self._streams, r.stream,
+                                  lambda: field(9, key_value(_spans.ATTR_STREAM, f.stream_label(r.stream))))
         step = r.step
-        if step is not None:
-            name = step.name
-            parts.append(self._cached(self._steps, name, lambda: field(9, key_value(_spans.ATTR_STEP, name))))
-        if r.timed_out:
-            parts.append(self._timed_out)
-        if r.error is not None:
-            parts.append(field(9, key_value(_spans.ATTR_ERROR_TYPE, r.error[0])))
+        if step is None:
+            step_attr = b""
+        else:
+            step_attr = self._steps.get(step.name)
+            if step_attr is None:
+                step_name = step.name
+                step_attr = self._cached(self._steps, step_name,
+                                         lambda: field(9, key_value(_spans.ATTR_STEP, step_name)))
+        parent = r.parent_span_id
+        body = b"\x0a\x10%b\x12\x08%b%b%b%b%b%b%b%b%b%b%b" % (
+            r.trace_id.to_bytes(16, "big"), r.span_id.to_bytes(8, "big"),
+            b"\x22\x08" + parent.to_bytes(8, "big") if parent else b"",
+            name, _pack_kind_times(0x30, 1, 0x39, start_ns, 0x41, r.end_ns), self._const, stream, step_attr,
+            self._lead, _pack_f64((start_ns - f.to_wall(r.host_start)) / 1000.0),
+            self._error, _pack_f64(r.clock_error_ns / 1000.0))
+        if r.trace_state or r.attributes or r.timed_out or r.error is not None or r.is_step:
+            body += self._uncommon(r)
+        else:
+            body += _STATUS_UNSET
+        body += _FLAGS_REMOTE if r.parent_remote else _FLAGS_LOCAL
+        return b"\x12" + _length_prefix(len(body)) + body
+
+    def _uncommon(self, r: Any) -> bytes:
+        """Trace state, user attributes, error/time-out, status and links: what most spans do not have."""
+        f = self._f
+        out = []
+        if r.trace_state:
+            out.append(field(3, r.trace_state.to_header().encode()))
         if r.attributes:
-            parts.append(attributes(9, f.user_attributes(r)))
-        if r.error is not None:  # an "exception" event, as record_exception would add
-            event = (b"\x09" + _pack_u64(r.end_ns) + field(2, b"exception")
-                     + attributes(3, {"exception.type": r.error[0], "exception.message": r.error[1]}))
-            parts.append(field(11, event))
+            out.append(attributes(9, f.user_attributes(r)))
+        if r.timed_out or r.error is not None:
+            out.append(self._problem(r))
+        else:
+            out.append(_STATUS_UNSET)
         if r.is_step:
             for ctx in f.links(r):
                 link = (b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big") + b"\x12\x08" + ctx.span_id.to_bytes(8, "big")
                         + (field(3, ctx.trace_state.to_header().encode()) if ctx.trace_state else b"")
                         + (_LINK_FLAGS_REMOTE if ctx.is_remote else _LINK_FLAGS_LOCAL))
-                parts.append(field(13, link))
-        code, description = f.status(r)
-        if code.value:
-            status = (field(2, description.encode("utf-8", "replace")) if description else b"") + b"\x18" + varint(code.value)
-            parts.append(field(15, status))
-        else:
-            parts.append(b"\x7a\x00")  # an empty Status (UNSET), as the SDK encoder writes it
-        parts.append(_FLAGS_REMOTE if r.parent_remote else _FLAGS_LOCAL)
-        body = b"".join(parts)
-        return b"\x12" + varint(len(body)) + body
+                out.append(field(13, link))
+        return b"".join(out)
+
+    def _problem(self, r: Any) -> bytes:
+        """Attributes, event and status of a span that timed out or whose block raised."""
+        out = []
+        if r.timed_out:
+            out.append(self._timed_out)
+        if r.error is not None:
+            out.append(field(9, key_value(_spans.ATTR_ERROR_TYPE, r.error[0])))
+            event = (b"\x09" + _pack_u64(r.end_ns) + field(2, b"exception")  # as record_exception adds
+                     + attributes(3, {"exception.type": r.error[0], "exception.message": r.error[1]}))
+            out.append(field(11, event))
+        code, description = self._f.status(r)
+        status = (field(2, description.encode("utf-8", "replace")) if description else b"") + b"\x18" + varint(code.value)
+        out.append(field(15, status))
+        return b"".join(out)
 
     def request(self, encoded_spans: Iterable[bytes]) -> bytes:
         """An ``ExportTraceServiceRequest`` holding ``encoded_spans`` (outputs of ``encode``)."""

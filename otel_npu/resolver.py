@@ -38,6 +38,8 @@ _log = logging.getLogger("otel_npu")
 #: parent to its nearest timed ancestor.
 DROPPED = object()
 
+_HOST_TIMED = -1  # "seen" of a host-timed capture: nothing to wait for or to place
+
 #: Records resolved between two voluntary GIL releases.
 SLICE = 32
 #: Seconds between two drop/failure warnings (each says how many and why since the last one).
@@ -60,9 +62,17 @@ DROP_REASONS = {
 
 
 class Stats:
-    """Counters shared by the hot path (drops only, under a lock: a rare path), the resolver and the sinks."""
+    """Counters shared by the hot path (drops only, under a lock: a rare path), the resolver and the sinks.
+
+    The per-capture counters are plain attributes, each written by one thread only (``resolved``,
+    ``timed_out``, ``spans_emitted``, ``spans_unsampled``: the resolver; ``spans_exported``: the exporter
+    thread), so counting costs no lock; readers may see a value a moment old.
+    """
+
+    SINGLE_WRITER = ("resolved", "timed_out", "spans_emitted", "spans_unsampled", "spans_exported")
 
     def __init__(self) -> None:
+        self.resolved = self.timed_out = self.spans_emitted = self.spans_unsampled = self.spans_exported = 0
         self._lock = threading.Lock()
         self.counts: collections.Counter[str] = collections.Counter()
         self.drops: collections.Counter[str] = collections.Counter()
@@ -88,7 +98,8 @@ class Stats:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            out: dict[str, Any] = dict(self.counts)
+            out: dict[str, Any] = {name: getattr(self, name) for name in self.SINGLE_WRITER}
+            out.update(self.counts)
             out["dropped"] = dict(self.drops)
             out["dropped_total"] = sum(self.drops.values())
             return out
@@ -131,13 +142,6 @@ class _FlushMarker:
         self.done = False
 
 
-def nearest_timed(capture: Any) -> Any:
-    """``capture`` itself, or its nearest ancestor that is not DROPPED (``None`` at the top)."""
-    while capture is not None and capture.start is DROPPED:
-        capture = capture.parent
-    return capture
-
-
 class Resolver:
     """The background thread. ``start()``, ``wake()``, ``wait(timeout)``, ``stop(timeout)``."""
 
@@ -166,7 +170,6 @@ class Resolver:
         self._waiters = 0
         self._stopping = False
         self._last_host_refresh = 0
-        self._taken_last_pass = 0
         self.thread = threading.Thread(target=self._run, name="otel-npu-resolver", daemon=True)
         self.alive = False
 
@@ -231,8 +234,6 @@ class Resolver:
         resolved = self._resolve_ready(now)
         self._refill_pool(taken)
         self._stats.report(time.monotonic())
-        if resolved or taken:
-            self._stats.add("resolver_passes")
         if self._markers:
             self._settle_markers()
         if self._waiters:
@@ -241,34 +242,37 @@ class Resolver:
 
     def _take_in(self) -> int:
         pending, queues, steps = self._pending, self._queues, self._steps
-        stream_key = self._backend.stream_key
+        stream_key = None if type(self._backend).stream_key is DeviceBackend.stream_key else self._backend.stream_key
+        seq = self._intake_seq
+        popleft = pending.popleft
         taken = 0
         while pending:
-            item = pending.popleft()
+            item = popleft()
             if item.__class__ is _FlushMarker:
-                item.floor = self._intake_seq
+                item.floor = seq
                 self._markers.append(item)
                 continue
-            item.intake = self._intake_seq
-            self._intake_seq += 1
+            item.intake = seq
+            seq += 1
             item.done = False
             item.timed_out = False
-            step = nearest_timed(item.parent)
-            while step is not None and not step.is_step:
-                step = nearest_timed(step.parent)
+            # The enclosing step: the nearest ancestor that is a step and was timed.
+            step = item.parent
+            while step is not None and (not step.is_step or step.start is DROPPED):
+                step = step.parent
             item.step = step
             if step is not None:
                 state = steps.get(step)
                 if state is None:
                     state = steps[step] = _StepState()
                 state.unresolved += 1
-            key = stream_key(item.stream) if item.stream is not None else None
+            key = item.stream if stream_key is None else stream_key(item.stream)
             queue = queues.get(key)
             if queue is None:
                 queue = queues[key] = collections.deque()
             queue.append(item)
             taken += 1
-        self._taken_last_pass = taken
+        self._intake_seq = seq
         return taken
 
     def _calibrate(self, now: int) -> None:
@@ -287,24 +291,28 @@ class Resolver:
     def _resolve_ready(self, now: int) -> int:
         query, timeout_ns, mono = self._query, self._timeout_ns, self._mono
         host_timed = self._backend.host_timed
+        finish = self._finish
         count = 0
         for key in list(self._queues):
             queue = self._queues[key]
             while queue:
                 r = queue[0]
-                if not host_timed and not query(r.end):
-                    if now - r.host_end <= timeout_ns:
-                        break
-                    queue.popleft()
-                    self._finish(r, None)
+                if host_timed:
+                    seen = _HOST_TIMED
+                elif query(r.end):
+                    seen = mono()
+                elif now - r.host_end > timeout_ns:
+                    seen = None  # timed out
                 else:
-                    queue.popleft()
-                    self._finish(r, mono())
+                    break
+                queue.popleft()
+                finish(r, seen)
                 count += 1
                 if count % SLICE == 0:
                     time.sleep(0)  # let a waiting serving thread have the GIL
             if not queue:
                 del self._queues[key]
+        self._stats.resolved += count
         return count
 
     def _finish(self, r: Any, seen: int | None) -> None:
@@ -313,9 +321,9 @@ class Resolver:
         if seen is None:
             r.timed_out = True
             begin, finish, error = r.host_start, r.host_end, 0
-            self._stats.add("timed_out")
-        elif self._backend.host_timed:
-            begin, finish, error = r.start, r.end, host.error_ns
+            self._stats.timed_out += 1
+        elif seen == _HOST_TIMED:  # the events are the host's own readings
+            begin, finish, error = r.start, r.end, 0
         else:
             try:
                 begin, finish, error = self._clock.place(r.start, r.end, r.host_start, r.host_end, seen)
@@ -324,10 +332,10 @@ class Resolver:
                 begin, finish, error = r.host_start, r.host_end, 0
             self._pool.give(r.start)
             self._pool.give(r.end)
-        r.start_ns = host.to_wall(begin)
-        r.end_ns = host.to_wall(finish)
+        offset = host.offset_ns
+        r.start_ns = begin + offset
+        r.end_ns = finish + offset
         r.clock_error_ns = error + host.error_ns
-        self._stats.add("resolved")
         if r.is_step:
             state = self._steps.get(r)
             if state is not None and state.unresolved:

@@ -33,9 +33,11 @@ _log = logging.getLogger("otel_npu")
 ATTR_DEVICE = "otel_npu.device"              # "npu:0", "cuda:0", "cpu"
 ATTR_STREAM = "otel_npu.stream"              # the device stream (CPU: the thread)
 ATTR_STEP = "otel_npu.step"                  # name of the enclosing step, if any
-ATTR_HOST_START = "otel_npu.host_start_unix_nano"  # when the host entered the capture point
-ATTR_HOST_LEAD = "otel_npu.host_lead_ns"     # device start - host entry: how far the host ran ahead
-ATTR_CLOCK_ERROR = "otel_npu.clock_error_ns"  # bound on the error of start/end (clock.py)
+# How far the host ran ahead of the device: device start - the host's entry into the capture point. The
+# host entered at ``span start - host_lead_us``. (One small int rather than an absolute timestamp as well:
+# a 9-byte varint per span costs the resolver more than the rest of the span's attributes together.)
+ATTR_HOST_LEAD = "otel_npu.host_lead_us"      # float, µs
+ATTR_CLOCK_ERROR = "otel_npu.clock_error_us"  # float, µs: bound on the error of start/end (clock.py)
 ATTR_TIMED_OUT = "otel_npu.timed_out"        # the device events did not complete in time
 ATTR_PID = "process.pid"
 ATTR_RANK = "otel_npu.rank"                  # $RANK, when set
@@ -72,6 +74,7 @@ class SpanFactory:
                  event_timeout_s: float) -> None:
         self._sampler = sampler
         self._ids = id_generator
+        self._new_span_id = id_generator.generate_span_id
         self._stream_label = stream_label
         self._labels: dict[Any, str] = {}
         self.to_wall = to_wall
@@ -83,15 +86,16 @@ class SpanFactory:
     # -- identity -----------------------------------------------------------------------------------
     def identify(self, r: Any) -> bool:
         """Give ``r`` (and, lazily, its ancestors) trace/span ids; return whether it is sampled."""
-        try:
-            return r.sampled
-        except AttributeError:
-            pass
+        sampled = r.sampled
+        if sampled is not None:
+            return sampled
         parent = r.parent
         while parent is not None and parent.start is DROPPED:
             parent = parent.parent
         if parent is not None:
-            sampled = self.identify(parent)
+            sampled = parent.sampled
+            if sampled is None:
+                sampled = self.identify(parent)
             r.trace_id = parent.trace_id
             r.parent_span_id = parent.span_id
             r.trace_state = parent.trace_state
@@ -110,7 +114,7 @@ class SpanFactory:
                                                  self.links(r) if r.is_step else None)
             sampled = result.decision.is_sampled()
             r.trace_state = result.trace_state
-        r.span_id = self._ids.generate_span_id()
+        r.span_id = self._new_span_id()
         r.sampled = sampled
         return sampled
 
@@ -120,9 +124,6 @@ class SpanFactory:
         if label is None:
             label = self._labels[stream] = self._stream_label(stream)
         return label
-
-    def host_start_ns(self, r: Any) -> int:
-        return self.to_wall(r.host_start)
 
     def user_attributes(self, r: Any) -> Mapping[str, Any]:
         """The capture's own attributes, with values OTLP cannot carry dropped (warned once per key)."""
@@ -149,10 +150,8 @@ class SpanFactory:
         """Every attribute of ``r``'s span, as a dict (the SDK rendering)."""
         attrs = dict(self.const_attributes)
         attrs[ATTR_STREAM] = self.stream_label(r.stream)
-        host_start = self.host_start_ns(r)
-        attrs[ATTR_HOST_START] = host_start
-        attrs[ATTR_HOST_LEAD] = r.start_ns - host_start
-        attrs[ATTR_CLOCK_ERROR] = r.clock_error_ns
+        attrs[ATTR_HOST_LEAD] = (r.start_ns - self.to_wall(r.host_start)) / 1000.0
+        attrs[ATTR_CLOCK_ERROR] = r.clock_error_ns / 1000.0
         if r.step is not None:
             attrs[ATTR_STEP] = r.step.name
         if r.timed_out:
