@@ -9,19 +9,23 @@ epoch nanoseconds. The conversion, in two steps:
    (``t1``) and when the event was first seen complete (``t2``). The event ran inside ``[t0, t2]``; the
    backend says where to put the estimate (``"submit"``: at ``t1``, where an idle stream runs a record at once;
    ``"midpoint"``: the middle, where records are queued first). The error bound of an anchor is the
-   distance from the estimate to the far end of the window; of three tries the narrowest window is kept
+   distance from the estimate to the far end of the window; the narrowest of several tries is kept
    (Cristian's method). A captured event is then placed at ``anchor + offset * rate``, where ``offset`` is the
    device time from the anchor to the event and ``rate`` corrects the drift between the device's oscillator
-   and the host's (a straight line through anchors at least ``DRIFT_BASELINE_S`` apart).
+   and the host's: the slope between the newest anchor and the oldest one kept (up to a minute back), used
+   once they are ``MIN_DRIFT_BASELINE_S`` apart.
 2. **Host monotonic -> wall clock** by an offset ``time_ns() - perf_counter_ns()`` sampled between two
-   monotonic reads (error below 1 µs), refreshed with every anchor so that NTP steps are followed.
+   monotonic reads (error below 1 µs), refreshed every 2 s so that NTP steps are followed.
 
 Error budget of a placed event: the anchor's bound + ``|offset| x rate uncertainty`` + the device timer's
 resolution (CUDA: 0.5 µs, and float32 ms loses ≈ 6e-8 of the offset: ≈ 0.13 µs at 2 s, ≈ 1 µs at 10 s, ≈ 8 µs
-at 100 s). That is why anchors are refreshed every ``ANCHOR_INTERVAL_S`` (2 s) for as long as otel-npu runs,
-and each capture uses the newest anchor that was seen complete *before* the capture was entered, so the
-offset is always positive and short. Causality tightens it further: an event cannot have run before the host
-enqueued it nor after the resolver saw it complete, and estimates outside that window are clamped into it.
+at 100 s, ≈ 250 µs at an hour). So anchors are taken for as long as otel-npu runs, and each capture uses the
+newest anchor seen complete *before* the capture was entered (its offset is positive and short). How often:
+often enough that the drift still unknown cannot move an event by more than ``DRIFT_ERROR_NS`` between two
+anchors — every 0.1 s at start (the drift is only assumed to be within ``ASSUMED_DRIFT``), every
+``ANCHOR_INTERVAL_S`` (2 s) once it is measured. Causality tightens it further: an event cannot have run
+before the host enqueued it nor after the resolver saw it complete; estimates outside are moved inside.
+``benchmarks/clock_accuracy.py`` measures the result over an hour of simulated time.
 
 Everything here runs on the resolver thread, except the first calibration at start-up.
 """
@@ -34,10 +38,14 @@ from typing import Any, Callable
 
 from .devices.base import DeviceBackend
 
-#: Seconds between anchors. float32 ms offsets stay below ≈ 0.2 µs of rounding at this distance.
+#: Longest time between anchors (once the drift is measured).
 ANCHOR_INTERVAL_S = 2.0
-#: Drift is estimated only between anchors at least this far apart (anchor error / baseline = rate error).
-DRIFT_BASELINE_S = 20.0
+#: Shortest time between anchors (at start, while the drift is unknown).
+MIN_ANCHOR_INTERVAL_S = 0.1
+#: Anchors are spaced so that the drift uncertainty moves an event by at most this much between two.
+DRIFT_ERROR_NS = 5_000
+#: Drift is estimated from anchors at least this far apart (anchor error / baseline = rate error).
+MIN_DRIFT_BASELINE_S = 1.0
 #: A calibration attempt that has not seen its event complete after this long is abandoned.
 ANCHOR_WAIT_S = 1.0
 #: Until drift is measured, the bound assumes the device and host oscillators differ by up to this much
@@ -95,19 +103,15 @@ class DeviceClock:
     """Places completed device events on the host monotonic clock (see the module docstring)."""
 
     def __init__(self, backend: DeviceBackend, take_event: Callable[[], Any], give_event: Callable[[Any], None],
-                 mono: Callable[[], int] = time.perf_counter_ns, keep_s: float = 70.0,
-                 anchor_interval_s: float = ANCHOR_INTERVAL_S, drift_baseline_s: float = DRIFT_BASELINE_S) -> None:
+                 mono: Callable[[], int] = time.perf_counter_ns, keep_s: float = 70.0) -> None:
         self._backend = backend
         self._take = take_event
         self._give = give_event
         self._mono = mono
         self._keep_ns = int(keep_s * 1e9)
         self.anchors: collections.deque[Anchor] = collections.deque()
-        self._interval_ns = int(anchor_interval_s * 1e9)
-        self._baseline_ns = drift_baseline_s * 1e9
         self.rate = 1.0                   # host ns per device ns
         self.rate_error = ASSUMED_DRIFT   # bound on |rate - truth|, until measured
-        self._drift_base: Anchor | None = None
 
     # -- calibration ----------------------------------------------------------------------------------
     def _sample(self) -> tuple[Any, int, int, int]:
@@ -175,28 +179,30 @@ class DeviceClock:
         self._update_rate(anchor)
 
     def _update_rate(self, newest: Anchor) -> None:
-        base = self._drift_base
-        if base is None:
-            self._drift_base = newest
+        """Slope between ``newest`` and the oldest anchor kept (the longest baseline: the smallest error)."""
+        base = self.anchors[0]
+        if base is newest or base.reference is None:
             return
         device_span = newest.device_ns - base.device_ns
-        if device_span < self._baseline_ns:
+        if device_span < MIN_DRIFT_BASELINE_S * 1e9:
             return
-        self.rate = (newest.mono_ns - base.mono_ns) / device_span
-        self.rate_error = (newest.bound_ns + base.bound_ns) / device_span
-        # Slide the baseline so that the estimate follows slow changes (temperature) but stays long.
-        if device_span > 10 * self._baseline_ns:
-            self._drift_base = newest
+        rate_error = (newest.bound_ns + base.bound_ns) / device_span
+        if rate_error < self.rate_error or device_span >= 10 * MIN_DRIFT_BASELINE_S * 1e9:
+            self.rate = (newest.mono_ns - base.mono_ns) / device_span
+            self.rate_error = rate_error
 
     def _retire(self, now: int) -> None:
         anchors = self.anchors
-        while len(anchors) > 1 and now - anchors[0].seen_ns > self._keep_ns:
-            old = anchors.popleft()
-            if old is not self._drift_base:
-                self._give(old.event)
+        while len(anchors) > 2 and now - anchors[1].seen_ns > self._keep_ns:
+            self._give(anchors.popleft().event)
+
+    def interval_ns(self) -> int:
+        """Time to the next anchor: short while the drift is uncertain, ANCHOR_INTERVAL_S once it is known."""
+        seconds = DRIFT_ERROR_NS / 1e9 / max(self.rate_error, 1e-12)
+        return int(min(ANCHOR_INTERVAL_S, max(MIN_ANCHOR_INTERVAL_S, seconds)) * 1e9)
 
     def due(self, now: int) -> bool:
-        return not self.anchors or now - self.anchors[-1].seen_ns >= self._interval_ns
+        return not self.anchors or now - self.anchors[-1].seen_ns >= self.interval_ns()
 
     # -- placing events -------------------------------------------------------------------------------
     def anchor_for(self, host_ns: int) -> Anchor:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 from .devices.base import DeviceBackend
 
-__all__ = ["SimDevice", "SimStream", "SimEvent", "TimingCall"]
+__all__ = ["SimDevice", "SimStream", "SimEvent", "TimingCall", "VirtualClock"]
 
 _ids = itertools.count(1)
 
@@ -219,6 +219,23 @@ def _sleep_until(mono: Callable[[], int], t: int) -> None:
         if left <= 0:
             return
         time.sleep(left / 1e9)
+
+
+class VirtualClock:
+    """A monotonic "host" clock for simulations that must cover hours in seconds: it moves only when read
+    (by ``tick_ns`` per read, so that waiting loops make progress) or when ``advance``d. Pass it as
+    ``SimDevice(mono=...)`` and to the component under test."""
+
+    def __init__(self, tick_ns: int = 200, start_ns: int = 1_000_000_000) -> None:
+        self.t = start_ns
+        self.tick = tick_ns
+
+    def __call__(self) -> int:
+        self.t += self.tick
+        return self.t
+
+    def advance(self, ns: int) -> None:
+        self.t += ns
 
 
 class SimDevice:

@@ -1,0 +1,455 @@
+"""What capture costs, measured side by side against the alternatives. One command::
+
+    python -m benchmarks.run --out bench-out            # CPU (add --device cuda on a GPU machine)
+
+prints a table of every figure against its target, and writes ``results.json`` and ``chart.png`` to
+``--out``. Sections (``--only`` picks some): ``hotpath`` (per-capture host cost), ``cpu`` (total CPU per
+capture across all threads), ``decode`` (serving-loop throughput), ``capacity`` (resolver), ``clock``
+(clock accuracy on the simulated device). Targets are printed, never asserted: a miss is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+from . import clock_accuracy
+from .alternatives import Device, SeedProfiler, SyncTimer, otel_tracer
+from .common import Report, collector, interleaved, machine_info, median, percentile, process_cpu
+from .workloads import NULL, LlamaDecode, SyntheticDecode, no_timer
+
+STAGES = ("prepare input", "forward", "post process", "sample")
+
+
+def _otel_npu_on(device: Device, **kwargs: Any) -> Any:
+    import otel_npu
+
+    otel_npu.configure(enabled=True, device=device.kind, pipeline="own", **kwargs)
+    with otel_npu.capture("warm-up"):  # starts the runtime outside the measured region
+        pass
+    otel_npu.flush(10.0)
+    return otel_npu
+
+
+def _otel_npu_off() -> None:
+    import otel_npu
+
+    otel_npu.shutdown(10.0)
+    otel_npu.configure(enabled=False)
+
+
+# -- 1. per-capture host cost -------------------------------------------------------------------------------
+def hotpath(report: Report, device: Device, quick: bool) -> None:
+    """Each capture timed on its own (perf_counter_ns around the ``with``), minus the bare operation."""
+    n = 4000 if quick else 20000
+    rounds = 3 if quick else 7
+    a = torch.ones(4, device=device.torch_device)
+    b = torch.empty_like(a)
+
+    def op() -> None:
+        torch.add(a, 1, out=b)
+
+    def timed(factory: Callable[[str], Any] | None, every_5th: Callable[[], Any] | None = None) -> dict:
+        pc, tt = time.perf_counter_ns, time.thread_time_ns
+        samples = []
+        per_round = n // rounds
+        cpu0 = tt()
+        for i in range(per_round):
+            t0 = pc()
+            if factory is None:
+                op()
+            else:
+                with factory("forward"):
+                    op()
+                if every_5th is not None and i % 5 == 4:
+                    every_5th()
+            samples.append(pc() - t0)
+        return {"samples": samples, "cpu_ns": (tt() - cpu0) / per_round}
+
+    tracer_provider, tracer = otel_tracer(None)
+    seed = SeedProfiler(device)
+    sync = SyncTimer(device)
+
+    def run_otel_npu() -> dict:
+        otel_npu = _otel_npu_on(device, poll_interval_s=0.1)
+        try:
+            return timed(otel_npu.capture)
+        finally:
+            _otel_npu_off()
+
+    def run_disabled() -> dict:
+        import otel_npu
+
+        return timed(otel_npu.capture)
+
+    def run_record_function() -> dict:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+            return timed(torch.profiler.record_function)
+
+    def run_seed() -> dict:
+        os.environ[SeedProfiler.ENV] = "1"
+        try:
+            return timed(seed.capture_async, every_5th=seed.pop_captured_sync)
+        finally:
+            os.environ.pop(SeedProfiler.ENV, None)
+
+    variants = {
+        "bare operation": lambda: timed(None),
+        "contextlib.nullcontext": lambda: timed(lambda name: contextlib.nullcontext()),
+        "otel_npu enabled": run_otel_npu,
+        "otel_npu disabled": run_disabled,
+        "OTel start_as_current_span": lambda: timed(tracer.start_as_current_span),
+        "torch record_function (profiling)": run_record_function,
+        "seed pattern (+ pop every 5)": run_seed,
+        "synchronize + host time": lambda: timed(sync),
+    }
+    results = interleaved(variants, rounds)
+    tracer_provider.shutdown()
+    table = {}
+    bare = median([s for r in results["bare operation"] for s in r["samples"]])
+    bare_cpu = median([r["cpu_ns"] for r in results["bare operation"]])
+    for name, runs in results.items():
+        samples = [s for r in runs for s in r["samples"]]
+        table[name] = {
+            "median_us": (median(samples) - bare) / 1e3,
+            "p99_us": (percentile(samples, 99) - bare) / 1e3,
+            "thread_cpu_us": (median([r["cpu_ns"] for r in runs]) - bare_cpu) / 1e3,
+        }
+    report.add("hotpath", {"bare_operation_ns": bare, "variants": table})
+    print("\nPer-capture host cost (µs, minus the bare operation):")
+    print(f"  {'variant':38s} {'median':>9s} {'p99':>9s} {'thread CPU':>11s}")
+    for name, row in table.items():
+        print(f"  {name:38s} {row['median_us']:9.3f} {row['p99_us']:9.3f} {row['thread_cpu_us']:11.3f}")
+    on, off = table["otel_npu enabled"], table["otel_npu disabled"]
+    span = table["OTel start_as_current_span"]
+    if device.kind == "cpu":
+        report.check("enabled capture, median host cost", on["median_us"], "µs", "≤ 2 µs", on["median_us"] <= 2.0)
+        report.check("enabled capture, thread CPU", on["thread_cpu_us"], "µs", "≤ 2 µs",
+                     on["thread_cpu_us"] <= 2.0)
+    else:
+        report.check("enabled capture, median host cost", on["median_us"], "µs", "(≤ 2 µs on CPU)", None,
+                     "includes two cudaEventRecord")
+    report.check("enabled capture / OTel span", on["median_us"] / span["median_us"], "x", "≤ 0.1",
+                 on["median_us"] / span["median_us"] <= 0.1, f"OTel span {span['median_us']:.1f} µs")
+    report.check("disabled capture, median host cost", off["median_us"], "µs", "≤ 0.2 µs", off["median_us"] <= 0.2,
+                 f"nullcontext {table['contextlib.nullcontext']['median_us']:.2f} µs")
+
+
+# -- 2. total CPU per capture, all threads ------------------------------------------------------------------
+def cpu_total(report: Report, device: Device, endpoint: str, collector_name: str, quick: bool) -> None:
+    """Process CPU (every thread: hot path, resolver, exporter) per capture, minus the bare loop's."""
+    steps = 2000 if quick else 10000
+    captures = steps * 5  # a step and four stages
+    a = torch.ones(4, device=device.torch_device)
+    b = torch.empty_like(a)
+
+    def loop(stage: Callable[..., Any], step: Callable[..., Any]) -> tuple[float, float]:
+        c0, t0 = process_cpu(), time.thread_time()
+        for _ in range(steps):
+            with step("Decode"):
+                for name in STAGES:
+                    with stage(name):
+                        torch.add(a, 1, out=b)
+        return c0, t0
+
+    def measure(setup: Callable[[], Any], stage_step: Callable[[Any], tuple], finish: Callable[[Any], Any]):
+        def run() -> dict:
+            state = setup()
+            stage, step = stage_step(state)
+            c0, t0 = loop(stage, step)
+            t1 = time.thread_time()
+            finish(state)  # the background work left (resolve, export) is part of the cost
+            return {"total": process_cpu() - c0, "hot": t1 - t0}
+        return run
+
+    def own(exporter_env: dict) -> Callable[[], dict]:
+        def setup() -> Any:
+            os.environ.update(exporter_env)
+            return _otel_npu_on(device)
+
+        def finish(otel_npu: Any) -> None:
+            otel_npu.flush(30.0)
+            _otel_npu_off()
+            for key in exporter_env:
+                os.environ.pop(key, None)
+        return measure(setup, lambda m: (m.capture, m.step), finish)
+
+    def app_provider() -> dict:
+        import otel_npu
+
+        provider, _ = otel_tracer(None)
+        otel_npu.configure(enabled=True, device=device.kind, tracer_provider=provider)
+        with otel_npu.capture("warm-up"):
+            pass
+        otel_npu.flush()
+        c0, t0 = loop(otel_npu.capture, otel_npu.step)
+        t1 = time.thread_time()
+        otel_npu.flush(30.0)
+        provider.force_flush()
+        out = {"total": process_cpu() - c0, "hot": t1 - t0}
+        otel_npu.shutdown()
+        otel_npu.configure(enabled=False, tracer_provider=None)
+        from otel_npu import config, runtime
+        runtime.set_settings(config.Settings())
+        provider.shutdown()
+        return out
+
+    otlp = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    variants = {
+        "bare loop": measure(lambda: None, lambda s: (no_timer, no_timer), lambda s: None),
+        "otel_npu -> OTLP/HTTP collector": own(otlp),
+        "otel_npu, no exporter (resolve only)": own({"OTEL_TRACES_EXPORTER": "none"}),
+        "otel_npu -> app TracerProvider (in-memory)": app_provider,
+    }
+    results = interleaved(variants, 2 if quick else 3)
+    bare_total = median([r["total"] for r in results["bare loop"]])
+    bare_hot = median([r["hot"] for r in results["bare loop"]])
+    table = {}
+    for name, runs in results.items():
+        total = (median([r["total"] for r in runs]) - bare_total) / captures * 1e6
+        hot = (median([r["hot"] for r in runs]) - bare_hot) / captures * 1e6
+        table[name] = {"total_us": total, "hot_thread_us": hot, "background_us": total - hot}
+    report.add("cpu_total", {"collector": collector_name, "captures": captures, "variants": table})
+    print(f"\nCPU per capture, all threads (µs; {captures} captures; collector: {collector_name}):")
+    print(f"  {'variant':44s} {'total':>8s} {'hot thread':>11s} {'background':>11s}")
+    for name, row in table.items():
+        print(f"  {name:44s} {row['total_us']:8.2f} {row['hot_thread_us']:11.2f} {row['background_us']:11.2f}")
+    own_total = table["otel_npu -> OTLP/HTTP collector"]["total_us"]
+    report.check("total CPU per capture (to a real collector)", own_total, "µs", "≤ 10 µs", own_total <= 10.0,
+                 collector_name)
+
+
+# -- 3. serving-loop throughput ------------------------------------------------------------------------------
+def decode(report: Report, device: Device, endpoint: str, workload: Any, label: str, steps: int,
+           rounds: int) -> None:
+    """Tokens/s of the same loop timed each way; ratio to the uninstrumented run of the same round."""
+    tracer_provider, tracer = otel_tracer(endpoint)
+    seed = SeedProfiler(device)
+    sync = SyncTimer(device)
+
+    def plain() -> float:
+        return workload.run(steps, no_timer, no_timer)
+
+    def with_otel_npu() -> float:
+        otel_npu = _otel_npu_on(device)
+        try:
+            t0 = time.perf_counter()
+            workload.run(steps, otel_npu.capture, otel_npu.step)
+            otel_npu.flush(30.0)  # what is left to resolve and export counts against it
+            return steps * workload.tokens_per_step / (time.perf_counter() - t0)
+        finally:
+            _otel_npu_off()
+
+    def idle_otel_npu() -> float:
+        _otel_npu_on(device)  # running, resolver waking up, but nothing captured
+        try:
+            return workload.run(steps, no_timer, no_timer)
+        finally:
+            _otel_npu_off()
+
+    def with_spans() -> float:
+        span = tracer.start_as_current_span
+        t0 = time.perf_counter()
+        workload.run(steps, span, span)
+        tracer_provider.force_flush()
+        return steps * workload.tokens_per_step / (time.perf_counter() - t0)
+
+    def with_sync() -> float:
+        return workload.run(steps, sync, no_timer)
+
+    def with_profiler() -> float:
+        rf = torch.profiler.record_function
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.kind == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities):
+            return workload.run(steps, rf, rf)
+
+    def with_seed() -> float:
+        os.environ[SeedProfiler.ENV] = "1"
+        try:
+            return workload.run(steps, seed.capture_async, no_timer, after_step=seed.pop_captured_sync)
+        finally:
+            os.environ.pop(SeedProfiler.ENV, None)
+
+    variants = {
+        "uninstrumented": plain,
+        "otel_npu (4 stages + step)": with_otel_npu,
+        "otel_npu running, nothing captured": idle_otel_npu,
+        "OTel spans on the hot path": with_spans,
+        "synchronize + host timing": with_sync,
+        "torch.profiler": with_profiler,
+        "seed pattern": with_seed,
+    }
+    workload.run(max(5, steps // 10), no_timer, no_timer)  # warm-up
+    results = interleaved(variants, rounds)
+    tracer_provider.shutdown()
+    base = results["uninstrumented"]
+    table = {}
+    for name, rates in results.items():
+        ratios = [r / b for r, b in zip(rates, base)]
+        table[name] = {"tokens_per_s": median(rates), "ratio": median(ratios), "min_ratio": min(ratios)}
+    report.add(f"decode:{label}", {"steps": steps, "rounds": rounds, "variants": table})
+    print(f"\nServing-loop throughput, {label} ({steps} steps x {rounds} interleaved rounds):")
+    print(f"  {'variant':38s} {'tokens/s':>10s} {'ratio':>7s} {'worst':>7s}")
+    for name, row in table.items():
+        print(f"  {name:38s} {row['tokens_per_s']:10.1f} {row['ratio']:7.3f} {row['min_ratio']:7.3f}")
+    ratio = table["otel_npu (4 stages + step)"]["ratio"]
+    report.check(f"throughput with otel_npu, {label}", ratio * 100, "%", "≥ 99 %", ratio >= 0.99)
+
+
+# -- 4. resolver capacity ------------------------------------------------------------------------------------
+def capacity(report: Report, device: Device, endpoint: str, quick: bool) -> None:
+    """Captures per second the resolver (and exporter) sustain: a producer thread capturing flat out while
+    the resolver works normally; the backlog is sampled to see whether it grows."""
+    import otel_npu
+    from otel_npu import runtime
+
+    os.environ.update({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
+    duration = 2.0 if quick else 5.0
+    otel_npu = _otel_npu_on(device, max_pending=10_000_000)
+    rt = runtime.current()
+    stop = threading.Event()
+    produced = [0]
+
+    def producer() -> None:
+        capture = otel_npu.capture
+        n = 0
+        while not stop.is_set():
+            for _ in range(100):
+                with capture("stage"):
+                    pass
+            n += 100
+        produced[0] = n
+
+    thread = threading.Thread(target=producer)
+    resolved0 = rt.stats.resolved
+    t0 = time.perf_counter()
+    thread.start()
+    backlog = []
+    while time.perf_counter() - t0 < duration:
+        time.sleep(duration / 10)
+        backlog.append(len(rt.pending) + sum(len(q) for q in list(rt.resolver._queues.values())))
+    stop.set()
+    thread.join()
+    elapsed = time.perf_counter() - t0
+    resolved_during = rt.stats.resolved - resolved0
+    t1 = time.perf_counter()
+    otel_npu.flush(120.0)
+    drain_s = time.perf_counter() - t1
+    total = rt.stats.resolved - resolved0
+    _otel_npu_off()
+    for key in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        os.environ.pop(key, None)
+    offered = produced[0] / elapsed
+    sustained = total / (elapsed + drain_s)
+    data = {"offered_per_s": offered, "resolved_while_producing_per_s": resolved_during / elapsed,
+            "overall_per_s": sustained, "backlog_samples": backlog, "drain_s": drain_s}
+    report.add("capacity", data)
+    print(f"\nResolver capacity: offered {offered:,.0f} captures/s by one thread flat out; resolved "
+          f"{resolved_during / elapsed:,.0f}/s meanwhile, {sustained:,.0f}/s overall incl. the drain "
+          f"({drain_s:.2f} s); backlog samples {backlog}")
+    report.check("resolver capacity (captures/s, incl. OTLP export)", sustained, "/s", "≥ 20,000",
+                 sustained >= 20_000, "producer and resolver share the GIL and 2 cores")
+
+
+# -- chart ---------------------------------------------------------------------------------------------------
+def chart(report: Report, path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install -e '.[bench]')")
+        return None
+    panels = [k for k in ("hotpath",) if k in report.sections] + \
+        [k for k in report.sections if k.startswith("decode:")] + [k for k in ("clock",) if k in report.sections]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)))
+    axes = axes if len(panels) > 1 else [axes]
+    for ax, key in zip(axes, panels):
+        data = report.sections[key]
+        if key == "hotpath":
+            names = list(data["variants"])
+            values = [max(data["variants"][n]["median_us"], 0.01) for n in names]
+            ax.barh(names, values, color=["#2a9d8f" if "otel_npu" in n else "#999999" for n in names])
+            ax.set_xscale("log")
+            ax.set_xlabel("host cost per capture, µs (median, log scale)")
+        elif key == "clock":
+            horizons = data["horizons_s"]
+            for policy, errors in data["max_error_us"].items():
+                ax.plot(horizons, errors, marker="o", label=policy)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.axhline(20, color="red", linestyle=":", label="target 20 µs")
+            ax.set_xlabel("simulated time since start, s")
+            ax.set_ylabel("max |error|, µs")
+            ax.legend(fontsize=7)
+        else:
+            names = list(data["variants"])
+            values = [data["variants"][n]["ratio"] * 100 for n in names]
+            ax.barh(names, values, color=["#2a9d8f" if "otel_npu" in n else "#999999" for n in names])
+            ax.axvline(99, color="red", linestyle=":")
+            ax.set_xlim(min(values + [90]) - 2, 102)
+            ax.set_xlabel(f"{key[7:]}: throughput, % of uninstrumented (median of interleaved rounds)")
+        ax.tick_params(axis="y", labelsize=8)
+    machine = report.machine
+    fig.suptitle(f"otel-npu benchmarks — {machine.get('gpu') or machine['cpu']} ({machine['cpus']} CPUs), "
+                 f"{machine['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench-out", help="folder for results.json and chart.png")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--only", default="hotpath,cpu,decode,capacity,clock",
+                        help="comma-separated sections (default: all)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisier)")
+    parser.add_argument("--llama", action="store_true", help="also run the decode loop on a small Llama "
+                        "(transformers) model")
+    args = parser.parse_args(argv)
+    sections = set(args.only.split(","))
+    device = Device(args.device)
+    report = Report(machine_info(device.kind))
+    print(f"otel-npu benchmarks on {report.machine.get('gpu') or report.machine['cpu']}, "
+          f"{report.machine['cpus']} CPUs, torch {report.machine['torch']} ({device.kind})")
+    with collector() as (endpoint, collector_name):
+        if "hotpath" in sections:
+            hotpath(report, device, args.quick)
+        if "cpu" in sections:
+            cpu_total(report, device, endpoint, collector_name, args.quick)
+        if "decode" in sections:
+            steps, rounds = (100, 3) if args.quick else (300, 7)
+            decode(report, device, endpoint, SyntheticDecode(device), "synthetic 5 ms decode step", steps, rounds)
+            if args.llama:
+                try:
+                    model = LlamaDecode(device)
+                except ImportError as exc:
+                    print(f"\n(skipping the Llama loop: {exc})")
+                else:
+                    decode(report, device, endpoint, model, "small Llama (transformers)", steps, rounds)
+        if "capacity" in sections:
+            capacity(report, device, endpoint, args.quick)
+    if "clock" in sections:
+        clock_accuracy.run(report, quick=args.quick)
+    print("\n" + report.table())
+    path = report.write(args.out)
+    png = chart(report, os.path.join(args.out, "chart.png"))
+    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

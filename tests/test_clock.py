@@ -1,0 +1,76 @@
+"""The device clock over long simulated times: drift is measured and followed, the stated bound holds."""
+
+from __future__ import annotations
+
+import pytest
+
+from otel_npu.clock import ANCHOR_INTERVAL_S, MIN_ANCHOR_INTERVAL_S, DeviceClock, HostClock
+from otel_npu.testing import SimDevice, VirtualClock
+
+
+def make(api: str, drift_ppm: float):
+    vclock = VirtualClock()
+    sim = SimDevice(api=api, drift_ppm=drift_ppm, mono=vclock)
+    backend = sim.otel_npu_backend()
+    pool = [backend.new_event() for _ in range(8)]
+    clock = DeviceClock(backend, lambda: pool.pop() if pool else backend.new_event(), pool.append, mono=vclock)
+    return vclock, sim, clock
+
+
+def run_for(vclock, clock, seconds: float) -> None:
+    end = vclock.t + int(seconds * 1e9)
+    while vclock.t < end:
+        vclock.advance(50_000_000)
+        if clock.due(vclock.t):
+            clock.calibrate()
+
+
+def place_busy_capture(vclock, sim, clock):
+    stream = sim.default_stream
+    stream.launch(0.003)  # the device is behind the host
+    begin, end = sim.Event(), sim.Event()
+    host_start = vclock()
+    begin.record(stream)
+    stream.launch(0.002)
+    host_end = vclock()
+    end.record(stream)
+    vclock.advance(10_000_000)
+    start_ns, end_ns, bound = clock.place(begin, end, host_start, host_end, vclock())
+    return max(abs(start_ns - begin.exec_mono_ns), abs(end_ns - end.exec_mono_ns)), bound
+
+
+@pytest.mark.parametrize("api", ["cuda", "npu"])
+@pytest.mark.parametrize("drift_ppm", [0.0, 50.0, -80.0])
+def test_drift_is_measured_and_events_stay_within_the_stated_bound_for_an_hour(api, drift_ppm):
+    vclock, sim, clock = make(api, drift_ppm)
+    clock.calibrate()
+    assert clock.interval_ns() == int(MIN_ANCHOR_INTERVAL_S * 1e9), "drift unknown: anchors come often"
+    for seconds in (0.5, 5, 60, 3600):
+        run_for(vclock, clock, seconds)
+        error, bound = place_busy_capture(vclock, sim, clock)
+        assert error <= bound, (seconds, error, bound)
+        assert error <= 20_000, (seconds, error)
+    true_rate = 1 / (1 + drift_ppm * 1e-6)
+    assert clock.rate == pytest.approx(true_rate, abs=0.5e-6)
+    assert clock.interval_ns() == int(ANCHOR_INTERVAL_S * 1e9), "drift known: anchors every 2 s"
+    assert len(clock.anchors) < 100, "old anchors are retired"
+    sim.close()
+
+
+def test_a_stalled_device_makes_calibration_fail_cleanly():
+    from otel_npu.clock import CalibrationError
+
+    vclock, sim, clock = make("cuda", 0.0)
+    vclock.tick = 100_000  # let the 1 s wait pass in ~10k reads
+    clock._backend._anchor_stream.launch(3600.0)  # the anchor stream is stuck behind an hour of work
+    with pytest.raises(CalibrationError, match="did not complete within 1 s"):
+        clock.calibrate()
+    sim.close()
+
+
+def test_host_clock_offset_is_tight():
+    host = HostClock()
+    assert host.error_ns < 50_000
+    import time
+
+    assert abs(host.to_wall(time.perf_counter_ns()) - time.time_ns()) < 1_000_000
