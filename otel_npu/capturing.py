@@ -2,8 +2,9 @@
 
 What a capture costs the capturing thread, and nothing more:
 
-* **disabled**: one call that allocates a three-slot object, and an empty ``__enter__``/``__exit__``
-  (about a ``contextlib.nullcontext()``); no events, no threads, no environment reads;
+* **disabled**: one call returning a shared do-nothing object (a dict lookup by name; no allocation), and
+  an empty ``__enter__``/``__exit__``: about a ``contextlib.nullcontext()``. No events, no threads, no
+  environment reads;
 * **enabled, CPU backend**: two ``perf_counter_ns()`` reads, a context-variable get/set/reset (nesting), one
   OpenTelemetry context read (only for an outermost capture: its parent is the span current at entry), and a
   ``deque.append``. No locks, no OTel objects, no allocation besides the capture object itself;
@@ -92,6 +93,22 @@ class _Off:
 class _OffStep(_Off):
     __slots__ = ()
     is_step = True
+
+
+_OFF_CACHE: dict[str, _Off] = {}
+_OFF_CACHE_LIMIT = 4096  # distinct names remembered; beyond, each call allocates (still correct)
+
+
+def _off_capture(name: str, attributes: Any, stream: Any) -> _Off:
+    """Disabled ``capture()``: the common call (a name only) returns a shared object, allocating nothing."""
+    if attributes is None and stream is None:
+        cm = _OFF_CACHE.get(name)
+        if cm is None:
+            cm = _Off(name, None, None)
+            if len(_OFF_CACHE) < _OFF_CACHE_LIMIT:
+                _OFF_CACHE[name] = cm
+        return cm
+    return _Off(name, attributes, stream)
 
 
 class Capture:
@@ -292,7 +309,7 @@ def _decorate(is_step: bool, name: str, attributes: Any, extra: Any, fn: F) -> F
 
 
 # -- dispatch: what capture()/step() construct. Swapped as otel-npu is enabled, started, shut down. -------
-_capture_cls: Callable[..., Any] = _Off
+_capture_cls: Callable[..., Any] = _off_capture
 _step_cls: Callable[..., Any] = _OffStep
 _state_lock = threading.Lock()
 
@@ -345,7 +362,7 @@ def _start() -> tuple[Callable[..., Any], Callable[..., Any]]:
         if _capture_cls is _start_capture:
             rt = _runtime_mod.start()
             if rt is None:
-                _capture_cls, _step_cls = _Off, _OffStep
+                _capture_cls, _step_cls = _off_capture, _OffStep
             else:
                 _install(rt)
     return _capture_cls, _step_cls
@@ -374,11 +391,11 @@ def set_mode(enabled: bool) -> None:
         if enabled:
             _capture_cls, _step_cls = _start_capture, _start_step
         else:
-            _capture_cls, _step_cls = _Off, _OffStep
+            _capture_cls, _step_cls = _off_capture, _OffStep
 
 
 def is_on() -> bool:
-    return _capture_cls is not _Off
+    return _capture_cls is not _off_capture
 
 
 def current() -> Capture | None:
@@ -392,7 +409,7 @@ def _after_fork_in_child() -> None:
     global _state_lock, _rt
     _state_lock = threading.Lock()
     _rt = None
-    enabled = _capture_cls is not _Off
+    enabled = _capture_cls is not _off_capture
     set_mode(enabled)
 
 

@@ -47,7 +47,7 @@ class ProfileExecuteDuration:
     def capture_async(self, duration_tag: str) -> Any:
         """A capture named ``duration_tag`` (context manager). Non-blocking: records two device events."""
         cm = _capture.capture(duration_tag)
-        if cm.__class__ is not _capture._Off:
+        if not isinstance(cm, _capture._Off):
             cm.compat = "pending"
             self._captured.append(cm)
         return cm
