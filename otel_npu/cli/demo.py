@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
             step_kind = "Decode" if all(r.output for r in batch) else "Prefill"
             kinds[step_kind] += 1
             with otel_npu.step(step_kind, links=[r.span for r in batch],
-                               attributes={"otel_npu.demo.batch_size": len(batch)}):
+                               attributes={"demo.batch_size": len(batch)}):
                 with otel_npu.capture("prepare input"):
                     inputs = [torch.tensor([r.output[-1:] if r.output else r.prompt], device=device_label)
                               for r in batch]
