@@ -272,6 +272,9 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(running=len(running), done=len(finished), refresh=False)
             if not running and not waiting:
                 break
+        if bar.n < args.steps:  # every request finished before --steps ran out
+            bar.total = bar.n
+            bar.refresh()
         bar.close()
         for req in running:  # --steps ran out first
             _finish(req, time.time_ns(), "steps")
