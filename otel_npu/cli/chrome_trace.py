@@ -32,10 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from . import tracefile
 
-    try:
-        spans = tracefile.read(args.file)
-    except tracefile.TraceFileError as exc:
-        print(f"otel-npu chrome-trace: {exc}", file=sys.stderr)
+    spans = tracefile.read_or_report(args.file, "chrome-trace")
+    if spans is None:
         return 2
     document = build(spans, source=args.file)
     try:

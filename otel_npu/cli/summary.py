@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 
 HELP = "per-stage table (count, mean, p50, p99 ms, share of step time) of a traces file, per step kind"
 
@@ -16,10 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from . import tracefile
 
-    try:
-        spans = tracefile.read(args.file)
-    except tracefile.TraceFileError as exc:
-        print(f"otel-npu summary: {exc}", file=sys.stderr)
+    spans = tracefile.read_or_report(args.file, "summary")
+    if spans is None:
         return 2
     print(describe(spans, args.file))
     print()

@@ -100,6 +100,17 @@ def read(path: str) -> list[Span]:
     return spans
 
 
+def read_or_report(path: str, command: str) -> list[Span] | None:
+    """``read(path)``, or ``None`` after printing ``otel-npu COMMAND: FILE:LINE: problem`` on stderr."""
+    import sys
+
+    try:
+        return read(path)
+    except TraceFileError as exc:
+        print(f"otel-npu {command}: {exc}", file=sys.stderr)
+        return None
+
+
 class _BadLine(Exception):
     pass
 
@@ -242,10 +253,11 @@ class Forest:
             return False
         return any(k.attributes.get(STEP_ATTR) == span.name for k in self.kids(span))
 
-    def descendants(self, span: Span, depth: int = 1) -> Iterator[tuple[int, Span]]:
+    def descendants(self, span: Span) -> Iterator[Span]:
+        """Children before their own children, siblings by start time."""
         for kid in self.kids(span):
-            yield depth, kid
-            yield from self.descendants(kid, depth + 1)
+            yield kid
+            yield from self.descendants(kid)
 
 
 # -- the per-stage table ---------------------------------------------------------------------------------
@@ -291,11 +303,11 @@ def stage_rows(spans: Iterable[Span]) -> list[Row]:
         step_total[step.name] = step_total.get(step.name, 0.0) + step.duration_ms
         add(step.name, (step.name,), step.duration_ms)
         paths = {(step.trace_id, step.span_id): (step.name,)}
-        for _, span in forest.descendants(step):
+        for span in forest.descendants(step):
             path = paths[(span.trace_id, span.span_id)] = paths[(span.trace_id, span.parent_id)] + (span.name,)
             add(step.name, path, span.duration_ms)
 
-    in_steps = {(s.trace_id, s.span_id) for step in forest.steps for _, s in forest.descendants(step)}
+    in_steps = {(s.trace_id, s.span_id) for step in forest.steps for s in forest.descendants(step)}
     loose = [s for s in forest.spans if s.is_otel_npu and not forest.is_step(s)
              and (s.trace_id, s.span_id) not in in_steps]
     loose_ids = {(s.trace_id, s.span_id) for s in loose}
@@ -307,17 +319,17 @@ def stage_rows(spans: Iterable[Span]) -> list[Row]:
             up = forest.parent(up)
         add("(no step)", ("(no step)",) + tuple(reversed(names)), span.duration_ms)
 
-    ordered = _tree_order(list(rows.values()), list(rows))
+    ordered = _tree_order(rows)
     for row in ordered:
         total = step_total.get(row.step_kind)
         row.share = sum(row.durations_ms) / total if total else float("nan")
     return ordered
 
 
-def _tree_order(rows: list[Row], keys: list[tuple[str, tuple[str, ...]]]) -> list[Row]:
+def _tree_order(by_key: dict[tuple[str, tuple[str, ...]], Row]) -> list[Row]:
     """Rows grouped by kind, each child right after its parent, siblings in order of first appearance."""
+    keys = list(by_key)
     first_seen = {key: n for n, key in enumerate(keys)}
-    by_key = dict(zip(keys, rows))
     children: dict[tuple[str, tuple[str, ...]], list[tuple[str, tuple[str, ...]]]] = {}
     roots: list[tuple[str, tuple[str, ...]]] = []
     for key in keys:
