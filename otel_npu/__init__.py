@@ -27,9 +27,11 @@ from . import config as _config  # noqa: E402
 from . import runtime as _runtime  # noqa: E402
 from .capturing import capture, step  # noqa: E402
 from .compat import ProfileExecuteDuration  # noqa: E402
+from . import instrument as _instrument  # noqa: E402
+from .instrument import instrument_module  # noqa: E402
 
 __all__ = ["capture", "step", "flush", "shutdown", "configure", "enabled", "stats", "ProfileExecuteDuration",
-           "__version__"]
+           "instrument_module", "__version__"]
 
 _configure_lock = threading.Lock()
 
@@ -57,6 +59,7 @@ def configure(*, enabled: bool | None = None, device: Any = None, max_pending: i
         _runtime.stop(_runtime.settings().shutdown_timeout_s)
         _runtime.set_settings(new)
         _capture_mod.set_mode(new.enabled)
+        _instrument.sync()  # module hooks exist only while enabled
 
 
 def flush(timeout_s: float = 5.0) -> bool:
@@ -75,6 +78,7 @@ def shutdown(timeout_s: float = 5.0) -> bool:
     """
     with _configure_lock:
         _capture_mod.set_mode(False)
+        _instrument.sync()
         return _runtime.stop(timeout_s)
 
 

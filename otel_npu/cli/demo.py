@@ -1,0 +1,333 @@
+"""``otel-npu demo``: a small serving loop on a real model, with every step's stages as device-timed spans.
+
+The demo plays the serving application (as vLLM does): it owns an SDK TracerProvider for its request spans
+(``llm_request``, one trace per request), built by ``otel_npu.telemetry.tracer_provider_from_env`` and
+installed globally; otel-npu sends its stage spans through that same provider.
+
+The model is Hugging Face transformers' Llama implementation built from a small config with random weights
+(nothing is downloaded), with a KV cache per request and greedy decoding. Requests arrive over time, so
+steps mix prefill and decode; each step is ``otel_npu.step("Prefill"|"Decode", links=<its requests>)`` with
+the four captures vllm-ascend instrumented: "prepare input", "forward", "post process", "sample".
+
+Where the traces go: with ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`` or ``OTEL_TRACES_EXPORTER`` set, where
+those say; otherwise into ``./otel-npu-traces-<time>.jsonl`` (``OTEL_NPU_TRACES_FILE``), for
+``otel-npu summary`` and ``otel-npu chrome-trace``.
+
+torch, transformers and tqdm are imported inside ``run`` so that ``otel-npu --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import random
+import sys
+import time
+from typing import Any
+
+from opentelemetry.sdk.trace import SpanProcessor  # already imported by otel_npu itself
+
+HELP = "serve a small Llama-style model to several requests and show each step's stage timings"
+
+#: name -> (layers, hidden, intermediate, attention heads, kv heads, vocab)
+MODEL_SIZES = {
+    "tiny": (2, 128, 344, 4, 2, 2048),
+    "small": (4, 256, 688, 4, 2, 4096),
+    "base": (8, 512, 1376, 8, 4, 8192),
+}
+STAGES = ("prepare input", "forward", "post process", "sample")
+ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), default="auto",
+                        help="where the model runs and what otel-npu times (auto: npu > cuda > cpu)")
+    parser.add_argument("--steps", type=_positive, default=64, help="engine steps to run at most (64)")
+    parser.add_argument("--requests", type=_positive, default=8,
+                        help="requests, arriving over the first half of the run (8)")
+    parser.add_argument("--model-size", choices=tuple(MODEL_SIZES), default="small",
+                        help="tiny: 2 layers, hidden 128; small: 4 layers, hidden 256; base: 8 layers, hidden 512")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also time every decoder layer and its attention, MLP and norms (instrument_module)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the weights and the requests (0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+@dataclasses.dataclass
+class Request:
+    id: str
+    arrival_step: int
+    prompt: list[int]
+    max_tokens: int
+    span: Any = None
+    cache: Any = None
+    output: list[int] = dataclasses.field(default_factory=list)
+    arrival_ns: int = 0
+    first_token_ns: int = 0
+
+
+def plan_requests(n: int, steps: int, vocab: int, rng: random.Random) -> list[Request]:
+    """``n`` requests arriving evenly over the first half of ``steps``, each finishing by the last step."""
+    out = []
+    for i in range(n):
+        arrival = (i * steps) // (2 * n)
+        room = steps - arrival  # its prefill step samples the first token, each later step one more
+        max_tokens = max(1, room - rng.randint(0, max(0, room // 4)))
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(16, 64))]
+        out.append(Request(id=f"req-{i}", arrival_step=arrival, prompt=prompt, max_tokens=max_tokens))
+    return out
+
+
+def configure_destination(env: Any) -> str | None:
+    """With no exporter configured, send traces to a new file in the current directory; returns its path
+    (``None`` when the environment already says where traces go, or names a file itself)."""
+    if any(env.get(var, "").strip() for var in ENDPOINT_VARS) or env.get("OTEL_TRACES_EXPORTER", "").strip():
+        return None
+    env["OTEL_TRACES_EXPORTER"] = "none"
+    if env.get("OTEL_NPU_TRACES_FILE", "").strip():
+        return None
+    path = f"otel-npu-traces-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    env["OTEL_NPU_TRACES_FILE"] = path
+    return path
+
+
+def describe_destinations(env: Any) -> list[str]:
+    """Where the demo's traces went, as the environment configured it."""
+    from otel_npu import telemetry
+
+    out = []
+    exporters = telemetry.exporters_from_env(env)
+    if "otlp" in exporters:
+        protocol = telemetry.protocol_from_env(env)
+        traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+        base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+        if traces:
+            endpoint = traces
+        elif base:
+            endpoint = base if protocol == "grpc" else base.rstrip("/") + "/v1/traces"
+        else:
+            endpoint = "http://localhost:4317" if protocol == "grpc" else "http://localhost:4318/v1/traces"
+        out.append(f"exported over OTLP ({protocol}) to {endpoint}")
+    if "console" in exporters:
+        out.append("printed on stdout (OTEL_TRACES_EXPORTER=console)")
+    path = env.get("OTEL_NPU_TRACES_FILE", "").strip()
+    if path:
+        out.append(f"written to {path}")
+    return out
+
+
+class _Collect(SpanProcessor):
+    """A span processor keeping every finished span, for the closing table (runs on the resolver thread
+    for otel-npu's spans: it only appends)."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+
+    def on_end(self, span: Any) -> None:
+        self.spans.append(span)
+
+
+def _log_through(write: Any) -> None:
+    """Send log lines (otel-npu's warnings, the duration lines) through ``write`` so that they do not
+    break the progress bar; only when the application has not configured logging itself."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                write(self.format(record))
+            except Exception:  # pragma: no cover - logging must never raise into the loop
+                self.handleError(record)
+
+    handler = Handler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def run(args: argparse.Namespace) -> int:
+    env = os.environ
+    started = time.monotonic()
+    file_path = configure_destination(env)
+    env.setdefault("OTEL_SERVICE_NAME", "otel-npu-demo")
+
+    from tqdm import tqdm
+
+    _log_through(lambda line: tqdm.write(line, file=sys.stderr))
+
+    import otel_npu
+    from otel_npu import devices, telemetry
+    from otel_npu.cli import tracefile
+
+    try:
+        backend, passed_over = devices.select(args.device)
+    except devices.DeviceUnavailable as exc:
+        print(f"otel-npu demo: --device {args.device} is not usable here: {exc}", file=sys.stderr)
+        return 2
+    kind, device_label = backend.kind, backend.label()
+    backend.close()
+
+    import torch
+    import transformers
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+
+    transformers.logging.set_verbosity_error()
+    layers, hidden, intermediate, heads, kv_heads, vocab = MODEL_SIZES[args.model_size]
+
+    provider = telemetry.tracer_provider_from_env()
+    collected = _Collect()
+    provider.add_span_processor(collected)
+    trace.set_tracer_provider(provider)
+    tracer = provider.get_tracer("otel_npu.demo", otel_npu.__version__)
+    otel_npu.configure(enabled=True, device=kind, pipeline="auto")
+
+    torch.manual_seed(args.seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096)
+    model = transformers.LlamaForCausalLM(config).to(device_label).eval()
+    params = sum(p.numel() for p in model.parameters())
+    cache_kw = "cache" if "cache" in _parameters(model.model.forward) else "past_key_values"
+
+    print(f"otel-npu demo: Llama-style model ({layers} layers, hidden {hidden}, vocab {vocab}, "
+          f"{params / 1e6:.1f} M parameters, random weights), {args.requests} requests, up to {args.steps} steps, "
+          f"device {device_label}")
+    if kind == "cpu":
+        skipped = "; ".join(passed_over)
+        print("  CPU backend: stage times are host times (the CPU is the device); on an NPU or GPU they come "
+              "from device events." + (f"\n  ({skipped})" if skipped and args.device == "auto" else ""))
+    sys.stdout.flush()
+
+    def forward(input_ids: Any, cache: Any) -> Any:
+        return model.model(input_ids=input_ids, use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]
+
+    with torch.inference_mode():
+        forward(torch.tensor([[1, 2, 3]], device=device_label), transformers.DynamicCache(config=config))  # warm-up, outside any step
+        hooks = otel_npu.instrument_module(model.model, depth=2) if args.per_layer else None
+
+        rng = random.Random(args.seed)
+        waiting = plan_requests(args.requests, args.steps, vocab, rng)
+        running: list[Request] = []
+        finished: list[Request] = []
+        kinds = {"Prefill": 0, "Decode": 0}
+        loop_start = time.monotonic()
+        bar = tqdm(total=args.steps, unit="step", disable=True if args.no_progress else None, file=sys.stderr,
+                   dynamic_ncols=True)
+        step_no = 0
+        for step_no in range(args.steps):
+            while waiting and waiting[0].arrival_step <= step_no:
+                req = waiting.pop(0)
+                req.arrival_ns = time.time_ns()
+                req.cache = transformers.DynamicCache(config=config)
+                req.span = tracer.start_span(
+                    "llm_request", context=otel_context.Context(), kind=SpanKind.SERVER,
+                    start_time=req.arrival_ns, attributes={
+                        "gen_ai.request.id": req.id, "gen_ai.response.model": f"llama-{args.model_size}-random",
+                        "gen_ai.request.max_tokens": req.max_tokens,
+                        "gen_ai.usage.prompt_tokens": len(req.prompt)})
+                running.append(req)
+            if not running:
+                if not waiting:
+                    break
+                bar.update(1)
+                continue
+            batch = list(running)
+            step_kind = "Decode" if all(r.output for r in batch) else "Prefill"
+            kinds[step_kind] += 1
+            with otel_npu.step(step_kind, links=[r.span for r in batch],
+                               attributes={"demo.batch_size": len(batch)}):
+                with otel_npu.capture("prepare input"):
+                    inputs = [torch.tensor([r.output[-1:] if r.output else r.prompt], device=device_label)
+                              for r in batch]
+                with otel_npu.capture("forward"):
+                    last_hidden = [forward(ids, r.cache) for ids, r in zip(inputs, batch)]
+                with otel_npu.capture("post process"):
+                    logits = model.lm_head(torch.cat(last_hidden))
+                with otel_npu.capture("sample"):
+                    next_tokens = logits.argmax(dim=-1)
+            tokens = next_tokens.tolist()  # the loop's own wait for the device, as a serving engine has one
+            now = time.time_ns()
+            for req, token in zip(batch, tokens):
+                if not req.output:
+                    req.first_token_ns = now
+                req.output.append(token)
+                if len(req.output) >= req.max_tokens:
+                    _finish(req, now, "length")
+                    running.remove(req)
+                    finished.append(req)
+            bar.update(1)
+            bar.set_postfix(running=len(running), done=len(finished), refresh=False)
+            if not running and not waiting:
+                break
+        if bar.n < args.steps:  # every request finished before --steps ran out
+            bar.total = bar.n
+            bar.refresh()
+        bar.close()
+        for req in running:  # --steps ran out first
+            _finish(req, time.time_ns(), "steps")
+            finished.append(req)
+        loop_s = time.monotonic() - loop_start
+        if hooks is not None:
+            hooks.remove()
+
+    delivered = otel_npu.flush(10.0)
+    stats = otel_npu.stats()
+    otel_npu.shutdown(5.0)
+    provider.force_flush(10_000)
+    provider.shutdown()
+
+    records = [tracefile.from_readable(s) for s in collected.spans]
+    tokens_out = sum(len(r.output) for r in finished)
+    print(f"served {len(finished)} requests ({tokens_out} tokens) in {kinds['Prefill'] + kinds['Decode']} steps "
+          f"({kinds['Prefill']} Prefill, {kinds['Decode']} Decode) in {loop_s:.1f} s; "
+          f"{len(records)} spans")
+    print()
+    print(f"Stage times on {device_label} (ms; share = of the summed step time of that kind):")
+    print(tracefile.format_table(tracefile.stage_rows(records)))
+    print()
+    lost = stats.get("dropped_total", 0)
+    if lost or not delivered:
+        print(f"otel-npu lost {lost} captures/spans: {stats.get('dropped')}" if lost else
+              "otel-npu: not everything was delivered within the flush time-out")
+    places = describe_destinations(env)
+    print("Traces " + (" and ".join(places) if places else "went nowhere (no exporter configured)") + ".")
+    target = file_path or env.get("OTEL_NPU_TRACES_FILE", "").strip()
+    if target:
+        print(f"  otel-npu summary {target}")
+        print(f"  otel-npu chrome-trace {target} -o trace.json   # open in https://ui.perfetto.dev or "
+              "chrome://tracing")
+    print(f"({time.monotonic() - started:.1f} s in all)")
+    return 0
+
+
+def _finish(req: Request, now: int, reason: str) -> None:
+    req.span.set_attributes({
+        "gen_ai.usage.completion_tokens": len(req.output),
+        "gen_ai.response.finish_reasons": [reason],
+        "gen_ai.latency.time_to_first_token": (req.first_token_ns - req.arrival_ns) / 1e9 if req.output else 0.0,
+        "gen_ai.latency.e2e": (now - req.arrival_ns) / 1e9,
+    })
+    req.span.end(end_time=now)
+    req.cache = None
+
+
+def _parameters(fn: Any) -> Any:
+    import inspect
+
+    try:
+        return inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}

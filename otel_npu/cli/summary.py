@@ -1,0 +1,42 @@
+"""``otel-npu summary FILE``: the per-stage table of a traces file, per step kind."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+HELP = "per-stage table (count, mean, p50, p99 ms, share of step time) of a traces file, per step kind"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="traces file: OTLP/JSON lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import tracefile
+
+    spans = tracefile.read_or_report(args.file, "summary")
+    if spans is None:
+        return 2
+    print(describe(spans, args.file))
+    print()
+    print(tracefile.format_table(tracefile.stage_rows(spans)))
+    return 0
+
+
+def describe(spans: list, path: str) -> str:
+    """One paragraph: how many spans, steps per kind, devices, and the application's own spans."""
+    from . import tracefile
+
+    forest = tracefile.Forest(spans)
+    kinds = collections.Counter(s.name for s in forest.steps)
+    devices = sorted({str(s.attributes[tracefile.DEVICE_ATTR]) for s in spans if s.is_otel_npu})
+    others = collections.Counter(s.name for s in spans if not s.is_otel_npu)
+    text = (f"{path}: {len(spans)} spans; {sum(kinds.values())} steps ("
+            + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + ")"
+            + (f" on {', '.join(devices)}" if devices else "; no otel-npu spans"))
+    if others:
+        text += "; other spans: " + ", ".join(f"{n} {name}" for name, n in others.most_common(5))
+    if "cpu" in devices:
+        text += "\n(cpu: stage times are host times; on an NPU or GPU they come from device events)"
+    return text

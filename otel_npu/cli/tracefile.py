@@ -1,0 +1,374 @@
+"""Reading a traces file, and the per-stage table made from its spans.
+
+The file is what ``OTEL_NPU_TRACES_FILE`` (and the demo) write, and what the OpenTelemetry Collector's
+``file`` exporter writes: OTLP/JSON lines, one ``ExportTraceServiceRequest`` per line, trace and span ids in
+hex, enums as integers, 64-bit integers as strings (or numbers). Anything else is refused with a
+``TraceFileError`` that names the file and the line.
+
+Spans become ``Span`` records, which the demo also makes from the SDK's ``ReadableSpan`` objects (so that
+its closing table and ``otel-npu summary`` of its file are computed the same way).
+
+How a step is recognised: an otel-npu span (it has ``otel_npu.device``) without ``otel_npu.step`` whose
+descendants carry ``otel_npu.step`` equal to its name. The stages of a step are its descendants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any, Iterable, Iterator
+
+DEVICE_ATTR = "otel_npu.device"
+STEP_ATTR = "otel_npu.step"
+STREAM_ATTR = "otel_npu.stream"
+HOST_START_ATTR = "otel_npu.host_start_unix_nano"
+
+_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+_HEX16 = re.compile(r"[0-9a-f]{16}\Z")
+
+
+class TraceFileError(ValueError):
+    """A traces file that cannot be read; the message names the file and the line."""
+
+    def __init__(self, path: str, line: int | None, message: str) -> None:
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.line = line
+
+
+@dataclasses.dataclass
+class Span:
+    """One span, as much of it as the summary and the Chrome trace need. Ids are lower-case hex."""
+
+    trace_id: str
+    span_id: str
+    parent_id: str  # "" for a root span
+    name: str
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Any]
+    resource: dict[str, Any]
+    links: list[tuple[str, str]]  # (trace_id, span_id)
+    status_code: int = 0  # 0 unset, 1 ok, 2 error
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e6
+
+    @property
+    def is_otel_npu(self) -> bool:
+        return DEVICE_ATTR in self.attributes
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+
+def read(path: str) -> list[Span]:
+    """All spans in the OTLP/JSON lines file ``path``. Raises ``TraceFileError`` (file and line named) for a
+    file that cannot be opened, a line that is not JSON (a cut-short last line says so) or not an
+    ``ExportTraceServiceRequest``, and for a file without any span. Blank lines are skipped."""
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise TraceFileError(path, None, f"cannot be opened: {exc.strerror or exc}") from None
+    spans: list[Span] = []
+    with handle:
+        raw_lines = handle.read().split(b"\n")
+    for number, raw in enumerate(raw_lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TraceFileError(path, number, f"not UTF-8 text (byte {exc.start}): not an OTLP/JSON traces "
+                                 "file") from None
+        try:
+            message = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated"):
+                raise TraceFileError(path, number, "the line is cut short: it ends inside a JSON value (the file "
+                                     "was truncated, or was still being written)") from None
+            raise TraceFileError(path, number, f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+        try:
+            spans.extend(_spans_of_request(message))
+        except _BadLine as exc:
+            raise TraceFileError(path, number, f"not an OTLP/JSON ExportTraceServiceRequest: {exc}") from None
+    if not spans:
+        raise TraceFileError(path, None, "contains no spans")
+    return spans
+
+
+def read_or_report(path: str, command: str) -> list[Span] | None:
+    """``read(path)``, or ``None`` after printing ``otel-npu COMMAND: FILE:LINE: problem`` on stderr."""
+    import sys
+
+    try:
+        return read(path)
+    except TraceFileError as exc:
+        print(f"otel-npu {command}: {exc}", file=sys.stderr)
+        return None
+
+
+class _BadLine(Exception):
+    pass
+
+
+def _expect(value: Any, kind: type, what: str) -> Any:
+    if not isinstance(value, kind):
+        raise _BadLine(f"{what} should be a JSON {_KIND_NAMES[kind]}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+_KIND_NAMES = {dict: "object", list: "array", str: "string"}
+
+
+def _spans_of_request(message: Any) -> Iterator[Span]:
+    _expect(message, dict, "the line")
+    if "resourceSpans" not in message:
+        raise _BadLine(f"no \"resourceSpans\" (keys: {', '.join(list(message)[:5]) or 'none'})")
+    for i, rs in enumerate(_expect(message["resourceSpans"], list, "resourceSpans")):
+        where = f"resourceSpans[{i}]"
+        _expect(rs, dict, where)
+        resource = _attributes(_expect(rs.get("resource", {}), dict, f"{where}.resource").get("attributes", []),
+                               f"{where}.resource.attributes")
+        for j, ss in enumerate(_expect(rs.get("scopeSpans", []), list, f"{where}.scopeSpans")):
+            _expect(ss, dict, f"{where}.scopeSpans[{j}]")
+            for k, span in enumerate(_expect(ss.get("spans", []), list, f"{where}.scopeSpans[{j}].spans")):
+                yield _span(span, resource, f"{where}.scopeSpans[{j}].spans[{k}]")
+
+
+def _span(obj: Any, resource: dict[str, Any], where: str) -> Span:
+    _expect(obj, dict, where)
+    links = []
+    for n, link in enumerate(_expect(obj.get("links", []), list, f"{where}.links")):
+        _expect(link, dict, f"{where}.links[{n}]")
+        links.append((_id(link, "traceId", _HEX32, f"{where}.links[{n}]"),
+                      _id(link, "spanId", _HEX16, f"{where}.links[{n}]")))
+    start, end = _nanos(obj, "startTimeUnixNano", where), _nanos(obj, "endTimeUnixNano", where)
+    status = obj.get("status") or {}
+    return Span(
+        trace_id=_id(obj, "traceId", _HEX32, where),
+        span_id=_id(obj, "spanId", _HEX16, where),
+        parent_id=_id(obj, "parentSpanId", _HEX16, where, optional=True),
+        name=_expect(obj.get("name", ""), str, f"{where}.name"),
+        start_ns=start,
+        end_ns=end,
+        attributes=_attributes(obj.get("attributes", []), f"{where}.attributes"),
+        resource=resource,
+        links=links,
+        status_code=int(status.get("code", 0)) if isinstance(status, dict) else 0,
+    )
+
+
+def _id(obj: dict, key: str, pattern: re.Pattern, where: str, optional: bool = False) -> str:
+    value = obj.get(key, "")
+    if optional and value == "":
+        return ""
+    if not isinstance(value, str) or not pattern.match(value.lower()):
+        size = 32 if pattern is _HEX32 else 16
+        raise _BadLine(f"{where}.{key} should be {size} hex digits (OTLP/JSON ids are hex), got {value!r:.60}")
+    return value.lower()
+
+
+def _nanos(obj: dict, key: str, where: str) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _BadLine(f"{where}.{key} is missing or not an integer: {value!r:.60}")
+    try:
+        return int(value)
+    except ValueError:
+        raise _BadLine(f"{where}.{key} is not an integer: {value!r:.60}") from None
+
+
+def _attributes(items: Any, where: str) -> dict[str, Any]:
+    out = {}
+    for n, kv in enumerate(_expect(items, list, where)):
+        _expect(kv, dict, f"{where}[{n}]")
+        out[_expect(kv.get("key"), str, f"{where}[{n}].key")] = _any_value(kv.get("value", {}), f"{where}[{n}]")
+    return out
+
+
+def _any_value(value: Any, where: str) -> Any:
+    _expect(value, dict, f"{where}.value")
+    if "stringValue" in value:
+        return value["stringValue"]
+    if "boolValue" in value:
+        return bool(value["boolValue"])
+    if "intValue" in value:
+        try:
+            return int(value["intValue"])
+        except (TypeError, ValueError):
+            raise _BadLine(f"{where}.value.intValue is not an integer: {value['intValue']!r:.60}") from None
+    if "doubleValue" in value:
+        return float(value["doubleValue"])
+    if "arrayValue" in value:
+        return [_any_value(v, where) for v in (value["arrayValue"] or {}).get("values", [])]
+    return None  # kvlist/bytes/empty: not used by the summary
+
+
+def from_readable(span: Any) -> Span:
+    """A ``Span`` record of an SDK ``ReadableSpan`` (the demo's in-process view of what it exports)."""
+    ctx = span.context
+    parent = span.parent
+    return Span(
+        trace_id=f"{ctx.trace_id:032x}",
+        span_id=f"{ctx.span_id:016x}",
+        parent_id=f"{parent.span_id:016x}" if parent is not None else "",
+        name=span.name,
+        start_ns=span.start_time,
+        end_ns=span.end_time,
+        attributes=dict(span.attributes or {}),
+        resource=dict(span.resource.attributes) if span.resource is not None else {},
+        links=[(f"{link.context.trace_id:032x}", f"{link.context.span_id:016x}") for link in span.links],
+        status_code=int(span.status.status_code.value) if span.status is not None else 0,
+    )
+
+
+# -- structure -------------------------------------------------------------------------------------------
+
+class Forest:
+    """Spans indexed by id, with children lists and the steps among them."""
+
+    def __init__(self, spans: Iterable[Span]) -> None:
+        self.spans = list(spans)
+        self.by_id = {(s.trace_id, s.span_id): s for s in self.spans}
+        self.children: dict[tuple[str, str], list[Span]] = {}
+        for s in self.spans:
+            if s.parent_id:
+                self.children.setdefault((s.trace_id, s.parent_id), []).append(s)
+        for kids in self.children.values():
+            kids.sort(key=lambda s: (s.start_ns, -s.end_ns))
+        self.steps = [s for s in self.spans if self.is_step(s)]
+
+    def kids(self, span: Span) -> list[Span]:
+        return self.children.get((span.trace_id, span.span_id), [])
+
+    def parent(self, span: Span) -> Span | None:
+        return self.by_id.get((span.trace_id, span.parent_id)) if span.parent_id else None
+
+    def is_step(self, span: Span) -> bool:
+        if not span.is_otel_npu or STEP_ATTR in span.attributes:
+            return False
+        return any(k.attributes.get(STEP_ATTR) == span.name for k in self.kids(span))
+
+    def descendants(self, span: Span) -> Iterator[Span]:
+        """Children before their own children, siblings by start time."""
+        for kid in self.kids(span):
+            yield kid
+            yield from self.descendants(kid)
+
+
+# -- the per-stage table ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Row:
+    step_kind: str
+    stage: str  # "(step)" for the step spans themselves
+    depth: int  # 0: the step; 1: its stages; 2: captures inside those...
+    durations_ms: list[float]
+    share: float  # of the summed step time of this kind
+
+    @property
+    def count(self) -> int:
+        return len(self.durations_ms)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.durations_ms) / len(self.durations_ms)
+
+    def percentile(self, q: float) -> float:
+        """Nearest-rank percentile (``q`` in 0..100): a value that occurred."""
+        ordered = sorted(self.durations_ms)
+        rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+        return ordered[rank - 1]
+
+
+def stage_rows(spans: Iterable[Span]) -> list[Row]:
+    """Per step kind (in order of first appearance): the step row, then its stages in the order they first
+    ran, each followed by the captures nested in it. Stages with the same name at the same place (``forward``
+    of every Decode step) are one row. Captures outside any step form the kind ``(no step)``."""
+    forest = Forest(spans)
+    rows: dict[tuple[str, tuple[str, ...]], Row] = {}
+    step_total: dict[str, float] = {}
+
+    def add(kind: str, path: tuple[str, ...], ms: float) -> None:
+        row = rows.get((kind, path))
+        if row is None:
+            row = rows[(kind, path)] = Row(kind, path[-1] if len(path) > 1 else "(step)", len(path) - 1, [], 0.0)
+        row.durations_ms.append(ms)
+
+    for step in sorted(forest.steps, key=lambda s: s.start_ns):
+        step_total[step.name] = step_total.get(step.name, 0.0) + step.duration_ms
+        add(step.name, (step.name,), step.duration_ms)
+        paths = {(step.trace_id, step.span_id): (step.name,)}
+        for span in forest.descendants(step):
+            path = paths[(span.trace_id, span.span_id)] = paths[(span.trace_id, span.parent_id)] + (span.name,)
+            add(step.name, path, span.duration_ms)
+
+    in_steps = {(s.trace_id, s.span_id) for step in forest.steps for s in forest.descendants(step)}
+    loose = [s for s in forest.spans if s.is_otel_npu and not forest.is_step(s)
+             and (s.trace_id, s.span_id) not in in_steps]
+    loose_ids = {(s.trace_id, s.span_id) for s in loose}
+    for span in sorted(loose, key=lambda s: s.start_ns):
+        names = [span.name]
+        up = forest.parent(span)
+        while up is not None and (up.trace_id, up.span_id) in loose_ids:
+            names.append(up.name)
+            up = forest.parent(up)
+        add("(no step)", ("(no step)",) + tuple(reversed(names)), span.duration_ms)
+
+    ordered = _tree_order(rows)
+    for row in ordered:
+        total = step_total.get(row.step_kind)
+        row.share = sum(row.durations_ms) / total if total else float("nan")
+    return ordered
+
+
+def _tree_order(by_key: dict[tuple[str, tuple[str, ...]], Row]) -> list[Row]:
+    """Rows grouped by kind, each child right after its parent, siblings in order of first appearance."""
+    keys = list(by_key)
+    first_seen = {key: n for n, key in enumerate(keys)}
+    children: dict[tuple[str, tuple[str, ...]], list[tuple[str, tuple[str, ...]]]] = {}
+    roots: list[tuple[str, tuple[str, ...]]] = []
+    for key in keys:
+        kind, path = key
+        parent = (kind, path[:-1])
+        if len(path) > 1 and parent in by_key:
+            children.setdefault(parent, []).append(key)
+        else:
+            roots.append(key)
+    out: list[Row] = []
+
+    def walk(key: tuple[str, tuple[str, ...]]) -> None:
+        out.append(by_key[key])
+        for child in sorted(children.get(key, []), key=first_seen.__getitem__):
+            walk(child)
+
+    kinds = list(dict.fromkeys(kind for kind, _ in keys))
+    for kind in kinds:
+        for key in sorted((k for k in roots if k[0] == kind), key=first_seen.__getitem__):
+            walk(key)
+    return out
+
+
+def format_table(rows: list[Row]) -> str:
+    """The per-stage table as text: count, mean, p50, p99 (ms) and share of the step time of its kind."""
+    if not rows:
+        return "no otel-npu spans found"
+    width = max(len("stage"), *(len(r.stage) + 2 * r.depth for r in rows))
+    kind_width = max(len("step kind"), *(len(r.step_kind) for r in rows))
+    head = (f"{'step kind':<{kind_width}}  {'stage':<{width}}  {'count':>6}  {'mean':>8}  {'p50':>8}  "
+            f"{'p99':>8}  {'share':>6}")
+    lines = [head, "-" * len(head)]
+    last_kind = None
+    for r in rows:
+        kind = r.step_kind if r.step_kind != last_kind else ""
+        if r.step_kind != last_kind and last_kind is not None:
+            lines.append("")
+        last_kind = r.step_kind
+        share = "" if math.isnan(r.share) else f"{100 * r.share:5.1f}%"
+        lines.append(f"{kind:<{kind_width}}  {'  ' * r.depth + r.stage:<{width}}  {r.count:>6}  {r.mean:>8.3f}  "
+                     f"{r.percentile(50):>8.3f}  {r.percentile(99):>8.3f}  {share:>6}")
+    return "\n".join(lines)

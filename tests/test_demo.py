@@ -1,0 +1,179 @@
+"""``otel-npu demo`` end to end (a real transformers Llama on the CPU), and summary / chrome-trace on its file.
+
+One demo run (a subprocess: the demo installs its TracerProvider globally, as an application does) is
+shared by the tests of this module.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from otel_npu.cli import chrome_trace, demo, tracefile
+
+pytest.importorskip("transformers", reason="the demo extra is not installed: pip install -e '.[demo]'")
+
+STEPS, REQUESTS = 12, 4
+STAGES = ["prepare input", "forward", "post process", "sample"]
+
+
+def otel_npu_cli(*args: str, cwd, env=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "otel_npu", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_ASCEND"))}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("demo")
+    done = otel_npu_cli("demo", "--device", "cpu", "--model-size", "tiny", "--steps", str(STEPS), "--requests",
+                        str(REQUESTS), "--per-layer", "--no-progress", cwd=cwd,
+                        env=clean_env(OTEL_NPU_LOG_DURATIONS="1"))
+    assert done.returncode == 0, done.stderr
+    files = list(cwd.glob("otel-npu-traces-*.jsonl"))
+    assert len(files) == 1, files
+    return done, files[0], tracefile.read(str(files[0]))
+
+
+def test_demo_writes_its_traces_to_the_file_it_names(run):
+    done, path, _ = run
+    assert f"Traces written to {path.name}." in done.stdout
+    assert f"otel-npu summary {path.name}" in done.stdout
+    assert "CPU backend: stage times are host times" in done.stdout
+
+
+def test_every_request_has_its_own_trace_and_steps_link_to_their_requests(run):
+    _, _, spans = run
+    forest = tracefile.Forest(spans)
+    requests = [s for s in spans if s.name == "llm_request"]
+    assert len(requests) == REQUESTS
+    assert len({r.trace_id for r in requests}) == REQUESTS and all(not r.parent_id for r in requests)
+    request_ids = {(r.trace_id, r.span_id) for r in requests}
+    kinds = collections.Counter(s.name for s in forest.steps)
+    assert set(kinds) == {"Prefill", "Decode"} and sum(kinds.values()) <= STEPS
+    for step in forest.steps:
+        assert step.links and set(step.links) <= request_ids
+        assert [k.name for k in forest.kids(step)] == STAGES
+        assert step.attributes["demo.batch_size"] == len(step.links)
+    # requests are admitted over time: some Prefill step also decodes requests admitted earlier
+    assert any(s.name == "Prefill" and len(s.links) > 1 for s in forest.steps)
+    for request in requests:  # its first step is a Prefill; each step it is in gives it one token
+        served = sorted((s for s in forest.steps if (request.trace_id, request.span_id) in s.links),
+                        key=lambda s: s.start_ns)
+        assert served[0].name == "Prefill"
+        assert len(served) == request.attributes["gen_ai.usage.completion_tokens"]
+        assert request.start_ns <= served[0].start_ns and served[-1].end_ns <= request.end_ns
+
+
+def test_per_layer_captures_nest_under_forward(run):
+    _, _, spans = run
+    forest = tracefile.Forest(spans)
+    forward = next(s for s in spans if s.name == "forward")
+    layer_names = [k.name for k in forest.kids(forward)]
+    assert {"embed_tokens", "layers.0", "layers.1", "norm"} <= set(layer_names)
+    layer = next(k for k in forest.kids(forward) if k.name == "layers.1")
+    assert {"layers.1.self_attn", "layers.1.mlp"} <= {k.name for k in forest.kids(layer)}
+    assert layer.attributes["otel_npu.module"] == "LlamaDecoderLayer"
+
+
+def test_duration_lines_are_the_seeds_format(run):
+    done, _, spans = run
+    lines = [line for line in done.stderr.splitlines() if line.startswith("Profile execute duration")]
+    steps = tracefile.Forest(spans).steps
+    assert len(lines) == len(steps)
+    pattern = re.compile(r"Profile execute duration \[(Prefill|Decode)\]:( \[[^\]]+\]:\d+\.\d\dms)+$")
+    assert all(pattern.match(line) for line in lines), lines[:2]
+    assert all("[prepare input]:" in line and "[sample]:" in line for line in lines)
+
+
+def test_the_demo_table_and_summary_of_its_file_agree(run, tmp_path):
+    done, path, spans = run
+    summary = otel_npu_cli("summary", str(path), cwd=tmp_path)
+    assert summary.returncode == 0, summary.stderr
+    table = tracefile.format_table(tracefile.stage_rows(spans))
+    assert table in done.stdout and table in summary.stdout
+    forest = tracefile.Forest(spans)
+    for kind in ("Prefill", "Decode"):
+        row = next(r for r in tracefile.stage_rows(spans) if r.step_kind == kind and r.stage == "forward")
+        steps = [s for s in forest.steps if s.name == kind]
+        assert row.count == len(steps)
+        forwards = [k for s in steps for k in forest.kids(s) if k.name == "forward"]
+        assert row.share == pytest.approx(sum(f.duration_ms for f in forwards) / sum(s.duration_ms for s in steps))
+
+
+def test_chrome_trace_has_a_track_per_stream_and_the_host_nested_stages_and_request_arrows(run, tmp_path):
+    _, path, spans = run
+    out = tmp_path / "trace.json"
+    done = otel_npu_cli("chrome-trace", str(path), "-o", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    events = json.loads(out.read_text())["traceEvents"]
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert "cpu thread:MainThread" in names.values() and "host (capture points)" in names.values()
+    slices = [e for e in events if e["ph"] == "X"]
+    assert len(slices) == len(spans)
+    by_track = collections.defaultdict(list)
+    for e in slices:
+        by_track[(e["pid"], e["tid"])].append((e["ts"], e["ts"] + e["dur"]))
+    for track, intervals in by_track.items():  # a track's slices nest or are disjoint (1 ns of rounding)
+        for a0, a1 in intervals:
+            for b0, b1 in intervals:
+                assert a1 <= b0 + 0.001 or b1 <= a0 + 0.001 or (a0 <= b0 and b1 <= a1 + 0.001) or \
+                    (b0 <= a0 and a1 <= b1 + 0.001), (names[track], (a0, a1), (b0, b1))
+    otel = [s for s in spans if s.is_otel_npu]
+    assert sum(e["ph"] == "i" for e in events) == len(otel)
+    starts = {e["id"]: e for e in events if e["ph"] == "s"}
+    ends = {e["id"]: e for e in events if e["ph"] == "f"}
+    assert set(starts) == set(ends) and len(starts) == sum(len(s.links) for s in tracefile.Forest(spans).steps)
+    for flow_id, start in starts.items():
+        assert names[(start["pid"], start["tid"])].startswith("requests ")
+        assert any(e["ts"] <= start["ts"] <= e["ts"] + e["dur"] and e["name"] == "llm_request"
+                   for e in slices if (e["pid"], e["tid"]) == (start["pid"], start["tid"]))
+        end = ends[flow_id]
+        assert any(e["ts"] == end["ts"] and e["cat"] == "step" for e in slices
+                   if (e["pid"], e["tid"]) == (end["pid"], end["tid"]))
+
+
+def test_explicit_device_that_is_missing_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = otel_npu_cli("demo", "--device", "cuda", cwd=tmp_path, env=clean_env())
+    assert done.returncode == 2
+    assert "--device cuda is not usable here" in done.stderr
+    assert not list(tmp_path.glob("*.jsonl"))
+
+
+def test_destination_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env: dict[str, str] = {}
+    path = demo.configure_destination(env)
+    assert env == {"OTEL_TRACES_EXPORTER": "none", "OTEL_NPU_TRACES_FILE": path}
+    assert path.startswith("otel-npu-traces-") and path.endswith(".jsonl")
+    assert demo.describe_destinations(env) == [f"written to {path}"]
+
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    assert demo.configure_destination(env) is None and "OTEL_NPU_TRACES_FILE" not in env
+    assert demo.describe_destinations(env) == ["exported over OTLP (http/protobuf) to http://collector:4318/v1/traces"]
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    assert demo.describe_destinations(env) == ["exported over OTLP (grpc) to http://collector:4317"]
+
+    env = {"OTEL_NPU_TRACES_FILE": "mine.jsonl"}
+    assert demo.configure_destination(env) is None and env["OTEL_TRACES_EXPORTER"] == "none"
+
+
+def test_chrome_trace_builder_needs_no_file(run):
+    _, _, spans = run
+    document = chrome_trace.build(spans, source="x.jsonl")
+    assert document["otherData"]["origin_unix_nano"] == str(min(s.start_ns for s in spans))

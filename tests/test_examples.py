@@ -1,0 +1,31 @@
+"""examples/ stays in sync: each example runs, and what it says it does shows in its traces file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from otel_npu.cli import tracefile
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_model_runner_links_steps_to_requests_from_their_traceparent(tmp_path):
+    out = tmp_path / "runner.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(OTEL_NPU_TRACES_FILE=str(out), OTEL_TRACES_EXPORTER="none", OTEL_NPU_DEVICE="cpu")
+    done = subprocess.run([sys.executable, str(EXAMPLES / "model_runner.py")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"traces: {out}" in done.stdout
+    spans = tracefile.read(str(out))
+    requests = [s for s in spans if s.name == "llm_request"]
+    # each request span continues the caller's trace from its traceparent
+    assert sorted(r.trace_id for r in requests) == [f"{0xABC000 + i:032x}" for i in range(3)]
+    assert sorted(r.parent_id for r in requests) == [f"{0xDEF000 + i:016x}" for i in range(3)]
+    steps = tracefile.Forest(spans).steps
+    assert [s.name for s in sorted(steps, key=lambda s: s.start_ns)] == ["Prefill", "Decode", "Decode", "Decode"]
+    for step in steps:
+        assert sorted(step.links) == sorted((r.trace_id, r.span_id) for r in requests)
