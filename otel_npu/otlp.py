@@ -111,6 +111,7 @@ class SpanEncoder:
         self._lead = _double_attr_prefix(_spans.ATTR_HOST_LEAD)
         self._error = _double_attr_prefix(_spans.ATTR_CLOCK_ERROR)
         self._timed_out = field(9, key_value(_spans.ATTR_TIMED_OUT, True))
+        self._step_kind = field(9, key_value(_spans.ATTR_KIND, "step"))
         resource_body = attributes(1, getattr(resource, "attributes", {}) or {})
         schema = getattr(resource, "schema_url", "") or ""
         self._resource = field(1, resource_body) + (field(3, schema.encode()) if schema else b"")
@@ -175,7 +176,10 @@ class SpanEncoder:
         else:
             out.append(_STATUS_UNSET)
         if r.is_step:
-            for ctx in f.links(r):
+            links = f.links(r)
+            out.append(self._step_kind)
+            out.append(field(9, key_value(_spans.ATTR_LINKS, len(links))))
+            for ctx in links:
                 link = (b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big") + b"\x12\x08" + ctx.span_id.to_bytes(8, "big")
                         + (field(3, ctx.trace_state.to_header().encode()) if ctx.trace_state else b"")
                         + (_LINK_FLAGS_REMOTE if ctx.is_remote else _LINK_FLAGS_LOCAL))

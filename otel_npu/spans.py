@@ -33,6 +33,8 @@ _log = logging.getLogger("otel_npu")
 ATTR_DEVICE = "otel_npu.device"              # "npu:0", "cuda:0", "cpu"
 ATTR_STREAM = "otel_npu.stream"              # the device stream (CPU: the thread)
 ATTR_STEP = "otel_npu.step"                  # name of the enclosing step, if any
+ATTR_KIND = "otel_npu.kind"                  # "step" on step spans (captures leave it out)
+ATTR_LINKS = "otel_npu.batch_size"           # on step spans: how many requests the step linked
 # How far the host ran ahead of the device: device start - the host's entry into the capture point. The
 # host entered at ``span start - host_lead_us``. (One small int rather than an absolute timestamp as well:
 # a 9-byte varint per span costs the resolver more than the rest of the span's attributes together.)
@@ -154,6 +156,9 @@ class SpanFactory:
         attrs[ATTR_CLOCK_ERROR] = r.clock_error_ns / 1000.0
         if r.step is not None:
             attrs[ATTR_STEP] = r.step.name
+        if r.is_step:
+            attrs[ATTR_KIND] = "step"
+            attrs[ATTR_LINKS] = len(self.links(r))
         if r.timed_out:
             attrs[ATTR_TIMED_OUT] = True
         if r.error is not None:

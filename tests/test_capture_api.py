@@ -114,6 +114,8 @@ def test_step_links_every_request_of_the_batch(provider, spans):
     step = spans.one("Decode")
     assert [link.context.span_id for link in step.links] == [r.get_span_context().span_id for r in requests]
     assert step.attributes["batch_size"] == 3
+    assert step.attributes["otel_npu.kind"] == "step" and step.attributes["otel_npu.batch_size"] == 3
+    assert "otel_npu.kind" not in spans.one("forward").attributes
     assert step.parent is None, "an engine step belongs to no single request"
     assert spans.one("forward").attributes[ATTR_STEP] == "Decode"
 

@@ -76,6 +76,8 @@ def test_spans_reach_a_real_otlp_receiver(protocol, monkeypatch, http_receiver, 
         assert attrs["otel_npu.rank"] == 3
         assert forward.start_time_unix_nano <= forward.end_time_unix_nano
     for step in by_name["Decode"]:
+        assert attributes(step.attributes)["otel_npu.kind"] == "step"
+        assert attributes(step.attributes)["otel_npu.batch_size"] == 1
         assert [(int.from_bytes(l.trace_id, "big"), int.from_bytes(l.span_id, "big")) for l in step.links] == \
             [(request_trace, request_span)]
     (prefill,) = by_name["prefill forward"]

@@ -4,8 +4,8 @@ Layout, per process (resource ``service.name`` + ``process.pid``):
 
 * one track per device stream (``otel_npu.device`` + ``otel_npu.stream``): steps and their stages as
   nested slices at their device-measured times;
-* a ``host`` track: where the host reached each capture point (``otel_npu.host_start_unix_nano``), an
-  instant per capture, with how far ahead of the device the host was;
+* a ``host`` track: where the host reached each capture point (span start − ``otel_npu.host_lead_us``),
+  an instant per capture, with how far ahead of the device the host was;
 * the application's own spans (requests: ``llm_request``) on ``requests`` tracks, one trace per lane,
   as few lanes as keep a lane's slices from overlapping;
 * a flow arrow from each request to every step linked to it (``step(links=...)``).
@@ -114,12 +114,12 @@ def build(spans: list, source: str = "") -> dict:
         events.append({"ph": "X", "name": span.name, "cat": "step" if key in steps else "stage", "pid": pid,
                        "tid": tid, "ts": us(span.start_ns), "dur": round(span.duration_ms * 1000.0, 3),
                        "args": args})
-        host_start = span.attributes.get(tracefile.HOST_START_ATTR)
-        if isinstance(host_start, int):
+        lead_us = span.attributes.get(tracefile.HOST_LEAD_ATTR)
+        if isinstance(lead_us, (int, float)) and not isinstance(lead_us, bool):
             host = tracks.tid(pid, "host", "host (capture points)", 0)
             events.append({"ph": "i", "s": "t", "name": span.name, "cat": "host", "pid": pid, "tid": host,
-                           "ts": us(host_start),
-                           "args": {"device_start_after_ms": round((span.start_ns - host_start) / 1e6, 6)}})
+                           "ts": us(span.start_ns - round(lead_us * 1000)),
+                           "args": {"device_start_after_ms": round(lead_us / 1000, 6)}})
 
     # the application's spans (requests), one trace per lane
     app = [s for s in spans if not s.is_otel_npu]

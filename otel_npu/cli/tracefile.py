@@ -8,8 +8,9 @@ hex, enums as integers, 64-bit integers as strings (or numbers). Anything else i
 Spans become ``Span`` records, which the demo also makes from the SDK's ``ReadableSpan`` objects (so that
 its closing table and ``otel-npu summary`` of its file are computed the same way).
 
-How a step is recognised: an otel-npu span (it has ``otel_npu.device``) without ``otel_npu.step`` whose
-descendants carry ``otel_npu.step`` equal to its name. The stages of a step are its descendants.
+How a step is recognised: an otel-npu span (it has ``otel_npu.device``) with ``otel_npu.kind = "step"``
+(files written before that marker existed: one without ``otel_npu.step`` whose children carry
+``otel_npu.step`` equal to its name). The stages of a step are its descendants.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import math
 import re
 from typing import Any, Iterable, Iterator
 
-DEVICE_ATTR = "otel_npu.device"
-STEP_ATTR = "otel_npu.step"
-STREAM_ATTR = "otel_npu.stream"
-HOST_START_ATTR = "otel_npu.host_start_unix_nano"
+from ..spans import ATTR_DEVICE as DEVICE_ATTR
+from ..spans import ATTR_HOST_LEAD as HOST_LEAD_ATTR
+from ..spans import ATTR_KIND as KIND_ATTR
+from ..spans import ATTR_STEP as STEP_ATTR
+from ..spans import ATTR_STREAM as STREAM_ATTR
 
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 _HEX16 = re.compile(r"[0-9a-f]{16}\Z")
@@ -249,7 +251,11 @@ class Forest:
         return self.by_id.get((span.trace_id, span.parent_id)) if span.parent_id else None
 
     def is_step(self, span: Span) -> bool:
-        if not span.is_otel_npu or STEP_ATTR in span.attributes:
+        if not span.is_otel_npu:
+            return False
+        if KIND_ATTR in span.attributes:
+            return span.attributes[KIND_ATTR] == "step"
+        if STEP_ATTR in span.attributes:
             return False
         return any(k.attributes.get(STEP_ATTR) == span.name for k in self.kids(span))
 
