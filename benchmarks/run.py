@@ -23,7 +23,7 @@ import torch
 from . import clock_accuracy
 from .alternatives import Device, SeedProfiler, SyncTimer, otel_tracer
 from .common import Report, collector, interleaved, machine_info, median, percentile, process_cpu
-from .workloads import NULL, LlamaDecode, SyntheticDecode, no_timer
+from .workloads import LlamaDecode, SyntheticDecode, no_timer
 
 STAGES = ("prepare input", "forward", "post process", "sample")
 
@@ -337,7 +337,7 @@ def capacity(report: Report, device: Device, quick: bool) -> None:
         rt = runtime.current()
         stop = threading.Event()
 
-        def producer(rate: int = rate) -> None:
+        def producer(rate: int = rate, otel_npu: Any = otel_npu, stop: threading.Event = stop) -> None:
             capture, burst = otel_npu.capture, 50
             period = burst / rate
             next_t = time.perf_counter()

@@ -62,7 +62,7 @@ class SyntheticDecode:
         """Run ``steps`` steps; return tokens per second (the device is synchronized at the end)."""
         self.device.synchronize()
         t0 = time.perf_counter()
-        for i in range(steps):
+        for _ in range(steps):
             with step("Decode"):
                 with stage("prepare input"):
                     h = self.x + self.pos

@@ -231,7 +231,7 @@ class Resolver:
         now = mono()
         taken = self._take_in()
         self._calibrate(now)
-        resolved = self._resolve_ready(now)
+        self._resolve_ready(now)
         self._refill_pool(taken)
         self._stats.report(time.monotonic())
         if self._markers:

@@ -10,7 +10,7 @@ import pytest
 
 import otel_npu
 from otel_npu import devices
-from otel_npu.devices.npu import NpuBackend, import_torch_npu
+from otel_npu.devices.npu import import_torch_npu
 from otel_npu.spans import ATTR_DEVICE
 from otel_npu.testing import SimDevice
 
@@ -62,7 +62,7 @@ def test_npu_backend_falls_back_to_elapsed_time_without_recorded_time(provider, 
     enable(provider, device="npu")
     truths = run_decode_steps(npu_sim.current_stream(), 3)
     assert otel_npu.flush(5.0)
-    for span, (start, end) in zip(spans.named("forward"), truths):
+    for span, (start, end) in zip(spans.named("forward"), truths, strict=True):
         assert abs(span.start_time - start) <= TIME_BOUND_NS and abs(span.end_time - end) <= TIME_BOUND_NS
     assert "elapsed_time" in {r.method for r in npu_sim.timing_reads()}
     assert npu_sim.timing_reads(on_thread=threading.get_ident()) == []
@@ -122,7 +122,7 @@ def test_cuda_backend_code_over_the_simulated_device(provider, spans, sim):
     enable(provider, device=backend)
     truths = run_decode_steps(sim.current_stream(), 3)
     assert otel_npu.flush(5.0)
-    for span, (start, end) in zip(spans.named("forward"), truths):
+    for span, (start, end) in zip(spans.named("forward"), truths, strict=True):
         assert span.attributes[ATTR_DEVICE] == "cuda:0"
         assert abs(span.start_time - start) <= TIME_BOUND_NS and abs(span.end_time - end) <= TIME_BOUND_NS
     assert {r.method for r in sim.timing_reads()} == {"elapsed_time"}

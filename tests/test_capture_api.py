@@ -199,7 +199,7 @@ def test_many_threads_capture_at_once_and_nest_per_thread(provider, spans):
 
     def worker(n: int) -> None:
         try:
-            for i in range(50):
+            for _ in range(50):
                 with otel_npu.capture(f"outer-{n}"):
                     with otel_npu.capture(f"inner-{n}"):
                         pass
@@ -230,7 +230,7 @@ def test_asyncio_tasks_nest_independently(provider, spans):
 
     async def request(n: int) -> None:
         with otel_npu.capture(f"req{n}"):
-            for i in range(3):
+            for _ in range(3):
                 with otel_npu.capture(f"req{n}-part"):
                     await asyncio.sleep(0.001)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 from opentelemetry.trace import StatusCode
 
 import otel_npu
@@ -140,7 +139,7 @@ def test_event_timeout_gives_an_error_span_and_does_not_hold_the_rest(provider, 
 def test_drops_at_the_pending_limit_are_counted_and_reported(provider, spans, sim, caplog_otel):
     enable(provider, device=sim, max_pending=10, poll_interval_s=30.0)
     t0 = time.perf_counter()
-    for i in range(50):
+    for _ in range(50):
         with otel_npu.capture("c"):
             pass
     assert time.perf_counter() - t0 < 1.0, "dropping must never block the capturing thread"
