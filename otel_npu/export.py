@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from .redact import last_message, redact
+
 _log = logging.getLogger("otel_npu")
 
 
@@ -88,8 +90,13 @@ def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | Non
         exporter = _PreEncodedGrpcExporter()
 
         def send_grpc(data: bytes, count: int) -> tuple[bool, str | None]:
+            last_message()  # forget an older line: the detail must be this export's
             ok = exporter.export(EncodedBatch(data, count)) == SpanExportResult.SUCCESS
-            return ok, None if ok else "the gRPC export failed (see the exporter's log)"
+            if ok:
+                return True, None
+            # The gRPC exporter reports why only in its log; on otel-npu's threads that line is held back
+            # (redact.py) and used here, so that the one warning says why.
+            return False, last_message() or "the gRPC export failed"
 
         send_grpc.shutdown = exporter.shutdown  # type: ignore[attr-defined]
         send_grpc.endpoint = getattr(exporter, "_endpoint", "?")  # type: ignore[attr-defined]
@@ -107,8 +114,9 @@ def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | Non
         result = client.export(data)
         if result.success:
             return True, None
-        detail = result.reason or (type(result.error).__name__ if result.error is not None else "no response")
-        return False, f"HTTP {result.status_code}: {detail}" if result.status_code else str(detail)
+        detail = result.reason or (f"{type(result.error).__name__}: {result.error}" if result.error is not None
+                                   else "no response")
+        return False, redact(f"HTTP {result.status_code}: {detail}" if result.status_code else str(detail))
 
     send_http.shutdown = exporter.shutdown  # type: ignore[attr-defined]
     send_http.endpoint = getattr(exporter, "_endpoint", "?")  # type: ignore[attr-defined]
@@ -262,7 +270,7 @@ class OtlpSink:
         try:
             ok, error = self._send(self._encoder.request(batch), len(batch))
         except Exception as exc:  # the exporter should not raise; if it does, count and carry on
-            ok, error = False, f"{type(exc).__name__}: {exc}"
+            ok, error = False, redact(f"{type(exc).__name__}: {exc}")
         with self._cond:
             if self._closed:  # counted as lost by shutdown() already
                 return
