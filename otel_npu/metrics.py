@@ -56,8 +56,8 @@ ATTR_DEVICE = "otel_npu.device"
 ATTR_RANK = "otel_npu.rank"
 ATTR_REASON = "otel_npu.reason"
 
-#: Bucket boundaries in ms: 10 µs to 10 s, six per decade (each bucket at most 1.5x wider than the last), so
-#: p50/p99 interpolate within ≈ ±20 % anywhere in the range.
+#: Bucket boundaries in ms: 10 µs to 10 s, six per decade (each boundary at most 5/3 of the one before), so a
+#: p50/p99 read from the histogram is off by at most the width of one such bucket anywhere in the range.
 BOUNDARIES_MS: tuple[float, ...] = tuple(
     round(m * 10.0 ** e, 6) for e in range(-2, 4) for m in (1, 1.5, 2, 3, 5, 7)) + (10000.0,)
 
@@ -491,7 +491,8 @@ def _app_destinations(provider: Any) -> tuple[list[_Destination], Any, float] | 
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
     config = getattr(provider, "_sdk_config", None)
-    readers = getattr(config, "metric_readers", None)
+    # The SDK keeps the readers on the provider (1.45) or, in older releases, in its configuration.
+    readers = getattr(provider, "_metric_readers", None) or getattr(config, "metric_readers", None)
     resource = getattr(config, "resource", None)
     if not readers or resource is None:
         return None
