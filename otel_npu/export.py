@@ -67,6 +67,32 @@ class EncodedBatch:
         return self.count
 
 
+def http_session(signal: str = "TRACES") -> Any:
+    """``None``, or (when a certificate variable is set) a ``requests.Session`` for the SDK's OTLP/HTTP exporters that keeps ``OTEL_EXPORTER_OTLP_[signal_]
+    CERTIFICATE`` in force.
+
+    Why: the exporters set ``session.verify`` to that file, but ``requests`` lets ``REQUESTS_CA_BUNDLE`` /
+    ``CURL_CA_BUNDLE`` from the environment win over a session's ``verify`` — on hosts that set them (common),
+    the collector's certificate would be checked against the system bundle instead, and a private CA's
+    collector refused. Everything else about the environment (proxies, netrc) is honoured as usual.
+    """
+    import os
+
+    import requests
+
+    class CertificateSession(requests.Session):
+        def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Any:
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if verify is None and isinstance(self.verify, str):
+                settings["verify"] = self.verify
+            return settings
+
+    if not (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_CERTIFICATE") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_CERTIFICATE")):
+        return None  # nothing to keep in force: the SDK's own session
+    return CertificateSession()
+
+
 def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | None]] | None:
     """A ``send(request_bytes, span_count) -> (ok, error)`` over the SDK's OTLP exporter for ``protocol``,
     configured from the standard environment variables; ``None`` if that exporter lacks the hooks we use."""
@@ -104,7 +130,7 @@ def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | Non
 
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-    exporter = HttpExporter()
+    exporter = HttpExporter(session=http_session("TRACES"))
     client = getattr(exporter, "_client", None)
     if client is None or not callable(getattr(client, "export", None)):
         exporter.shutdown()

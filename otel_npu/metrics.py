@@ -470,7 +470,12 @@ def own_exporter(name: str, protocol: str) -> tuple[Any, str]:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    exporter = OTLPMetricExporter()
+    if protocol == "grpc":
+        exporter = OTLPMetricExporter()
+    else:
+        from .export import http_session
+
+        exporter = OTLPMetricExporter(session=http_session("METRICS"))
     return exporter, f"otlp {protocol} -> {getattr(exporter, '_endpoint', '?')}"
 
 

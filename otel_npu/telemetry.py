@@ -283,7 +283,7 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-            provider.add_span_processor(BatchSpanProcessor(HttpExporter()))
+            provider.add_span_processor(BatchSpanProcessor(HttpExporter(session=export.http_session())))
     return provider
 
 
@@ -316,10 +316,14 @@ def _own_sink(name: str, env: Mapping[str, str], factory: SpanFactory, resource:
 
         if protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter()
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(session=export.http_session())
         _log.info("otel-npu: this opentelemetry-exporter-otlp has no pre-encoded export path; using the SDK's")
-        return export.SdkSink(BatchSpanProcessor(OTLPSpanExporter()), resource, scope, factory, owned=True), \
+        return export.SdkSink(BatchSpanProcessor(exporter), resource, scope, factory, owned=True), \
             f"otlp {protocol} (SDK encoder)"
     redact.install_exporter_log_filter()
     encoder = otlp.SpanEncoder(factory, resource, scope.name, scope.version or "")

@@ -38,6 +38,7 @@ class _Recorder:
         self.metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
         self.delay_s = 0.0
         self.status = 200
+        self.echo_headers = False
         self._lock = threading.Lock()
 
     def record(self, request: Any, headers: dict[str, str]) -> None:
@@ -117,7 +118,9 @@ class HttpReceiver(_Recorder):
                     payload = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
                     self.send_response(200)
                 else:
-                    payload = b""
+                    # A careless server that echoes the request's headers in its error: what a client logs of
+                    # it must still not show the credentials.
+                    payload = repr(dict(self.headers)).encode() if recorder.echo_headers else b""
                     self.send_response(recorder.status if recorder.status != 200 else 404)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(payload)))
