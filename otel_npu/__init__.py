@@ -60,7 +60,8 @@ def configure(*, enabled: bool | None = None, device: Any = None, max_pending: i
 
 
 def flush(timeout_s: float = 5.0) -> bool:
-    """Resolve every capture made so far and hand its span to the exporters (sent, for otel-npu's own OTLP).
+    """Resolve every capture made so far and hand its span to the exporters (sent, for otel-npu's own OTLP),
+    and export the stage metrics.
 
     **Blocks** the caller up to ``timeout_s`` (never the device). True when everything made it in time.
     """

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from .collector import Collector, free_port
-from .otlp_receiver import HttpReceiver
+from .otlp_receiver import GrpcReceiver, HttpReceiver
 
 RATE = 10_000            # records per second, the loop's steady pace
 MAX_QUEUE = 2048          # OTEL_BSP_MAX_QUEUE_SIZE (the default)
@@ -223,11 +223,12 @@ def test_collector_restarted_spans_after_the_restart_arrive(protocol, serving_fa
     assert_stayed_up(serving, exit_s, final)
 
 
-def test_receiver_answering_slowly(serving_factory):
-    receiver = HttpReceiver()
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_receiver_answering_slowly(protocol, serving_factory):
+    receiver = HttpReceiver() if protocol == "http/protobuf" else GrpcReceiver()
     receiver.delay_s = 3.0
     try:
-        serving = serving_factory(receiver.endpoint, "http/protobuf", OTEL_EXPORTER_OTLP_TIMEOUT="10")
+        serving = serving_factory(receiver.endpoint, protocol, OTEL_EXPORTER_OTLP_TIMEOUT="10")
         serving.run(100_000, "slow")
         exit_s, final = serving.exit()
         assert final["dropped"]["export_queue_full"] > 0, "a slow receiver fills the queue: new spans dropped"
