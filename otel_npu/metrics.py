@@ -369,7 +369,7 @@ class SdkInstruments:
     SDK instruments, recorded per capture on the resolver thread (the SDK's cost: 10-22 µs per capture here)."""
 
     def __init__(self, provider: Any, aggregator: StageAggregator, stats: Any, version: str) -> None:
-        from opentelemetry.metrics import CallbackOptions, Observation  # noqa: F401
+        from opentelemetry.metrics import Observation
 
         meter = provider.get_meter("otel_npu", version)
         self.aggregator = aggregator

@@ -101,9 +101,6 @@ def test_header_values_never_appear_in_logs_or_errors(protocol, monkeypatch, cap
     finally:
         receiver.close()
     assert stats["dropped"]["export_failed"] == 3
-    if protocol == "http/protobuf":
-        sent = {k.lower(): v for k, v in receiver.headers[0].items()} if receiver.headers else None
-        assert sent is None  # refused requests are not recorded; the token was sent (checked below)
     texts = [record.getMessage() for record in caplog.records]
     texts += [caplog.text, str(stats), capfd.readouterr().err]
     everything = "\n".join(texts)
