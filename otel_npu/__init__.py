@@ -63,7 +63,8 @@ def configure(*, enabled: bool | None = None, device: Any = None, max_pending: i
 
 
 def flush(timeout_s: float = 5.0) -> bool:
-    """Resolve every capture made so far and hand its span to the exporters (sent, for otel-npu's own OTLP).
+    """Resolve every capture made so far and hand its span to the exporters (sent, for otel-npu's own OTLP),
+    and export the stage metrics.
 
     **Blocks** the caller up to ``timeout_s`` (never the device). True when everything made it in time.
     """
@@ -84,12 +85,14 @@ def shutdown(timeout_s: float = 5.0) -> bool:
 
 def stats() -> dict[str, Any]:
     """Counters of the running runtime: resolved, timed out, spans emitted/unsampled/exported, drops by
-    reason (every capture or span lost is counted here), and the device."""
+    reason (every capture or span lost is counted here), metrics exports, the device and where spans and
+    metrics go."""
     rt = _runtime.current()
     if rt is None:
         return {"running": False}
     out = rt.stats.snapshot()
     out.update(running=True, device=rt.backend.label(), pipeline=rt.pipeline.description,
+               metrics=rt.pipeline.metrics_description,
                pending=len(rt.pending), resolver_alive=rt.resolver.alive)
     if rt.clock is not None and rt.clock.anchors:
         out["clock_anchor_bound_ns"] = rt.clock.anchors[-1].bound_ns

@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from .redact import last_message, redact
+
 _log = logging.getLogger("otel_npu")
 
 
@@ -65,6 +67,32 @@ class EncodedBatch:
         return self.count
 
 
+def http_session(signal: str = "TRACES") -> Any:
+    """``None``, or (when a certificate variable is set) a ``requests.Session`` for the SDK's OTLP/HTTP exporters that keeps ``OTEL_EXPORTER_OTLP_[signal_]
+    CERTIFICATE`` in force.
+
+    Why: the exporters set ``session.verify`` to that file, but ``requests`` lets ``REQUESTS_CA_BUNDLE`` /
+    ``CURL_CA_BUNDLE`` from the environment win over a session's ``verify`` — on hosts that set them (common),
+    the collector's certificate would be checked against the system bundle instead, and a private CA's
+    collector refused. Everything else about the environment (proxies, netrc) is honoured as usual.
+    """
+    import os
+
+    import requests
+
+    class CertificateSession(requests.Session):
+        def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Any:
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if verify is None and isinstance(self.verify, str):
+                settings["verify"] = self.verify
+            return settings
+
+    if not (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_CERTIFICATE") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_CERTIFICATE")):
+        return None  # nothing to keep in force: the SDK's own session
+    return CertificateSession()
+
+
 def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | None]] | None:
     """A ``send(request_bytes, span_count) -> (ok, error)`` over the SDK's OTLP exporter for ``protocol``,
     configured from the standard environment variables; ``None`` if that exporter lacks the hooks we use."""
@@ -88,8 +116,13 @@ def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | Non
         exporter = _PreEncodedGrpcExporter()
 
         def send_grpc(data: bytes, count: int) -> tuple[bool, str | None]:
+            last_message()  # forget an older line: the detail must be this export's
             ok = exporter.export(EncodedBatch(data, count)) == SpanExportResult.SUCCESS
-            return ok, None if ok else "the gRPC export failed (see the exporter's log)"
+            if ok:
+                return True, None
+            # The gRPC exporter reports why only in its log; on otel-npu's threads that line is held back
+            # (redact.py) and used here, so that the one warning says why.
+            return False, last_message() or "the gRPC export failed"
 
         send_grpc.shutdown = exporter.shutdown  # type: ignore[attr-defined]
         send_grpc.endpoint = getattr(exporter, "_endpoint", "?")  # type: ignore[attr-defined]
@@ -97,7 +130,7 @@ def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | Non
 
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-    exporter = HttpExporter()
+    exporter = HttpExporter(session=http_session("TRACES"))
     client = getattr(exporter, "_client", None)
     if client is None or not callable(getattr(client, "export", None)):
         exporter.shutdown()
@@ -107,8 +140,9 @@ def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | Non
         result = client.export(data)
         if result.success:
             return True, None
-        detail = result.reason or (type(result.error).__name__ if result.error is not None else "no response")
-        return False, f"HTTP {result.status_code}: {detail}" if result.status_code else str(detail)
+        detail = result.reason or (f"{type(result.error).__name__}: {result.error}" if result.error is not None
+                                   else "no response")
+        return False, redact(f"HTTP {result.status_code}: {detail}" if result.status_code else str(detail))
 
     send_http.shutdown = exporter.shutdown  # type: ignore[attr-defined]
     send_http.endpoint = getattr(exporter, "_endpoint", "?")  # type: ignore[attr-defined]
@@ -262,7 +296,7 @@ class OtlpSink:
         try:
             ok, error = self._send(self._encoder.request(batch), len(batch))
         except Exception as exc:  # the exporter should not raise; if it does, count and carry on
-            ok, error = False, f"{type(exc).__name__}: {exc}"
+            ok, error = False, redact(f"{type(exc).__name__}: {exc}")
         with self._cond:
             if self._closed:  # counted as lost by shutdown() already
                 return

@@ -31,7 +31,8 @@ from opentelemetry.sdk.trace import sampling
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from . import export, otlp
+from . import export, otlp, redact
+from . import metrics as _metrics
 from .spans import SpanFactory
 
 _log = logging.getLogger("otel_npu")
@@ -54,14 +55,25 @@ def _version() -> str:
 class Pipeline:
     """The spans half of a runtime: decisions (``factory``) and destinations (``sinks``)."""
 
-    def __init__(self, factory: SpanFactory, sinks: list, stats: Any, description: str) -> None:
+    def __init__(self, factory: SpanFactory, sinks: list, stats: Any, description: str,
+                 metrics: Any = None) -> None:
         self.factory = factory
         self.sinks = sinks
         self._stats = stats
         self.description = description
+        #: ``metrics.MetricsExport`` / ``metrics.SdkInstruments``, or None when stage metrics are off.
+        self.metrics = metrics
+        self.metrics_description = metrics.description if metrics is not None else "none"
+        self._record = metrics.record if metrics is not None else None
+        if metrics is not None:
+            metrics.ensure_started()
 
     def emit(self, r: Any) -> None:
         """Resolver thread, once per resolved capture."""
+        # Metrics first, and for every resolved capture: sampling decides about spans only.
+        record = self._record
+        if record is not None:
+            record(r)
         if not self.sinks:
             return
         if not self.factory.identify(r):
@@ -78,6 +90,8 @@ class Pipeline:
         ok = True
         for sink in self.sinks:
             ok = sink.force_flush(max(0.0, deadline - time.monotonic())) and ok
+        if self.metrics is not None:
+            ok = self.metrics.flush(max(0.0, deadline - time.monotonic())) and ok
         return ok
 
     def shutdown(self, timeout_s: float) -> None:
@@ -89,6 +103,11 @@ class Pipeline:
                 sink.shutdown(max(0.0, deadline - time.monotonic()))
             except Exception:  # pragma: no cover - best effort
                 _log.debug("otel-npu: shutting a sink down failed", exc_info=True)
+        if self.metrics is not None:
+            try:
+                self.metrics.shutdown(max(0.0, deadline - time.monotonic()))
+            except Exception:  # pragma: no cover - best effort
+                _log.debug("otel-npu: shutting the metrics down failed", exc_info=True)
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
@@ -119,8 +138,9 @@ def sampler_from_env(env: Mapping[str, str]) -> Any:
     }[name]
 
 
-def protocol_from_env(env: Mapping[str, str]) -> str:
-    for var in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+def protocol_from_env(env: Mapping[str, str], signal: str = "TRACES") -> str:
+    """``OTEL_EXPORTER_OTLP_{signal}_PROTOCOL``, else ``OTEL_EXPORTER_OTLP_PROTOCOL``, else http/protobuf."""
+    for var in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         raw = env.get(var, "").strip().lower()
         if raw:
             if raw in PROTOCOLS:
@@ -174,6 +194,7 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
           to_wall: Callable[[int], int], stats: Any, env: Mapping[str, str] | None = None) -> Pipeline:
     """The pipeline for ``settings`` (never raises for configuration problems: warns and degrades)."""
     env = os.environ if env is None else env
+    redact.install_exporter_log_filter()  # before any exporter is built: they log while parsing headers
     scope = InstrumentationScope(SCOPE_NAME, _version())
     common = dict(stream_label=stream_label, to_wall=to_wall, const_attributes=process_attrs, stats=stats,
                   event_timeout_s=settings.event_timeout_s)
@@ -187,7 +208,9 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
         else:
             factory = SpanFactory(sampler=tracer.sampler, id_generator=tracer.id_generator, **common)
             sink = export.SdkSink(tracer.span_processor, tracer.resource, scope, factory, owned=False)
-            return Pipeline(factory, [sink], stats, f"the application's TracerProvider ({type(provider).__name__})")
+            return Pipeline(factory, [sink], stats, f"the application's TracerProvider ({type(provider).__name__})",
+                            _build_metrics(settings, env, process_attrs, resource_from_env(process_attrs),
+                                           scope, stats))
 
     factory = SpanFactory(sampler=sampler_from_env(env), id_generator=RandomIdGenerator(), **common)
     if _flag(env, "OTEL_SDK_DISABLED"):
@@ -208,12 +231,29 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
         try:
             sink, text = _own_sink(name, env, factory, resource, scope, stats)
         except Exception as exc:
-            _log.warning("otel-npu: cannot set up the %s exporter (%s: %s); its spans are not exported",
-                         name, type(exc).__name__, exc)
+            _log.warning("otel-npu: cannot set up the %s exporter (%s); its spans are not exported",
+                         name, redact.redact(f"{type(exc).__name__}: {exc}"))
             continue
         sinks.append(sink)
         described.append(text)
-    return Pipeline(factory, sinks, stats, "otel-npu's own: " + (", ".join(described) or "no exporter"))
+    metrics = _build_metrics(settings, env, process_attrs, resource, scope, stats)
+    return Pipeline(factory, sinks, stats, "otel-npu's own: " + (", ".join(described) or "no exporter"), metrics)
+
+
+def _build_metrics(settings: Any, env: Mapping[str, str], process_attrs: Mapping[str, Any], resource: Resource,
+                   scope: InstrumentationScope, stats: Any) -> Any:
+    """Stage metrics (``metrics.py``), or None. Never raises: a failure here must not cost the spans."""
+    if _flag(env, "OTEL_SDK_DISABLED"):
+        return None
+    try:
+        built = _metrics.build(settings, env=env, const_attributes=process_attrs, resource=resource, scope=scope,
+                               stats=stats, protocol_from_env=protocol_from_env)
+    except Exception as exc:
+        _log.warning("otel-npu: cannot set up the stage metrics (%s); they are not exported",
+                     redact.redact(f"{type(exc).__name__}: {exc}"))
+        return None
+    redact.install_exporter_log_filter()
+    return built
 
 
 def tracer_provider_from_env(env: Mapping[str, str] | None = None,
@@ -225,6 +265,7 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 
     env = os.environ if env is None else env
+    redact.install_exporter_log_filter()
     provider = TracerProvider(resource=resource_from_env(dict(extra_attributes or {})),
                               sampler=sampler_from_env(env))
     if _flag(env, "OTEL_SDK_DISABLED"):
@@ -243,7 +284,7 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-            provider.add_span_processor(BatchSpanProcessor(HttpExporter()))
+            provider.add_span_processor(BatchSpanProcessor(HttpExporter(session=export.http_session())))
     return provider
 
 
@@ -276,11 +317,16 @@ def _own_sink(name: str, env: Mapping[str, str], factory: SpanFactory, resource:
 
         if protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter()
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(session=export.http_session())
         _log.info("otel-npu: this opentelemetry-exporter-otlp has no pre-encoded export path; using the SDK's")
-        return export.SdkSink(BatchSpanProcessor(OTLPSpanExporter()), resource, scope, factory, owned=True), \
+        return export.SdkSink(BatchSpanProcessor(exporter), resource, scope, factory, owned=True), \
             f"otlp {protocol} (SDK encoder)"
+    redact.install_exporter_log_filter()
     encoder = otlp.SpanEncoder(factory, resource, scope.name, scope.version or "")
     # Defaults larger than the BatchSpanProcessor's (2048 / 512): a stage span per capture comes at
     # thousands per second, and each HTTP request costs ≈ 2 ms of Python (requests re-reads the proxy

@@ -66,8 +66,11 @@ def sim() -> Any:
 def clean_otel_npu(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Every test starts disabled, with default settings, and ends with otel-npu shut down."""
     for var in ("OTEL_NPU_ENABLED", "VLLM_ASCEND_MODEL_EXECUTE_TIME_OBSERVE", "OTEL_NPU_DEVICE",
-                "OTEL_NPU_LOG_DURATIONS", "OTEL_TRACES_EXPORTER", "OTEL_SDK_DISABLED"):
+                "OTEL_NPU_LOG_DURATIONS", "OTEL_TRACES_EXPORTER", "OTEL_SDK_DISABLED", "OTEL_EXPORTER_OTLP_HEADERS"):
         monkeypatch.delenv(var, raising=False)
+    # Stage metrics default to OTLP at localhost:4318 (the spec's default), where no collector runs in tests:
+    # the tests about metrics turn them on with their own endpoint.
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
     otel_npu.shutdown(5.0)
     runtime.set_settings(config.Settings())
     yield

@@ -1,0 +1,190 @@
+"""Stage metrics: every resolved capture in the histogram (sampled or not), the counters, and where they go."""
+
+from __future__ import annotations
+
+import bisect
+import time
+
+import pytest
+from opentelemetry import metrics as metrics_api
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (InMemoryMetricReader, MetricExporter, MetricExportResult,
+                                              PeriodicExportingMetricReader)
+from opentelemetry.sdk.resources import Resource
+
+import otel_npu
+from otel_npu.metrics import BOUNDARIES_MS
+
+from .conftest import TIME_BOUND_NS
+from .otlp_receiver import HttpReceiver, attributes
+from .test_sim_device import truth
+
+
+@pytest.fixture
+def receiver():
+    r = HttpReceiver()
+    yield r
+    otel_npu.shutdown(5.0)
+    r.close()
+
+
+def own_metrics_env(monkeypatch, receiver, **extra):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    for key, value in extra.items():
+        monkeypatch.setenv(key, value)
+
+
+def points(metric) -> dict:
+    return {tuple(sorted(attributes(p.attributes).items())): p for p in metric.histogram.data_points}
+
+
+def test_buckets_resolve_10_us_to_10_s():
+    assert BOUNDARIES_MS[0] == 0.01 and BOUNDARIES_MS[-1] == 10000.0
+    ratios = [b / a for a, b in zip(BOUNDARIES_MS, BOUNDARIES_MS[1:])]
+    assert max(ratios) <= 5 / 3 + 1e-9 and min(ratios) > 1.0  # 1, 1.5, 2, 3, 5, 7 per decade
+
+
+def test_every_capture_is_in_the_histogram_even_when_its_span_is_not_sampled(monkeypatch, receiver, sim):
+    own_metrics_env(monkeypatch, receiver, OTEL_TRACES_SAMPLER="traceidratio", OTEL_TRACES_SAMPLER_ARG="0.01",
+                    OTEL_TRACES_EXPORTER="otlp")
+    otel_npu.configure(enabled=True, device=sim, pipeline="own")
+    stream = sim.current_stream()
+    durations = []
+    for _ in range(50):
+        with otel_npu.step("Decode"):
+            with otel_npu.capture("forward") as c:
+                stream.launch(0.00025)  # mid-bucket: (0.2, 0.3] ms
+        start, end = truth(c)
+        durations.append((end - start) / 1e6)
+    assert otel_npu.flush(10.0)
+    stats = otel_npu.stats()
+    assert stats["spans_unsampled"] >= 80, "about 99 % of the step trees are not sampled"
+    histogram = receiver.wait_for_metric("otel_npu.stage.duration")
+    by = points(histogram)
+    forward = by[(("otel_npu.device", "sim:0"), ("otel_npu.stage", "forward"), ("otel_npu.step", "Decode"))]
+    step = by[(("otel_npu.device", "sim:0"), ("otel_npu.stage", "Decode"), ("otel_npu.step", "Decode"))]
+    assert forward.count == 50 and step.count == 50
+    assert sum(forward.bucket_counts) == 50 and len(forward.bucket_counts) == len(BOUNDARIES_MS) + 1
+    # Device-measured: what the simulated device really took (a kernel, plus any gap while the host was late).
+    bound_ms = TIME_BOUND_NS / 1e6
+    assert forward.min == pytest.approx(min(durations), abs=bound_ms)
+    assert forward.max == pytest.approx(max(durations), abs=bound_ms)
+    assert forward.sum == pytest.approx(sum(durations), abs=50 * bound_ms)
+    expected = [0] * (len(BOUNDARIES_MS) + 1)
+    for d in durations:
+        expected[bisect.bisect_left(BOUNDARIES_MS, d)] += 1
+    moved = sum(abs(a - b) for a, b in zip(forward.bucket_counts, expected)) // 2
+    assert moved <= 2, "only a duration within the clock bound of a boundary may land one bucket over"
+
+
+def test_counters_count_resolved_timed_out_and_dropped(monkeypatch, receiver, sim):
+    own_metrics_env(monkeypatch, receiver)
+    otel_npu.configure(enabled=True, device=sim, pipeline="own", event_timeout_s=0.2)
+    stuck = sim.new_stream("stuck")
+    with sim.stream(stuck), otel_npu.capture("hung"):
+        stuck.call(lambda: time.sleep(1.0))
+    with otel_npu.capture("forward"):
+        sim.current_stream().launch(0.0001)
+    assert otel_npu.flush(10.0)
+    resolved = receiver.wait_for_metric("otel_npu.captures.resolved")
+    timed_out = receiver.wait_for_metric("otel_npu.captures.timed_out")
+    assert resolved.sum.data_points[0].as_int == 2 and timed_out.sum.data_points[0].as_int == 1
+    histogram = receiver.wait_for_metric("otel_npu.stage.duration")
+    stages = {attributes(p.attributes)["otel_npu.stage"]: p.count for p in histogram.histogram.data_points}
+    assert stages == {"forward": 1}, "a timed-out capture has host times only: counted, not in the histogram"
+
+
+def test_pending_limit_drops_are_counted_by_reason(monkeypatch, receiver, sim):
+    own_metrics_env(monkeypatch, receiver)
+    otel_npu.configure(enabled=True, device=sim, pipeline="own", max_pending=5, poll_interval_s=30.0)
+    for _ in range(12):
+        with otel_npu.capture("forward"):
+            pass
+    assert otel_npu.flush(10.0)
+    dropped = receiver.wait_for_metric("otel_npu.captures.dropped")
+    by_reason = {attributes(p.attributes)["otel_npu.reason"]: p.as_int for p in dropped.sum.data_points}
+    assert by_reason["pending_limit"] == otel_npu.stats()["dropped"]["pending_limit"] > 0
+    lost = receiver.wait_for_metric("otel_npu.captures.spans_lost")
+    assert {attributes(p.attributes)["otel_npu.reason"] for p in lost.sum.data_points} == \
+        {"export_failed", "export_queue_full", "emit_failed"}
+
+
+def test_delta_temporality_when_the_exporter_asks_for_it(monkeypatch, receiver, sim):
+    own_metrics_env(monkeypatch, receiver, OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE="delta")
+    otel_npu.configure(enabled=True, device=sim, pipeline="own")
+    for expected in (3, 2):
+        for _ in range(expected):
+            with otel_npu.capture("forward"):
+                sim.current_stream().launch(0.0001)
+        assert otel_npu.flush(10.0)
+        histogram = receiver.wait_for_metric("otel_npu.stage.duration",
+                                             lambda m, n=expected: m.histogram.data_points[0].count == n)
+        assert histogram is not None, f"a delta point of {expected}"
+        assert histogram.histogram.aggregation_temporality == 1  # AGGREGATION_TEMPORALITY_DELTA
+
+
+class ListExporter(MetricExporter):
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def export(self, metrics_data, timeout_millis=10_000, **kwargs):
+        self.batches.append(metrics_data)
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis=10_000):
+        return True
+
+    def shutdown(self, timeout_millis=30_000, **kwargs):
+        pass
+
+
+@pytest.fixture
+def app_meter_provider(monkeypatch):
+    """Install an SDK MeterProvider as the global one for one test (the API allows setting it only once)."""
+    installed = {}
+
+    def install(reader):
+        provider = MeterProvider(metric_readers=[reader], resource=Resource.create({"service.name": "app"}))
+        monkeypatch.setattr(metrics_api._internal, "_METER_PROVIDER", provider)
+        installed["provider"] = provider
+        return provider
+
+    yield install
+    otel_npu.shutdown(5.0)
+    if "provider" in installed:
+        installed["provider"].shutdown()
+
+
+def test_the_applications_meter_provider_exports_through_its_own_exporter(app_meter_provider, provider, sim):
+    exporter = ListExporter()
+    app_meter_provider(PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000))
+    otel_npu.configure(enabled=True, device=sim, tracer_provider=provider[0])
+    with otel_npu.capture("forward"):
+        sim.current_stream().launch(0.0005)
+    assert otel_npu.flush(10.0)
+    assert "the application's MeterProvider" in otel_npu.stats()["metrics"]
+    ours = [(rm.resource, m) for batch in exporter.batches for rm in batch.resource_metrics
+            for sm in rm.scope_metrics if sm.scope.name == "otel_npu" for m in sm.metrics]
+    (resource, histogram), = [(r, m) for r, m in ours if m.name == "otel_npu.stage.duration"]
+    assert resource.attributes["service.name"] == "app", "the application's resource"
+    (point,) = histogram.data.data_points
+    assert point.count == 1 and dict(point.attributes)["otel_npu.stage"] == "forward"
+
+
+def test_a_pull_reader_gets_real_sdk_instruments(app_meter_provider, provider, sim):
+    reader = InMemoryMetricReader()
+    app_meter_provider(reader)
+    otel_npu.configure(enabled=True, device=sim, tracer_provider=provider[0])
+    for _ in range(4):
+        with otel_npu.capture("forward"):
+            sim.current_stream().launch(0.0005)
+    assert otel_npu.flush(10.0)
+    data = reader.get_metrics_data()
+    metrics = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    (point,) = metrics["otel_npu.stage.duration"].data.data_points
+    assert point.count == 4 and tuple(point.explicit_bounds) == BOUNDARIES_MS
+    assert metrics["otel_npu.captures.resolved"].data.data_points[0].value == 4
+    assert "SDK instruments" in otel_npu.stats()["metrics"]
