@@ -214,7 +214,11 @@ class _EventCapture(Capture):
             _record(start, stream)
         except Exception as exc:  # pool empty, or the device refused the record: never into the program
             self.start = _DROPPED
-            _rt.stats.drop("event_pool_empty" if isinstance(exc, IndexError) else "record_failed", exc)
+            if isinstance(exc, IndexError):
+                _rt.stats.drop("event_pool_empty")
+                _rt.resolver.wake()  # rare path: have the pool refilled now rather than at the next poll
+            else:
+                _rt.stats.drop("record_failed", exc)
             return self
         self.start = start
         self.end = end

@@ -233,7 +233,7 @@ class OtlpSink:
     """otel-npu's own OTLP export: encode on the resolver thread, send on the exporter thread."""
 
     def __init__(self, send: Callable[[bytes, int], tuple[bool, str | None]], encoder: Any, stats: Any, *,
-                 max_queue_size: int = 2048, max_export_batch_size: int = 512,
+                 max_queue_size: int = 8192, max_export_batch_size: int = 2048,
                  schedule_delay_s: float = 5.0) -> None:
         self._send = send
         self._encoder = encoder

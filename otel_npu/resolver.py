@@ -44,6 +44,9 @@ _HOST_TIMED = -1  # "seen" of a host-timed capture: nothing to wait for or to pl
 SLICE = 32
 #: Seconds between two drop/failure warnings (each says how many and why since the last one).
 REPORT_EVERY_S = 60.0
+#: Free timing events kept ready at least (a capture takes two); more when passes take in more.
+POOL_MIN_FREE = 1024
+
 #: Poll interval while a flush or a blocking pop waits.
 URGENT_POLL_S = 0.001
 
@@ -387,7 +390,7 @@ class Resolver:
         if pool is None:
             return
         # Enough free events for the busiest pass seen lately, twice over (two per capture).
-        target = max(256, 4 * taken)
+        target = max(POOL_MIN_FREE, 4 * taken)
         if len(pool) < target:
             try:
                 pool.refill(target)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from . import config, devices, durations, telemetry
 from .clock import DeviceClock, HostClock
 from .devices.base import EventPool
-from .resolver import Resolver, Stats
+from .resolver import POOL_MIN_FREE, Resolver, Stats
 from .spans import process_attributes
 
 _log = logging.getLogger("otel_npu")
@@ -51,7 +51,9 @@ class Runtime:
         self.pool: EventPool | None = None
         self.clock: DeviceClock | None = None
         if not self.backend.host_timed:
-            self.pool = EventPool(self.backend, initial=256, limit=2 * settings.max_pending + 256)
+            # Created here, once (≈ µs each): the hot path never allocates one, and a burst of captures at
+            # start finds enough (512 captures) before the resolver's first pass tops the pool up.
+            self.pool = EventPool(self.backend, initial=POOL_MIN_FREE, limit=2 * settings.max_pending + POOL_MIN_FREE)
             self.clock = DeviceClock(self.backend, self._anchor_event, self.pool.give, mono=self.host_clock.mono,
                                      keep_s=settings.event_timeout_s + 10.0)
             self.clock.calibrate(read_now=False)  # the read happens on the resolver thread
@@ -76,17 +78,18 @@ class Runtime:
         return (f"device {self.backend.label()}, spans to {self.pipeline.description}, "
                 f"max {self.settings.max_pending} pending, event timeout {self.settings.event_timeout_s:g} s")
 
-    def flush(self, timeout_s: float) -> bool:
+    def flush(self, timeout_s: float, report: bool = True) -> bool:
         """Resolve everything captured so far and hand it to the exporters (sent, for otel-npu's own OTLP)."""
         deadline = time.monotonic() + timeout_s
         resolved = self.resolver.wait(timeout_s)
         exported = self.pipeline.flush(max(0.0, deadline - time.monotonic()))
-        self.stats.report(time.monotonic(), force=True)
+        if report:
+            self.stats.report(time.monotonic(), force=True)
         return resolved and exported
 
     def shutdown(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
-        ok = self.flush(timeout_s)
+        ok = self.flush(timeout_s, report=False)  # one loss report at the end, not two
         self.resolver.stop(max(0.0, deadline - time.monotonic()))
         self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
         left = len(self.pending)

@@ -258,7 +258,9 @@ class SimDevice:
         self._rate = 1.0 + drift_ppm * 1e-6
         self._origin = mono()
         self._epoch_ns = int(device_epoch_s * 1e9)
-        self.timing_calls: list[TimingCall] = []
+        # The latest timing reads (bounded: a long run must not grow without limit).
+        self.timing_calls: collections.deque[TimingCall] = collections.deque(maxlen=100_000)
+        self.events_created: collections.Counter[int] = collections.Counter()
         self._streams: list[SimStream] = []
         self._tls = threading.local()
         self.default_stream = self.new_stream("default")
@@ -289,6 +291,7 @@ class SimDevice:
             self._tls.stream = previous
 
     def Event(self, enable_timing: bool = True, blocking: bool = False, interprocess: bool = False) -> SimEvent:
+        self.events_created[threading.get_ident()] += 1  # which threads allocate events (tests check)
         return SimEvent(self, enable_timing, blocking, interprocess)
 
     def synchronize(self) -> None:

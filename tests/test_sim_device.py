@@ -151,22 +151,32 @@ def test_drops_at_the_pending_limit_are_counted_and_reported(provider, spans, si
     assert "40 captures (pending_limit)" in warnings[0] and "OTEL_NPU_MAX_PENDING" in warnings[0]
 
 
-def test_empty_event_pool_drops_are_counted_not_allocated(provider, spans, sim):
+def test_an_empty_event_pool_drops_and_counts_never_allocates_and_is_refilled(provider, spans, sim):
     enable(provider, device=sim, poll_interval_s=30.0)
     with otel_npu.capture("first"):
         pass
     from otel_npu import runtime
 
     rt = runtime.current()
-    created = rt.pool.created
-    free = len(rt.pool)
-    for _ in range(free // 2 + 5):
-        with otel_npu.capture("many"):
+    me = threading.get_ident()
+    at_start = sim.events_created[me]  # the first capture started otel-npu here: it made the initial pool
+    taken = [rt.pool.take() for _ in range(len(rt.pool))]  # as if a burst had used every free event
+    for _ in range(5):
+        with otel_npu.capture("starved"):
             pass
-    assert rt.pool.created == created, "the hot path must not create device events"
-    assert otel_npu.stats()["dropped"].get("event_pool_empty", 0) >= 5
+    assert sim.events_created[me] == at_start, "the hot path must never create device events"
+    assert otel_npu.stats()["dropped"]["event_pool_empty"] == 5
+    # The first drop woke the resolver (it polls every 30 s here): the pool is refilled on its thread.
+    deadline = time.monotonic() + 5.0
+    while len(rt.pool) < 64 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(rt.pool) >= 64
+    with otel_npu.capture("after refill"):
+        pass
     assert otel_npu.flush(5.0)
-    assert len(spans.named("many")) == free // 2
+    assert spans.named("starved") == [] and len(spans.named("after refill")) == 1
+    assert sim.events_created[me] == at_start
+    del taken
 
 
 def test_children_of_a_dropped_capture_attach_to_its_parent(provider, spans, sim):

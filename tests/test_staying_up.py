@@ -31,12 +31,12 @@ from .collector import Collector, free_port
 from .otlp_receiver import GrpcReceiver, HttpReceiver
 
 RATE = 10_000            # records per second, the loop's steady pace
-MAX_QUEUE = 2048          # OTEL_BSP_MAX_QUEUE_SIZE (the default)
+MAX_QUEUE = 8192          # OTEL_BSP_MAX_QUEUE_SIZE (otel-npu's default for its own pipeline)
 MAX_PENDING = 5000        # OTEL_NPU_MAX_PENDING for these runs
 SHUTDOWN_BOUND_S = 2.0    # OTEL_NPU_SHUTDOWN_TIMEOUT_S for these runs
 EXIT_SLACK_S = 2.5        # interpreter teardown and scheduling on a busy 2-core machine
-#: Pending captures (≈ 0.3 KB each, with their 2 events in the simulator) + the event pool (≤ 2 x pending + 256
-#: events) + the export queue (≤ 2048 encoded spans of ≈ 0.3 KB) + allocator slack.
+#: Pending captures (≈ 0.3 KB each, with their 2 events in the simulator) + the event pool (≤ 2 x pending + 1024
+#: events) + the export queue (≤ 8192 encoded spans of ≈ 0.3 KB) + allocator slack.
 RSS_GROWTH_BOUND = 32 * 1024 * 1024
 #: An export attempt lasts ≥ 1 s here (OTEL_EXPORTER_OTLP_TIMEOUT, the slow receiver): a loop that waited for one
 #: would show it.
