@@ -131,12 +131,12 @@ def free_port() -> int:
 def collector() -> Iterator[tuple[str, str]]:
     """A real OTLP collector on loopback, in its own process (its CPU is not ours): ``rotel-agent`` with the
     blackhole exporter when installed, else the tests' Python OTLP/HTTP receiver. Yields (endpoint, what)."""
-    agent = shutil.which("rotel-agent") or _venv_bin("rotel-agent")
+    agent = _rotel_agent()
     http_port, grpc_port = free_port(), free_port()
     if agent:
         proc = subprocess.Popen([agent, "start", "--otlp-http-endpoint", f"127.0.0.1:{http_port}",
                                  "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}", "--exporter", "blackhole"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         what = "rotel-agent (blackhole exporter)"
     else:
         code = ("import sys,time; sys.path.insert(0, %r)\n"
@@ -156,9 +156,14 @@ def collector() -> Iterator[tuple[str, str]]:
             proc.kill()
 
 
-def _venv_bin(name: str) -> str | None:
-    candidate = os.path.join(os.path.dirname(sys.executable), name)
-    return candidate if os.path.exists(candidate) else None
+def _rotel_agent() -> str | None:
+    """The ``rotel-agent`` binary shipped inside the ``rotel`` wheel (``pip install rotel``), or one on PATH."""
+    try:
+        import rotel
+    except ImportError:
+        return shutil.which("rotel-agent")
+    candidate = os.path.join(os.path.dirname(rotel.__file__), "rotel-agent")
+    return candidate if os.path.exists(candidate) else shutil.which("rotel-agent")
 
 
 def _wait_port(port: int, timeout_s: float = 10.0) -> None:

@@ -45,8 +45,18 @@ _get_current = _current.get
 _set_current = _current.set
 _reset_current = _current.reset
 _otel_current = _otel_context.get_current
+try:  # the same read without two Python frames: ContextVarsRuntimeContext.get_current is _current_context.get
+    from opentelemetry.context import _RUNTIME_CONTEXT
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+
+    if type(_RUNTIME_CONTEXT) is ContextVarsRuntimeContext:
+        _otel_current = _RUNTIME_CONTEXT._current_context.get
+except (ImportError, AttributeError):  # another OTEL_PYTHON_CONTEXT, or a changed SDK: the public call
+    pass
 _now = time.perf_counter_ns
 _current_thread = threading.current_thread
+_tls = threading.local()
+_new = object.__new__
 
 _DELEGATED = object()  # ``_token`` of a capture object entered again: a fresh capture does the work
 
@@ -164,8 +174,11 @@ class _HostCapture(Capture):
         if parent is None:
             self.otel_ctx = _otel_current()
         self._token = _set_current(self)
-        if self.stream is None:
-            self.stream = _current_thread()  # the CPU's "stream" is the thread
+        if self.stream is None:  # the CPU's "stream" is the thread (its Thread object, for the name)
+            try:
+                self.stream = _tls.thread
+            except AttributeError:
+                self.stream = _tls.thread = _current_thread()
         self.start = self.host_start = _now()
         return self
 
@@ -312,9 +325,12 @@ def _decorate(is_step: bool, name: str, attributes: Any, extra: Any, fn: F) -> F
     return functools.wraps(fn)(wrapper)  # type: ignore[return-value]
 
 
-# -- dispatch: what capture()/step() construct. Swapped as otel-npu is enabled, started, shut down. -------
-_capture_cls: Callable[..., Any] = _off_capture
-_step_cls: Callable[..., Any] = _OffStep
+# -- dispatch ------------------------------------------------------------------------------------------------
+# What capture()/step() make: None while disabled; _LAZY while enabled but not started (the next call starts
+# the runtime); the Capture subclass for the running backend once started.
+_LAZY = object()
+_capture_cls: Any = None
+_step_cls: Any = None
 _state_lock = threading.Lock()
 
 
@@ -336,7 +352,25 @@ def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: A
     """
     if name.__class__ is not str or not name:
         _bad_name("capture", name)
-    return _capture_cls(name, attributes, stream)
+    cls = _capture_cls
+    if cls is None:  # disabled: a shared do-nothing object for the common call
+        if attributes is None and stream is None:
+            cm = _OFF_CACHE.get(name)
+            if cm is not None:
+                return cm
+        return _off_capture(name, attributes, stream)
+    if cls is _LAZY:
+        cls = _start()[0]
+        if cls is None:
+            return _off_capture(name, attributes, stream)
+    # Capture.__init__, inlined: one Python frame less on the hot path.
+    cm = _new(cls)
+    cm.name = name
+    cm.attributes = attributes
+    cm.stream = stream
+    cm.start = None
+    cm.sampled = None
+    return cm
 
 
 def step(name: str, *, links: Iterable[Any] = (), attributes: Mapping[str, Any] | None = None) -> Any:
@@ -348,25 +382,22 @@ def step(name: str, *, links: Iterable[Any] = (), attributes: Mapping[str, Any] 
     """
     if name.__class__ is not str or not name:
         _bad_name("step", name)
-    return _step_cls(name, links, attributes)
+    cls = _step_cls
+    if cls is _LAZY:
+        cls = _start()[1]
+    if cls is None:
+        return _OffStep(name, attributes, links)
+    return cls(name, links, attributes)
 
 
-def _start_capture(name: str, attributes: Any, stream: Any) -> Any:
-    return _start()[0](name, attributes, stream)
-
-
-def _start_step(name: str, links: Any, attributes: Any) -> Any:
-    return _start()[1](name, links, attributes)
-
-
-def _start() -> tuple[Callable[..., Any], Callable[..., Any]]:
+def _start() -> tuple[Any, Any]:
     """First capture in a process (or after configure()): start the runtime, then capture normally."""
     global _capture_cls, _step_cls
     with _state_lock:
-        if _capture_cls is _start_capture:
+        if _capture_cls is _LAZY:
             rt = _runtime_mod.start()
             if rt is None:
-                _capture_cls, _step_cls = _off_capture, _OffStep
+                _capture_cls = _step_cls = None
             else:
                 _install(rt)
     return _capture_cls, _step_cls
@@ -392,14 +423,11 @@ def set_mode(enabled: bool) -> None:
     """Enabled: the next capture starts the runtime. Disabled: captures do nothing (running ones finish)."""
     global _capture_cls, _step_cls
     with _state_lock:
-        if enabled:
-            _capture_cls, _step_cls = _start_capture, _start_step
-        else:
-            _capture_cls, _step_cls = _off_capture, _OffStep
+        _capture_cls = _step_cls = _LAZY if enabled else None
 
 
 def is_on() -> bool:
-    return _capture_cls is not _off_capture
+    return _capture_cls is not None
 
 
 def current() -> Capture | None:
@@ -413,8 +441,7 @@ def _after_fork_in_child() -> None:
     global _state_lock, _rt
     _state_lock = threading.Lock()
     _rt = None
-    enabled = _capture_cls is not _off_capture
-    set_mode(enabled)
+    set_mode(_capture_cls is not None)
 
 
 _runtime_mod.on_fork_child(_after_fork_in_child)

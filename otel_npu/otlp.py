@@ -108,6 +108,7 @@ class SpanEncoder:
         self._names: dict[str, bytes] = {}
         self._streams: dict[Any, bytes] = {}
         self._steps: dict[str, bytes] = {}
+        self._templates: dict[tuple, bytes] = {}
         self._lead = _double_attr_prefix(_spans.ATTR_HOST_LEAD)
         self._error = _double_attr_prefix(_spans.ATTR_CLOCK_ERROR)
         self._timed_out = field(9, key_value(_spans.ATTR_TIMED_OUT, True))
@@ -128,9 +129,53 @@ class SpanEncoder:
     def encode(self, r: Any) -> bytes:
         """One span as a ``ScopeSpans.spans`` field (ready to concatenate). ``r`` must be identified.
 
-        Hot for the resolver (once per sampled capture): constant pieces come from caches, and the pieces
-        are joined once.
+        Hot for the resolver (once per sampled capture). Most spans differ from the last one of the same
+        name, stream and step only in ids, times and two doubles, all fixed-width: for them the whole
+        message — its length prefix included — is a cached bytes template with holes for those values,
+        filled by one formatting operation. Anything else (attributes, trace state, an error, a time-out,
+        a step's links) takes the general path below.
         """
+        if r.attributes or r.trace_state or r.timed_out or r.error is not None or r.is_step:
+            return self._encode_general(r)
+        step = r.step
+        parent = r.parent_span_id
+        key = (r.name, r.stream, None if step is None else step.name, not parent, r.parent_remote)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._template(key, r)
+        start_ns = r.start_ns
+        ids = (r.trace_id.to_bytes(16, "big"), r.span_id.to_bytes(8, "big"))
+        values = (_pack_u64(start_ns), _pack_u64(r.end_ns),
+                  _pack_f64((start_ns - self._f.host_offset() - r.host_start) / 1000.0),
+                  _pack_f64(r.clock_error_ns / 1000.0))
+        if parent:
+            return template % (*ids, parent.to_bytes(8, "big"), *values)
+        return template % (*ids, *values)
+
+    def _template(self, key: tuple, r: Any) -> bytes:
+        """The bytes-format template of ``key``'s spans (see ``encode``): constants escaped, ``%b`` holes."""
+        name, _, step_name, root, remote = key
+        hole8, hole16 = b"\0" * 8, b"\0" * 16
+        step_attr = b"" if step_name is None else field(9, key_value(_spans.ATTR_STEP, step_name))
+        stream = field(9, key_value(_spans.ATTR_STREAM, self._f.stream_label(r.stream)))
+
+        def esc(constant: bytes) -> bytes:
+            return constant.replace(b"%", b"%%")
+
+        pieces = [(b"\x0a\x10", hole16), (b"\x12\x08", hole8)]
+        if not root:
+            pieces.append((b"\x22\x08", hole8))
+        pieces += [(field(5, name.encode("utf-8", "replace")) + _KIND_INTERNAL + b"\x39", hole8), (b"\x41", hole8),
+                   (self._const + stream + step_attr + self._lead, hole8), (self._error, hole8)]
+        tail = _STATUS_UNSET + (_FLAGS_REMOTE if remote else _FLAGS_LOCAL)
+        length = sum(len(c) + len(h) for c, h in pieces) + len(tail)
+        template = (esc(b"\x12" + _length_prefix(length)) + b"".join(esc(c) + b"%b" for c, _ in pieces) + esc(tail))
+        if len(self._templates) < self._CACHE_LIMIT:
+            self._templates[key] = template
+        return template
+
+    def _encode_general(self, r: Any) -> bytes:
+        """Any span, field by field (constant pieces cached)."""
         f = self._f
         start_ns = r.start_ns
         name = self._names.get(r.name)
@@ -154,7 +199,7 @@ class SpanEncoder:
             r.trace_id.to_bytes(16, "big"), r.span_id.to_bytes(8, "big"),
             b"\x22\x08" + parent.to_bytes(8, "big") if parent else b"",
             name, _pack_kind_times(0x30, 1, 0x39, start_ns, 0x41, r.end_ns), self._const, stream, step_attr,
-            self._lead, _pack_f64((start_ns - f.to_wall(r.host_start)) / 1000.0),
+            self._lead, _pack_f64((start_ns - f.host_offset() - r.host_start) / 1000.0),
             self._error, _pack_f64(r.clock_error_ns / 1000.0))
         if r.trace_state or r.attributes or r.timed_out or r.error is not None or r.is_step:
             body += self._uncommon(r)

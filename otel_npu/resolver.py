@@ -130,8 +130,8 @@ class _StepState:
     def __init__(self) -> None:
         self.unresolved = 0
         self.children: list[Any] = []
-        self.start_ns = None
-        self.end_ns = None
+        self.start_ns = 1 << 63  # earliest start / latest end among the step's captures so far
+        self.end_ns = -1
         self.ready = False
 
 
@@ -353,7 +353,7 @@ class Resolver:
         if state is not None:
             del self._steps[r]
             children = state.children
-            if state.start_ns is not None:
+            if state.end_ns >= 0:
                 r.start_ns = min(r.start_ns, state.start_ns)
                 r.end_ns = max(r.end_ns, state.end_ns)
         self._complete(r)
@@ -377,10 +377,11 @@ class Resolver:
         if step is not None:
             state = self._steps[step]
             state.unresolved -= 1
-            state.children.append(r)
-            if state.start_ns is None or r.start_ns < state.start_ns:
+            if self._on_step is not None:  # the children are only needed for the duration log line
+                state.children.append(r)
+            if r.start_ns < state.start_ns:
                 state.start_ns = r.start_ns
-            if state.end_ns is None or r.end_ns > state.end_ns:
+            if r.end_ns > state.end_ns:
                 state.end_ns = r.end_ns
             if state.ready and not state.unresolved:
                 self._finish_step(step, state)

@@ -18,11 +18,14 @@ produces no span (it still resolves, feeds the compat pop, the log line and the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import random
 from typing import Any, Callable, Mapping, Sequence
 
 from opentelemetry import trace
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from .resolver import DROPPED
@@ -77,9 +80,16 @@ class SpanFactory:
         self._sampler = sampler
         self._ids = id_generator
         self._new_span_id = id_generator.generate_span_id
+        if type(id_generator) is RandomIdGenerator:
+            # The same draw without the Python method around it (that loops only to avoid 0, which
+            # random.getrandbits(64) returns once in 2**64 draws).
+            self._new_span_id = functools.partial(random.getrandbits, 64)
         self._stream_label = stream_label
         self._labels: dict[Any, str] = {}
         self.to_wall = to_wall
+        # The host clock's current mono->wall offset, without a call per span where to_wall is a HostClock's.
+        host = getattr(to_wall, "__self__", None)
+        self.host_offset = (lambda: host.offset_ns) if hasattr(host, "offset_ns") else (lambda: to_wall(0))
         self.const_attributes = dict(const_attributes)
         self._stats = stats
         self._timeout_text = f"device events did not complete within {event_timeout_s:g} s"

@@ -39,6 +39,8 @@ def record(**fields):
 STEP = types.SimpleNamespace(name="Decode")
 CASES = {
     "plain root": record(),
+    "child in a step (the template path)": record(parent_span_id=0x77, step=STEP),
+    "a name with a % in it": record(name="100% forward", parent_span_id=0x5, step=types.SimpleNamespace(name="50%")),
     "child in a step with attributes": record(
         parent_span_id=0x99, step=STEP,
         attributes={"s": "é✓", "b": False, "i": -42, "big": 2**62, "f": 0.25, "ls": ["a", "b"], "li": [1, 2, 3],
@@ -69,14 +71,15 @@ def test_encoder_matches_the_sdk_encoder(case):
     resource = Resource.create({"service.name": "decode-worker", "host.name": "h"})
     scope = InstrumentationScope("otel_npu", "0.1.0")
     r = CASES[case]
-    sdk = encode_spans([f.to_readable(r, resource, scope)])
-    ours = ExportTraceServiceRequest.FromString(otlp.SpanEncoder(f, resource, "otel_npu", "0.1.0").request(
-        [otlp.SpanEncoder(f, resource, "otel_npu", "0.1.0").encode(r)]))
+    encoder = otlp.SpanEncoder(f, resource, "otel_npu", "0.1.0")
+    ours = ExportTraceServiceRequest.FromString(encoder.request([encoder.encode(r), encoder.encode(r)]))
+    sdk = encode_spans([f.to_readable(r, resource, scope)] * 2)  # twice: the second from the cached template
     ours, sdk = canonical(ours), canonical(sdk)
     # The SDK encoder leaves out a link's trace state; the proto has the field and we fill it.
-    for link in ours["resourceSpans"][0]["scopeSpans"][0]["spans"][0].get("links", []):
-        if r.links[1].trace_state and link["spanId"] == "AAAAAAAADd0=":
-            assert link.pop("traceState") == "k=v"
+    for span in ours["resourceSpans"][0]["scopeSpans"][0]["spans"]:
+        for link in span.get("links", []):
+            if r.links[1].trace_state and link["spanId"] == "AAAAAAAADd0=":
+                assert link.pop("traceState") == "k=v"
     assert ours == sdk
 
 
