@@ -57,11 +57,11 @@ class Check:
     value: float
     unit: str
     target: str
-    ok: bool | None  # None: no target / not applicable here
+    ok: bool | str | None  # None: no target / not applicable here; "noise": the target is inside the error bars
     note: str = ""
 
     def row(self) -> str:
-        verdict = {True: "meets", False: "MISSES", None: "-"}[self.ok]
+        verdict = {True: "meets", False: "MISSES", None: "-", "noise": "within noise"}[self.ok]
         value = f"{self.value:.3f}" if abs(self.value) < 100 else f"{self.value:,.0f}"
         return f"| {self.name} | {value} {self.unit} | {self.target} | {verdict} | {self.note} |"
 

@@ -4,8 +4,10 @@ Why it looks the way it does (measured, see ``benchmarks/``): the serving loop's
 this one for the GIL, and every wake-up or long stretch of Python here is time the loop may spend waiting.
 So the resolver
 
-* **wakes rarely**: every ``poll_interval_s`` (100 ms) by default; the hot path never signals it. It wakes
-  at once, and then polls every millisecond, only while someone waits on it (``flush()``, the compat pop);
+* **wakes rarely**: every ``poll_interval_s`` (100 ms) by default while captures are in flight, every
+  ``IDLE_POLL_S`` (1 s) when none are; the hot path never signals it (except on the rare empty-pool path).
+  It wakes at once, and then polls every millisecond, only while someone waits on it (``flush()``, the
+  compat pop);
 * **works in short slices**: it gives the GIL up (``time.sleep(0)``) every ``SLICE`` records, so a waiting
   serving thread gets it back within tens of microseconds instead of the interpreter's 5 ms switch interval;
 * **never waits for the device**: it only asks ``query()``, and reads timings (which may block on torch_npu)
@@ -46,6 +48,9 @@ SLICE = 32
 REPORT_EVERY_S = 60.0
 #: Free timing events kept ready at least (a capture takes two); more when passes take in more.
 POOL_MIN_FREE = 1024
+
+#: Poll interval while nothing is in flight (captures arriving then wait at most this long for their span).
+IDLE_POLL_S = 1.0
 
 #: Poll interval while a flush or a blocking pop waits.
 URGENT_POLL_S = 0.001
@@ -218,7 +223,13 @@ class Resolver:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                self._wake.wait(URGENT_POLL_S if self._waiters else self._interval)
+                if self._waiters:
+                    timeout = URGENT_POLL_S
+                elif self._pending or self._queues or self._steps:
+                    timeout = self._interval
+                else:  # nothing in flight: wake up less (each wake-up can preempt a busy torch thread)
+                    timeout = max(self._interval, IDLE_POLL_S)
+                self._wake.wait(timeout)
                 self._wake.clear()
                 self._pass()
             self._pass()
