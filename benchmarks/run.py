@@ -239,12 +239,12 @@ def cpu_total(report: Report, device: Device, endpoint: str, collector_name: str
     }
     results = interleaved(variants, 3 if quick else 7)
     # Best of the rounds (as timeit reports): CPU seconds inflate when the machine is slowed by neighbours.
-    bare_total = min(r["total"] for r in results["bare loop"])
-    bare_hot = min(r["hot"] for r in results["bare loop"])
+    bare = min(results["bare loop"], key=lambda r: r["total"])
     table = {}
     for name, runs in results.items():
-        total = (min(r["total"] for r in runs) - bare_total) / captures * 1e6
-        hot = (min(r["hot"] for r in runs) - bare_hot) / captures * 1e6
+        best = min(runs, key=lambda r: r["total"])  # its hot/background split, from the same round
+        total = (best["total"] - bare["total"]) / captures * 1e6
+        hot = (best["hot"] - bare["hot"]) / captures * 1e6
         table[name] = {"total_us": total, "hot_thread_us": hot, "background_us": total - hot}
     report.add("cpu_total", {"collector": collector_name, "captures": captures, "variants": table})
     print(f"\nCPU per capture, all threads (µs; {captures} captures; collector: {collector_name}):")
@@ -461,7 +461,7 @@ def chart(report: Report, path: str) -> str | None:
     for ax, key in zip(axes, panels):
         data = report.sections[key]
         if key == "hotpath":
-            names = list(data["variants"])
+            names = [n for n in data["variants"] if n != "bare operation"]  # the baseline subtracted from all
             values = [max(data["variants"][n]["median_us"], 0.01) for n in names]
             ax.barh(names, values, color=["#2a9d8f" if "otel_npu" in n else "#999999" for n in names])
             ax.set_xscale("log")
@@ -477,12 +477,16 @@ def chart(report: Report, path: str) -> str | None:
             ax.set_ylabel("max |error|, µs")
             ax.legend(fontsize=7)
         else:
-            names = list(data["variants"])
-            values = [data["variants"][n]["ratio"] * 100 for n in names]
-            ax.barh(names, values, color=["#2a9d8f" if "otel_npu" in n else "#999999" for n in names])
+            names = [n for n in data["variants"] if n != "uninstrumented"]
+            values = [data["variants"][n]["mean_ratio"] * 100 for n in names]
+            errors = [data["variants"][n]["stderr"] * 200 for n in names]
+            ax.barh(names, values, xerr=errors, capsize=3,
+                    color=["#2a9d8f" if "otel_npu" in n else "#999999" for n in names])
+            ax.axvline(100, color="black", linewidth=0.8)
             ax.axvline(99, color="red", linestyle=":")
-            ax.set_xlim(min(values + [90]) - 2, 102)
-            ax.set_xlabel(f"{key[7:]}: throughput, % of uninstrumented (median of interleaved rounds)")
+            ax.set_xlim(min(v - e for v, e in zip(values, errors)) - 2, max(v + e for v, e in zip(values, errors)) + 2)
+            ax.set_xlabel(f"{key[7:]}: throughput, % of the uninstrumented run of the same round "
+                          "(mean, ± 2 standard errors)")
         ax.tick_params(axis="y", labelsize=8)
     machine = report.machine
     fig.suptitle(f"otel-npu benchmarks — {machine.get('gpu') or machine['cpu']} ({machine['cpus']} CPUs), "
