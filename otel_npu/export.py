@@ -30,6 +30,19 @@ from .redact import last_message, redact
 _log = logging.getLogger("otel_npu")
 
 
+def wait_until(cond: threading.Condition, done: Callable[[], bool], deadline: float,
+               worker: threading.Thread) -> bool:
+    """With ``cond`` held: wait until ``done()``, the monotonic ``deadline`` passes, or ``worker`` dies.
+
+    True when ``done()``. Wakes at least every 0.1 s to notice a worker that died without notifying."""
+    while not done():
+        left = deadline - time.monotonic()
+        if left <= 0 or not worker.is_alive():
+            return False
+        cond.wait(min(left, 0.1))
+    return True
+
+
 class SdkSink:
     """Finished spans to an SDK span processor."""
 
@@ -316,12 +329,7 @@ class OtlpSink:
             if self._thread is None:
                 return self._settled >= target
             self._cond.notify_all()
-            while self._settled < target:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
-                    return False
-                self._cond.wait(min(left, 0.1))
-        return True
+            return wait_until(self._cond, lambda: self._settled >= target, deadline, self._thread)
 
     def shutdown(self, timeout_s: float) -> None:
         """Flush within ``timeout_s``, then stop. What is still queued or in flight is counted as lost."""

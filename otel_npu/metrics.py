@@ -47,6 +47,8 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
+from .export import wait_until
+
 _log = logging.getLogger("otel_npu")
 
 STAGE_DURATION = "otel_npu.stage.duration"
@@ -79,6 +81,14 @@ COUNTERS = {
 EXPORTERS = ("otlp", "console", "none")
 
 
+def stage_key(r: Any) -> tuple[str, str | None]:
+    """The histogram series of a resolved capture: (stage, enclosing step); a step is its own stage."""
+    if r.is_step:
+        return r.name, r.name
+    step = r.step
+    return r.name, None if step is None else step.name
+
+
 class StageAggregator:
     """Explicit-bucket histograms per (stage, step), fed on the resolver thread, read by the export thread."""
 
@@ -92,11 +102,7 @@ class StageAggregator:
         """Add ``r``'s device-measured duration (resolver thread only)."""
         if r.timed_out:
             return
-        if r.is_step:
-            key = (r.name, r.name)
-        else:
-            step = r.step
-            key = (r.name, None if step is None else step.name)
+        key = stage_key(r)
         value = (r.end_ns - r.start_ns) / 1e6
         series = self._series.get(key)
         if series is None:
@@ -339,12 +345,7 @@ class MetricsExport:
             self._requested = self._completed + 1
             target = self._requested
             self._cond.notify_all()
-            while self._completed < target:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
-                    return False
-                self._cond.wait(min(left, 0.1))
-        return True
+            return wait_until(self._cond, lambda: self._completed >= target, deadline, self._thread)
 
     def shutdown(self, timeout_s: float) -> None:
         """A last export (bounded by ``timeout_s``), then stop; otel-npu's own exporters are shut down."""
@@ -401,11 +402,7 @@ class SdkInstruments:
     def record(self, r: Any) -> None:
         if r.timed_out:
             return
-        if r.is_step:
-            key = (r.name, r.name)
-        else:
-            step = r.step
-            key = (r.name, None if step is None else step.name)
+        key = stage_key(r)
         attrs = self._attrs.get(key)
         if attrs is None:
             attrs = self.aggregator.attributes(key)
