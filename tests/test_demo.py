@@ -159,12 +159,13 @@ def test_destination_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     env: dict[str, str] = {}
     path = demo.configure_destination(env)
-    assert env == {"OTEL_TRACES_EXPORTER": "none", "OTEL_NPU_TRACES_FILE": path}
+    assert env == {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none", "OTEL_NPU_TRACES_FILE": path}
     assert path.startswith("otel-npu-traces-") and path.endswith(".jsonl")
     assert demo.describe_destinations(env) == [f"written to {path}"]
 
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
     assert demo.configure_destination(env) is None and "OTEL_NPU_TRACES_FILE" not in env
+    assert "OTEL_METRICS_EXPORTER" not in env, "with a collector, the stage metrics go there too"
     assert demo.describe_destinations(env) == ["exported over OTLP (http/protobuf) to http://collector:4318/v1/traces"]
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
     assert demo.describe_destinations(env) == ["exported over OTLP (grpc) to http://collector:4317"]

@@ -93,6 +93,10 @@ def configure_destination(env: Any) -> str | None:
     if any(env.get(var, "").strip() for var in ENDPOINT_VARS) or env.get("OTEL_TRACES_EXPORTER", "").strip():
         return None
     env["OTEL_TRACES_EXPORTER"] = "none"
+    # No collector either for the stage metrics: without this they would be retried against localhost:4318
+    # (a warning, and an exit held up by the export time-out). The table at the end shows the same numbers.
+    if not env.get("OTEL_METRICS_EXPORTER", "").strip() and not env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "").strip():
+        env["OTEL_METRICS_EXPORTER"] = "none"
     if env.get("OTEL_NPU_TRACES_FILE", "").strip():
         return None
     path = f"otel-npu-traces-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
