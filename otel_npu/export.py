@@ -81,8 +81,8 @@ class EncodedBatch:
 
 
 def http_session(signal: str = "TRACES") -> Any:
-    """``None``, or (when a certificate variable is set) a ``requests.Session`` for the SDK's OTLP/HTTP exporters that keeps ``OTEL_EXPORTER_OTLP_[signal_]
-    CERTIFICATE`` in force.
+    """``None``, or (when a certificate variable is set) a ``requests.Session`` for the SDK's OTLP/HTTP
+    exporters that keeps ``OTEL_EXPORTER_OTLP_[signal_]CERTIFICATE`` in force.
 
     Why: the exporters set ``session.verify`` to that file, but ``requests`` lets ``REQUESTS_CA_BUNDLE`` /
     ``CURL_CA_BUNDLE`` from the environment win over a session's ``verify`` — on hosts that set them (common),
