@@ -145,6 +145,24 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     )
 
 
+def exporter_names(env: Mapping[str, str], var: str, accepted: tuple[str, ...], *, who: str = "otel-npu does not know",
+                   hint: str = "") -> list[str]:
+    """The exporters named in ``var`` (comma-separated, any case, default ``otlp``), in order, without
+    duplicates; ``[]`` when ``none`` is among them. An unknown name is warned about and skipped."""
+    raw = env.get(var, "").strip().lower() or "otlp"
+    names: list[str] = []
+    for name in (part.strip() for part in raw.split(",")):
+        if not name:
+            continue
+        if name not in accepted:
+            _log.warning("%s names %r, which %s: accepted values are %s%s; ignored",
+                         var, name, who, ", ".join(accepted), hint)
+            continue
+        if name not in names:
+            names.append(name)
+    return [] if "none" in names else names
+
+
 def _strict_int(raw: str) -> int:
     return int(raw, 10)
 

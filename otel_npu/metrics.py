@@ -47,6 +47,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
+from . import config
 from .export import wait_until
 
 _log = logging.getLogger("otel_npu")
@@ -425,19 +426,10 @@ class _MetricsExportError(Exception):
 
 
 def exporters_from_env(env: Mapping[str, str]) -> list[str]:
-    raw = env.get("OTEL_METRICS_EXPORTER", "").strip().lower() or "otlp"
-    names = []
-    for name in (part.strip() for part in raw.split(",")):
-        if not name:
-            continue
-        if name not in EXPORTERS:
-            _log.warning("OTEL_METRICS_EXPORTER names %r, which otel-npu's own metrics do not support: accepted "
-                         "values are %s (for a pull exporter such as prometheus, install an SDK MeterProvider "
-                         "with that reader: otel-npu then records into it); ignored", name, ", ".join(EXPORTERS))
-            continue
-        if name not in names:
-            names.append(name)
-    return [] if "none" in names else names
+    return config.exporter_names(
+        env, "OTEL_METRICS_EXPORTER", EXPORTERS, who="otel-npu's own metrics do not support",
+        hint=" (for a pull exporter such as prometheus, install an SDK MeterProvider with that reader: otel-npu "
+             "then records into it)")
 
 
 def _env_ms(env: Mapping[str, str], name: str, default_ms: float) -> float:

@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from typing import Any, Callable, Mapping
 
 from opentelemetry import trace
@@ -31,7 +32,7 @@ from opentelemetry.sdk.trace import sampling
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from . import export, otlp, redact
+from . import config, export, otlp, redact
 from . import metrics as _metrics
 from .spans import SpanFactory
 
@@ -84,8 +85,6 @@ class Pipeline:
         self._stats.spans_emitted += 1
 
     def flush(self, timeout_s: float) -> bool:
-        import time
-
         deadline = time.monotonic() + timeout_s
         ok = True
         for sink in self.sinks:
@@ -95,8 +94,6 @@ class Pipeline:
         return ok
 
     def shutdown(self, timeout_s: float) -> None:
-        import time
-
         deadline = time.monotonic() + timeout_s
         for sink in self.sinks:
             try:
@@ -152,18 +149,7 @@ def protocol_from_env(env: Mapping[str, str], signal: str = "TRACES") -> str:
 
 
 def exporters_from_env(env: Mapping[str, str]) -> list[str]:
-    raw = env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp"
-    names = []
-    for name in (part.strip() for part in raw.split(",")):
-        if not name:
-            continue
-        if name not in EXPORTERS:
-            _log.warning("OTEL_TRACES_EXPORTER names %r, which otel-npu does not know: accepted values are %s; "
-                         "ignored", name, ", ".join(EXPORTERS))
-            continue
-        if name not in names:
-            names.append(name)
-    return [] if "none" in names else names
+    return config.exporter_names(env, "OTEL_TRACES_EXPORTER", EXPORTERS)
 
 
 def resource_from_env(process_attrs: Mapping[str, Any]) -> Resource:
