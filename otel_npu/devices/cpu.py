@@ -7,7 +7,6 @@ thread, so the captures of different threads land on different tracks.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 from .base import DeviceBackend
@@ -46,5 +45,3 @@ class CpuBackend(DeviceBackend):
     def record_anchor(self, event: Any) -> None:  # pragma: no cover - host-timed: no anchors
         raise TypeError("the CPU backend has no events")
 
-
-now_ns = time.perf_counter_ns
