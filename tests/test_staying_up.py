@@ -88,8 +88,12 @@ class Serving:
     def exit(self) -> tuple[float, dict]:
         """Exit; return (seconds the exit took, final counters)."""
         exit_at = self.ask("exit")["exit_at"]
-        rest, _ = self.proc.communicate(timeout=60)
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)  # stdout is one short line more: it fits in the pipe, so the child never waits
         exited = time.time()
+        # Through the same buffered reader as ask()'s readline, which may already hold the final line when it
+        # came with the exit answer; communicate() reads the pipe's descriptor directly and would never see it.
+        rest = self.proc.stdout.read()
         self._stderr.close()
         assert self.proc.returncode == 0, self.stderr()
         final = json.loads(rest.strip().splitlines()[-1])["final"]
