@@ -13,7 +13,12 @@ What a capture costs the capturing thread, and nothing more:
 
 Never: a synchronize, a wait for the device or for export, a lock held across a device call, an env read.
 Captures are handed to the resolver thread (``resolver.py``) through an unbounded-by-type but size-checked
-``deque``: past ``max_pending`` a capture is dropped and counted (a lock is taken on that rare path only).
+``deque``: a capture *entered* while ``max_pending`` captures wait there is not timed, and is counted as a
+``pending_limit`` drop (a lock is taken on that rare path only). The decision is made at entry, before any
+capture inside it exists, so that those re-parent to the nearest timed ancestor, as under a pool-empty drop:
+decided at exit, a dropped capture's children would already be spans pointing at a parent that never comes
+(and a dropped step would leave the resolver waiting for it). So the deque may hold more than ``max_pending``
+by the captures that were open when it filled: at most one per nesting level per thread.
 
 Each ``capture()``/``step()`` call returns a one-shot context manager that is also a decorator. Entering one
 object a second time works too (a fresh capture is made for that use), at the cost of one more allocation.
@@ -174,6 +179,10 @@ class _HostCapture(Capture):
         if parent is None:
             self.otel_ctx = _otel_current()
         self._token = _set_current(self)
+        if _pending_len() >= _max_pending:  # decided at entry: see the module's docstring
+            self.start = _DROPPED
+            _rt.stats.drop("pending_limit")
+            return self
         if self.stream is None:  # the CPU's "stream" is the thread (its Thread object, for the name)
             try:
                 self.stream = _tls.thread
@@ -187,16 +196,14 @@ class _HostCapture(Capture):
         token = self._token
         if token is _DELEGATED:
             return _exit_again(self, exc_type, exc, tb)
-        self.end = self.host_end = now
         try:
             _reset_current(token)
         except ValueError:  # exited in another context than it was entered in: nothing to undo there
             pass
-        self.error = None if exc_type is None else _describe_error(exc_type, exc)
-        if _pending_len() < _max_pending:
+        if self.start is not _DROPPED:
+            self.end = self.host_end = now
+            self.error = None if exc_type is None else _describe_error(exc_type, exc)
             _pending_append(self)
-        else:
-            _rt.stats.drop("pending_limit")
         return False
 
 
@@ -213,6 +220,10 @@ class _EventCapture(Capture):
         if parent is None:
             self.otel_ctx = _otel_current()
         self._token = _set_current(self)
+        if _pending_len() >= _max_pending:  # decided at entry: see the module's docstring
+            self.start = _DROPPED
+            _rt.stats.drop("pending_limit")
+            return self
         try:
             stream = self.stream
             if stream is None:
@@ -256,10 +267,7 @@ class _EventCapture(Capture):
             pass
         if timed:
             self.error = None if exc_type is None else _describe_error(exc_type, exc)
-            if _pending_len() < _max_pending:
-                _pending_append(self)
-            else:
-                _rt.stats.drop("pending_limit")  # its events are not given back: they may still be queued
+            _pending_append(self)
         return False
 
 

@@ -57,7 +57,8 @@ URGENT_POLL_S = 0.001
 
 #: Why data was lost, and what was lost: every drop is counted under one of these (or an error's name).
 DROP_REASONS = {
-    "pending_limit": ("captures", "more captures were waiting for their device events than OTEL_NPU_MAX_PENDING"),
+    "pending_limit": ("captures", "entered while OTEL_NPU_MAX_PENDING captures were waiting for their device "
+                                  "events"),
     "event_pool_empty": ("captures", "no pre-created timing event was free (the resolver is behind the device)"),
     "record_failed": ("captures", "recording a device event raised"),
     "resolver_stopped": ("captures", "captured while otel-npu was shutting down"),

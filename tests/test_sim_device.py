@@ -199,6 +199,41 @@ def test_children_of_a_dropped_capture_attach_to_its_parent(provider, spans, sim
     assert otel_npu.stats()["dropped"]["event_pool_empty"] == 1
 
 
+def test_the_pending_limit_is_decided_at_entry_so_no_span_points_at_a_missing_parent(provider, spans, sim):
+    enable(provider, device=sim, max_pending=3, poll_interval_s=30.0)
+    from otel_npu import runtime
+
+    tracer = provider[0].get_tracer("test")
+    with tracer.start_as_current_span("request") as request:
+        with otel_npu.step("Decode"):  # entered below the limit: timed
+            with otel_npu.capture("forward"):
+                pass
+            assert otel_npu.flush(5.0)  # "forward" is resolved and emitted while its step is still open
+            for _ in range(3):
+                with otel_npu.capture("filler"):
+                    pass  # the intake is full now ...
+        # ... and the step, open when it filled, still goes in: dropped now, "forward" would be an orphan.
+        with otel_npu.step("Prefill"):  # entered at the limit: not timed, nor what it holds until the intake drains
+            with otel_npu.capture("sample"):
+                pass
+            assert otel_npu.flush(5.0)
+            with otel_npu.capture("post process"):  # timed again: its parent is the nearest timed ancestor
+                pass
+    assert otel_npu.flush(5.0)
+
+    emitted = {s.context.span_id for s in spans.all}
+    orphans = [s.name for s in spans.all if s.parent is not None and s.parent.span_id not in emitted]
+    assert orphans == [], "spans pointing at a parent that was never emitted"
+    assert spans.one("forward").parent.span_id == spans.one("Decode").context.span_id
+    assert len(spans.named("filler")) == 3
+    assert spans.named("Prefill") == [] and spans.named("sample") == []
+    post = spans.one("post process")
+    assert post.parent.span_id == request.get_span_context().span_id
+    assert "otel_npu.step" not in post.attributes
+    assert otel_npu.stats()["dropped"] == {"pending_limit": 2}
+    assert runtime.current().resolver._steps == {}, "step state left waiting for a step that never comes"
+
+
 def test_device_clock_drift_stays_within_the_stated_bound(provider, spans):
     device = SimDevice(drift_ppm=80.0)
     try:

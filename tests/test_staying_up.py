@@ -33,6 +33,9 @@ from .otlp_receiver import GrpcReceiver, HttpReceiver
 RATE = 10_000            # records per second, the loop's steady pace
 MAX_QUEUE = 8192          # OTEL_BSP_MAX_QUEUE_SIZE (otel-npu's default for its own pipeline)
 MAX_PENDING = 5000        # OTEL_NPU_MAX_PENDING for these runs
+#: The intake may exceed OTEL_NPU_MAX_PENDING by the captures open when it filled (the limit is decided at entry):
+#: the loop nests a capture in a step.
+PENDING_OVERSHOOT = 2
 SHUTDOWN_BOUND_S = 2.0    # OTEL_NPU_SHUTDOWN_TIMEOUT_S for these runs
 EXIT_SLACK_S = 2.5        # interpreter teardown and scheduling on a busy 2-core machine
 #: What otel-npu holds is small: pending captures (≈ 0.3 KB each, with their 2 events in the simulator), the event
@@ -113,7 +116,7 @@ def assert_stayed_up(serving: Serving, exit_s: float, final: dict) -> None:
         label = run["done"]
         assert run["worst_iteration_s"] < NEVER_BLOCKED_S, (label, run["worst_iteration_s"])
         assert run["queue_max"] <= MAX_QUEUE, label
-        assert run["pending_max"] <= MAX_PENDING, label
+        assert run["pending_max"] <= MAX_PENDING + PENDING_OVERSHOOT, label
     rss = [r for run in serving.runs for r in run["rss"]]
     assert max(rss) - rss[0] <= RSS_GROWTH_BOUND, [round(r / 2**20, 1) for r in rss]
 
