@@ -17,7 +17,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract
 
 import otel_npu
-from otel_npu.telemetry import tracer_provider_from_env
+from otel_npu.export.pipeline import tracer_provider_from_env
 
 
 def client_headers(i: int) -> dict[str, str]:

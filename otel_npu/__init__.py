@@ -22,7 +22,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from . import capturing as _capture_mod  # noqa: E402  (after __version__: telemetry reads it)
+from . import capturing as _capture_mod  # noqa: E402  (after __version__: export.pipeline reads it)
 from . import config as _config  # noqa: E402
 from . import runtime as _runtime  # noqa: E402
 from .capturing import capture, step  # noqa: E402

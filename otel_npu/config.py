@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 _log = logging.getLogger("otel_npu")
 
-#: Environment variables otel-npu reads (the standard ``OTEL_*`` ones are read in ``telemetry.py``).
+#: Environment variables otel-npu reads (the standard ``OTEL_*`` ones are read in ``export/pipeline.py``).
 ENV_ENABLED = "OTEL_NPU_ENABLED"
 ENV_ENABLED_ALIAS = "VLLM_ASCEND_MODEL_EXECUTE_TIME_OBSERVE"  # the seed's variable, honoured as an alias
 ENV_DEVICE = "OTEL_NPU_DEVICE"

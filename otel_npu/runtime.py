@@ -24,7 +24,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import config, devices, durations, telemetry
+from . import config, devices, durations
+from .export import pipeline as telemetry
 from .clock import DeviceClock, HostClock
 from .devices.base import EventPool
 from .resolver import POOL_MIN_FREE, Resolver, Stats

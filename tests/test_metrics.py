@@ -13,7 +13,7 @@ from opentelemetry.sdk.metrics.export import (InMemoryMetricReader, MetricExport
 from opentelemetry.sdk.resources import Resource
 
 import otel_npu
-from otel_npu.metrics import BOUNDARIES_MS
+from otel_npu.export.metrics import BOUNDARIES_MS
 
 from .conftest import TIME_BOUND_NS
 from .otlp_receiver import HttpReceiver, attributes

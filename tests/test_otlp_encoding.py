@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.sampling import DEFAULT_ON
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
-from otel_npu import otlp
+from otel_npu.export import otlp
 from otel_npu.resolver import Stats
 from otel_npu.spans import SpanFactory
 

@@ -182,7 +182,7 @@ def test_traces_file_is_otlp_json_lines_with_hex_ids(monkeypatch, tmp_path):
 def test_an_app_provider_from_env_puts_request_and_stage_spans_in_one_file(monkeypatch, tmp_path):
     import json
 
-    from otel_npu.telemetry import tracer_provider_from_env
+    from otel_npu.export.pipeline import tracer_provider_from_env
 
     path = tmp_path / "traces.jsonl"
     monkeypatch.setenv("OTEL_NPU_TRACES_FILE", str(path))

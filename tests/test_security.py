@@ -11,7 +11,7 @@ import pytest
 import requests
 
 import otel_npu
-from otel_npu import redact
+from otel_npu.export import redact
 
 from .collector import free_port
 from .otlp_receiver import GrpcReceiver, HttpReceiver

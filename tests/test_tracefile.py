@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 import otel_npu
 from otel_npu.cli import main, tracefile
-from otel_npu.export import JsonLinesSpanExporter
+from otel_npu.export.sinks import JsonLinesSpanExporter
 
 
 @pytest.fixture

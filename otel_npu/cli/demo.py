@@ -1,7 +1,7 @@
 """``otel-npu demo``: a small serving loop on a real model, with every step's stages as device-timed spans.
 
 The demo plays the serving application (as vLLM does): it owns an SDK TracerProvider for its request spans
-(``llm_request``, one trace per request), built by ``otel_npu.telemetry.tracer_provider_from_env`` and
+(``llm_request``, one trace per request), built by ``otel_npu.export.pipeline.tracer_provider_from_env`` and
 installed globally; otel-npu sends its stage spans through that same provider.
 
 The model is Hugging Face transformers' Llama implementation built from a small config with random weights
@@ -106,7 +106,7 @@ def configure_destination(env: Any) -> str | None:
 
 def describe_destinations(env: Any) -> list[str]:
     """Where the demo's traces went, as the environment configured it."""
-    from otel_npu import telemetry
+    from otel_npu.export import pipeline as telemetry
 
     out = []
     exporters = telemetry.exporters_from_env(env)
@@ -171,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
     _log_through(lambda line: tqdm.write(line, file=sys.stderr))
 
     import otel_npu
-    from otel_npu import devices, telemetry
+    from otel_npu import devices
+    from otel_npu.export import pipeline as telemetry
     from otel_npu.cli import tracefile
 
     try:

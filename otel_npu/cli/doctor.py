@@ -39,7 +39,7 @@ class _Collect(logging.Handler):
         self.problems: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        from otel_npu.redact import redact
+        from otel_npu.export.redact import redact
 
         self.problems.append(redact(record.getMessage()))
 
@@ -56,7 +56,7 @@ def _enabled_reason(env: Any, settings: Any) -> str:
 
 def _otlp_details(signal: str, protocol: str, env: Any) -> list[tuple[str, str]]:
     """Endpoint and options of the SDK's OTLP exporter for ``signal`` (built, not connected)."""
-    from otel_npu.redact import header_names
+    from otel_npu.export.redact import header_names
 
     if signal == "traces":
         if protocol == "grpc":
@@ -92,7 +92,9 @@ def _otlp_details(signal: str, protocol: str, env: Any) -> list[tuple[str, str]]
 
 def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
     """``(lines, problems)``: what otel-npu would do, and what is wrong with the configuration."""
-    from otel_npu import config, devices, metrics, telemetry
+    from otel_npu import config, devices
+    from otel_npu.export import metrics
+    from otel_npu.export import pipeline as telemetry
     from otel_npu.devices.base import DeviceUnavailable
     from otel_npu.spans import process_attributes
 
@@ -103,7 +105,7 @@ def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
         logger.addHandler(collect)
     lines: list[tuple[str, str]] = []
     try:
-        from otel_npu import redact
+        from otel_npu.export import redact
 
         redact.install_exporter_log_filter()
         settings = config.from_env(env)

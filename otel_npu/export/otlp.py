@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Iterable, Mapping
 
-from . import spans as _spans
+from .. import spans as _spans
 
 _pack_u64 = struct.Struct("<Q").pack
 _pack_u32 = struct.Struct("<I").pack

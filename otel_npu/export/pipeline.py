@@ -32,9 +32,11 @@ from opentelemetry.sdk.trace import sampling
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from . import config, export, otlp, redact
+from .. import config
+from ..spans import SpanFactory
 from . import metrics as _metrics
-from .spans import SpanFactory
+from . import otlp, redact
+from . import sinks as _sinks
 
 _log = logging.getLogger("otel_npu")
 
@@ -48,7 +50,7 @@ SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", 
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -193,7 +195,7 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
                          "be handed to it, using otel-npu's own pipeline", type(provider).__name__)
         else:
             factory = SpanFactory(sampler=tracer.sampler, id_generator=tracer.id_generator, **common)
-            sink = export.SdkSink(tracer.span_processor, tracer.resource, scope, factory, owned=False)
+            sink = _sinks.SdkSink(tracer.span_processor, tracer.resource, scope, factory, owned=False)
             return Pipeline(factory, [sink], stats, f"the application's TracerProvider ({type(provider).__name__})",
                             _build_metrics(settings, env, process_attrs, resource_from_env(process_attrs),
                                            scope, stats))
@@ -208,7 +210,7 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
     if traces_file:
         try:
             encoder = otlp.SpanEncoder(factory, resource, scope.name, scope.version or "")
-            sinks.append(export.OtlpSink(export.file_transport(traces_file), encoder, stats,
+            sinks.append(_sinks.OtlpSink(_sinks.file_transport(traces_file), encoder, stats,
                                          schedule_delay_s=1.0))
             described.append(f"file {traces_file}")
         except OSError as exc:
@@ -258,7 +260,7 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
         return provider
     traces_file = env.get(TRACES_FILE_ENV, "").strip()
     if traces_file:
-        provider.add_span_processor(BatchSpanProcessor(export.JsonLinesSpanExporter(traces_file),
+        provider.add_span_processor(BatchSpanProcessor(_sinks.JsonLinesSpanExporter(traces_file),
                                                        schedule_delay_millis=1000))
     for name in exporters_from_env(env):
         if name == "console":
@@ -270,7 +272,7 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-            provider.add_span_processor(BatchSpanProcessor(HttpExporter(session=export.http_session())))
+            provider.add_span_processor(BatchSpanProcessor(HttpExporter(session=_sinks.http_session())))
     return provider
 
 
@@ -294,10 +296,10 @@ def _own_sink(name: str, env: Mapping[str, str], factory: SpanFactory, resource:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 
         # stdout as it is now: ConsoleSpanExporter's default is the one at its import
-        return export.SdkSink(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout)), resource, scope, factory,
+        return _sinks.SdkSink(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout)), resource, scope, factory,
                               owned=True), "console"
     protocol = protocol_from_env(env)
-    send = export.transport_for(protocol)
+    send = _sinks.transport_for(protocol)
     if send is None:  # the installed exporter lacks the hooks: the SDK path works, more slowly
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -308,16 +310,16 @@ def _own_sink(name: str, env: Mapping[str, str], factory: SpanFactory, resource:
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter(session=export.http_session())
+            exporter = OTLPSpanExporter(session=_sinks.http_session())
         _log.info("otel-npu: this opentelemetry-exporter-otlp has no pre-encoded export path; using the SDK's")
-        return export.SdkSink(BatchSpanProcessor(exporter), resource, scope, factory, owned=True), \
+        return _sinks.SdkSink(BatchSpanProcessor(exporter), resource, scope, factory, owned=True), \
             f"otlp {protocol} (SDK encoder)"
     redact.install_exporter_log_filter()
     encoder = otlp.SpanEncoder(factory, resource, scope.name, scope.version or "")
     # Defaults larger than the BatchSpanProcessor's (2048 / 512): a stage span per capture comes at
     # thousands per second, and each HTTP request costs ≈ 2 ms of Python (requests re-reads the proxy
     # environment every time), so 2048 spans per request cost ≈ 1.7 µs each against ≈ 3.7 µs at 512.
-    sink = export.OtlpSink(
+    sink = _sinks.OtlpSink(
         send, encoder, stats,
         max_queue_size=_bsp_setting(env, "OTEL_BSP_MAX_QUEUE_SIZE", 8192),
         max_export_batch_size=_bsp_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2048),

@@ -47,8 +47,8 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
-from . import config
-from .export import wait_until
+from .. import config
+from .sinks import wait_until
 
 _log = logging.getLogger("otel_npu")
 
@@ -462,7 +462,7 @@ def own_exporter(name: str, protocol: str) -> tuple[Any, str]:
     if protocol == "grpc":
         exporter = OTLPMetricExporter()
     else:
-        from .export import http_session
+        from .sinks import http_session
 
         exporter = OTLPMetricExporter(session=http_session("METRICS"))
     return exporter, f"otlp {protocol} -> {getattr(exporter, '_endpoint', '?')}"
