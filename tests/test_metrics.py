@@ -188,3 +188,27 @@ def test_a_pull_reader_gets_real_sdk_instruments(app_meter_provider, provider, s
     assert point.count == 4 and tuple(point.explicit_bounds) == BOUNDARIES_MS
     assert metrics["otel_npu.captures.resolved"].data.data_points[0].value == 4
     assert "SDK instruments" in otel_npu.stats()["metrics"]
+
+
+def test_min_and_max_are_right_for_every_exporter_of_a_round(monkeypatch, receiver, sim, capfd):
+    # Issue 11 item 17: with two exporters (console first, then OTLP asking for delta), building the console's
+    # data started a new interval, and OTLP saw min=inf, max=-inf.
+    own_metrics_env(monkeypatch, receiver, OTEL_METRICS_EXPORTER="console,otlp",
+                    OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE="delta")
+    otel_npu.configure(enabled=True, device=sim, pipeline="own")
+    durations = []
+    for seconds in (0.0001, 0.0003, 0.0002):
+        with otel_npu.capture("forward") as c:
+            sim.current_stream().launch(seconds)
+        start, end = truth(c)
+        durations.append((end - start) / 1e6)
+    assert otel_npu.flush(10.0)
+    histogram = receiver.wait_for_metric("otel_npu.stage.duration",
+                                         lambda m: m.histogram.data_points[0].count == 3)
+    assert histogram is not None
+    otel_npu.shutdown(5.0)  # while the console exporter's stdout is still captured
+    point = histogram.histogram.data_points[0]
+    # device-read durations: within 1 µs of the simulator's truth
+    assert point.min == pytest.approx(min(durations), abs=1e-3) and point.max == pytest.approx(max(durations), abs=1e-3)
+    printed = capfd.readouterr().out
+    assert '"min": 0.' in printed and "inf" not in printed, printed[-2000:]

@@ -186,14 +186,16 @@ class MetricsBuilder:
         self._last_counts: dict[tuple, int] = {}
         self._last_time = aggregator.start_ns
 
-    def build(self, delta: bool) -> Any:
+    def build(self, delta: bool, snapshot: list | None = None) -> Any:
+        """``snapshot``: the aggregator's ``snapshot()`` for this export round, shared by every destination of
+        the round (taking one per destination would start a new min/max interval between them)."""
         (Temporality, Histogram, HistogramDataPoint, Metric, MetricsData, NumberDataPoint, ResourceMetrics,
          ScopeMetrics, Sum) = _sdk_classes()
         now = time.time_ns()
         start = self._last_time if delta else self.aggregator.start_ns
         temporality = Temporality.DELTA if delta else Temporality.CUMULATIVE
         points = []
-        for key, count, series in self.aggregator.snapshot():
+        for key, count, series in self.aggregator.snapshot() if snapshot is None else snapshot:
             total = series[0]
             buckets = series[5:]
             low, high = (series[3], series[4]) if delta else (series[1], series[2])
@@ -313,9 +315,12 @@ class MetricsExport:
         from .redact import last_message, redact
 
         ok = True
+        # One snapshot per round: it starts the next interval of the delta min/max, so every destination of
+        # this round must see the same one (issue 11 item 17: a second exporter saw min=inf, max=-inf).
+        snapshot = self.aggregator.snapshot()
         for d in self._destinations:
             try:
-                data = d.builder.build(_wants_delta(d.exporter))
+                data = d.builder.build(_wants_delta(d.exporter), snapshot)
                 last_message()
                 if d.lock is not None:
                     with d.lock:
