@@ -51,6 +51,83 @@ ATTR_ERROR_TYPE = "error.type"               # semantic convention: the exceptio
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _VALID_SCALARS = (str, bool, int, float)
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+class Limits:
+    """The span limits of the OpenTelemetry specification, as the SDK's ``SpanLimits`` holds them (``None``:
+    no limit). The application's provider's ``SpanLimits`` when spans go through it (``from_sdk``), else read
+    from the same variables with the same precedence and defaults (``from_env``)."""
+
+    __slots__ = ("span_attributes", "links", "link_attributes", "events", "event_attributes",
+                 "span_value_length", "value_length")
+
+    def __init__(self, span_attributes: int | None = 128, links: int | None = 128,
+                 link_attributes: int | None = 128, events: int | None = 128, event_attributes: int | None = 128,
+                 span_value_length: int | None = None, value_length: int | None = None) -> None:
+        self.span_attributes = span_attributes
+        self.links = links
+        self.link_attributes = link_attributes
+        self.events = events
+        self.event_attributes = event_attributes
+        self.span_value_length = span_value_length  # span attributes
+        self.value_length = value_length  # link and event attributes (the SDK's max_attribute_length)
+
+    @classmethod
+    def from_sdk(cls, limits: Any) -> "Limits":
+        """Of an SDK ``SpanLimits`` (a provider's ``_span_limits``); the defaults when there is none."""
+        if limits is None:
+            return cls()
+        get = functools.partial(getattr, limits)
+        return cls(get("max_span_attributes", 128), get("max_links", 128), get("max_link_attributes", 128),
+                   get("max_events", 128), get("max_event_attributes", 128), get("max_span_attribute_length", None),
+                   get("max_attribute_length", None))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Limits":
+        """``OTEL_SPAN_*_LIMIT``, ``OTEL_LINK_*``, ``OTEL_EVENT_*`` and ``OTEL_ATTRIBUTE_*`` as the SDK reads them
+        (a specific variable over the general one over the default; ``unset``: no limit). An invalid value is
+        warned about once and replaced by the default (the SDK raises instead)."""
+        missing = object()
+
+        def read(var: str, fallback: Any) -> Any:
+            raw = env.get(var, "").strip().lower()
+            if not raw:
+                return fallback
+            if raw == "unset":
+                return None
+            try:
+                value = int(raw, 10)
+                if value < 0:
+                    raise ValueError
+                return value
+            except ValueError:
+                _log.warning("%s=%r is not valid: accepted values are whole numbers from 0 (or 'unset' for no "
+                             "limit); using the default", var, env.get(var))
+                return fallback
+
+        general = read("OTEL_ATTRIBUTE_COUNT_LIMIT", missing)
+        count = 128 if general is missing or general is None else general
+        length = read("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", None)
+        return cls(read("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", count), read("OTEL_SPAN_LINK_COUNT_LIMIT", 128),
+                   read("OTEL_LINK_ATTRIBUTE_COUNT_LIMIT", count), read("OTEL_SPAN_EVENT_COUNT_LIMIT", 128),
+                   read("OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", count),
+                   read("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", length), length)
+
+
+class CleanAttributes(dict):
+    """A capture's or link's attributes once checked and limited (``dropped``: how many were left out)."""
+
+    __slots__ = ("dropped",)
+
+    def __bool__(self) -> bool:  # something to encode: attributes, or a count of dropped ones
+        return len(self) > 0 or self.dropped > 0
+
+
+class LinkList(list):
+    """A step's links once converted and limited: ``Link`` objects (``total``: valid links before the limit)."""
+
+    __slots__ = ("total", "dropped")
 
 
 def process_attributes(device_label: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -76,7 +153,7 @@ class SpanFactory:
 
     def __init__(self, *, sampler: Any, id_generator: Any, stream_label: Callable[[Any], str],
                  to_wall: Callable[[int], int], const_attributes: Mapping[str, Any], stats: Any,
-                 event_timeout_s: float) -> None:
+                 event_timeout_s: float, limits: Limits | None = None) -> None:
         self._sampler = sampler
         self._ids = id_generator
         self._new_span_id = id_generator.generate_span_id
@@ -94,6 +171,8 @@ class SpanFactory:
         self._stats = stats
         self._timeout_text = f"device events did not complete within {event_timeout_s:g} s"
         self._warned: set[str] = set()
+        self.limits = limits or Limits()
+        self._link_window = 0  # how many over-full steps so far: where the next one's kept window starts
 
     # -- identity -----------------------------------------------------------------------------------
     def identify(self, r: Any) -> bool:
@@ -137,26 +216,94 @@ class SpanFactory:
             label = self._labels[stream] = self._stream_label(stream)
         return label
 
-    def user_attributes(self, r: Any) -> Mapping[str, Any]:
-        """The capture's own attributes, with values OTLP cannot carry dropped (warned once per key)."""
+    def own_keys(self, r: Any) -> list[str]:
+        """The keys of the attributes otel-npu itself sets on ``r``'s span (``attributes()`` order)."""
+        keys = list(self.const_attributes)
+        keys += (ATTR_STREAM, ATTR_HOST_LEAD, ATTR_CLOCK_ERROR)
+        if r.step is not None:
+            keys.append(ATTR_STEP)
+        if r.is_step:
+            keys += (ATTR_KIND, ATTR_LINKS)
+        if r.timed_out:
+            keys.append(ATTR_TIMED_OUT)
+        if r.error is not None:
+            keys.append(ATTR_ERROR_TYPE)
+        return keys
+
+    def user_attributes(self, r: Any) -> CleanAttributes:
+        """The capture's own attributes as they go out, checked and limited once (the result replaces
+        ``r.attributes``; ``.dropped`` says how many were left out).
+
+        As the SDK does: an empty or non-str key, a value OTLP cannot carry and an int outside int64 are
+        dropped with a warning (once per key); strings are cut at the span value-length limit; and the span
+        keeps at most ``OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT`` attributes. Unlike the SDK (which keeps the last
+        ones set), otel-npu's own attributes are kept first and then the user's in their order; a user
+        attribute with the key of one otel-npu sets on this span (``otel_npu.device``, ``error.type`` on a
+        failed capture, ...) is dropped with a warning: keys are unique, and otel-npu's are what its tools
+        and dashboards read."""
         attrs = r.attributes
+        if attrs.__class__ is CleanAttributes:
+            return attrs
+        clean = CleanAttributes()
+        clean.dropped = 0
         if not attrs:
-            return {}
+            r.attributes = clean
+            return clean
         try:
             items = list(attrs.items())
-        except AttributeError:
+        except Exception:  # not a mapping, or one whose items() raises
             self._warn_once("attributes", f"capture {r.name!r}: attributes must be a mapping of str to "
                             f"str/bool/int/float (or sequences of one of them), got {type(attrs).__name__}")
-            return {}
-        clean = {}
+            r.attributes = clean
+            return clean
+        own = self.own_keys(r)
+        room = self.limits.span_attributes
+        room = None if room is None else max(0, room - len(own))
+        own = set(own)
+        length = self.limits.span_value_length
         for key, value in items:
-            if isinstance(key, str) and (isinstance(value, _VALID_SCALARS) or _valid_sequence(value)):
-                clean[key] = list(value) if isinstance(value, (list, tuple)) else value
+            value = self._clean_value(r.name, "capture", key, value, length, own)
+            if value is _INVALID:
+                clean.dropped += 1
+            elif room is not None and len(clean) >= room:
+                clean.dropped += 1
             else:
-                self._stats.add("attributes_dropped")
-                self._warn_once(f"attr:{key!r}", f"capture {r.name!r}: attribute {key!r} = {value!r} "
-                                f"dropped: keys must be str, values str/bool/int/float or sequences of one of them")
+                clean[key] = value
+        if clean.dropped:
+            self._stats.add("attributes_dropped", clean.dropped)
+        r.attributes = clean
         return clean
+
+    def _clean_value(self, owner: str, what: str, key: Any, value: Any, length: int | None,
+                     reserved: Any = ()) -> Any:
+        """``value`` as it goes out, or ``_INVALID`` (warned once per key)."""
+        if not isinstance(key, str) or not key:
+            self._warn_once(f"key:{key!r}", f"{what} {owner!r}: attribute key {key!r} dropped: keys must be "
+                            "non-empty strings")
+            return _INVALID
+        if key in reserved:
+            self._warn_once(f"own:{key}", f"{what} {owner!r}: attribute {key!r} dropped: otel-npu sets this key "
+                            "on the span itself (its own value is kept; keys are unique)")
+            return _INVALID
+        if isinstance(value, _VALID_SCALARS) or _valid_sequence(value):
+            if isinstance(value, int) and not isinstance(value, bool) and not _INT64_MIN <= value <= _INT64_MAX:
+                self._warn_once(f"int:{key}", f"{what} {owner!r}: attribute {key!r} = {value!r} dropped: "
+                                "integers must fit in int64 (OTLP's type)")
+                return _INVALID
+            if isinstance(value, (list, tuple)):
+                value = list(value)
+                if value and type(value[0]) is int and not all(_INT64_MIN <= v <= _INT64_MAX for v in value):
+                    self._warn_once(f"int:{key}", f"{what} {owner!r}: attribute {key!r} dropped: integers must "
+                                    "fit in int64 (OTLP's type)")
+                    return _INVALID
+                if length is not None and value and type(value[0]) is str:
+                    value = [v[:length] for v in value]
+            elif length is not None and isinstance(value, str):
+                value = value[:length]
+            return value
+        self._warn_once(f"attr:{key!r}", f"{what} {owner!r}: attribute {key!r} = {value!r:.80} dropped: values "
+                        "must be str/bool/int/float or sequences of one of them")
+        return _INVALID
 
     def attributes(self, r: Any) -> dict[str, Any]:
         """Every attribute of ``r``'s span, as a dict (the SDK rendering)."""
@@ -168,7 +315,7 @@ class SpanFactory:
             attrs[ATTR_STEP] = r.step.name
         if r.is_step:
             attrs[ATTR_KIND] = "step"
-            attrs[ATTR_LINKS] = len(self.links(r))
+            attrs[ATTR_LINKS] = self.links(r).total
         if r.timed_out:
             attrs[ATTR_TIMED_OUT] = True
         if r.error is not None:
@@ -176,18 +323,27 @@ class SpanFactory:
         attrs.update(self.user_attributes(r))
         return attrs
 
-    def links(self, r: Any) -> list[SpanContext]:
-        """The valid SpanContexts among a step's ``links`` (spans, SpanContexts or Links accepted).
+    def links(self, r: Any) -> LinkList:
+        """A step's links as ``Link``s (spans, SpanContexts or Links accepted; invalid contexts skipped), with
+        their attributes checked and limited, at most ``OTEL_SPAN_LINK_COUNT_LIMIT`` of them.
+
+        Which links a step over the limit keeps: a window of that many consecutive requests of the batch that
+        moves along it from one over-full step to the next (wrapping around), so that in a batch larger than
+        the limit every request is linked from some of the steps that served it. (The SDK keeps the last N
+        added: in a stable batch the first requests would never be linked from any step.) The span's
+        ``dropped_links_count`` says how many were left out; ``otel_npu.batch_size`` stays the whole batch.
 
         Converted once: the step's tuple is replaced by the resulting list."""
-        if r.links.__class__ is list:
+        if r.links.__class__ is LinkList:
             return r.links
-        out = []
+        valid = []
         for item in r.links:
+            attrs = None
             if isinstance(item, SpanContext):
                 ctx = item
             elif isinstance(item, Link):
                 ctx = item.context
+                attrs = item.attributes
             elif callable(getattr(item, "get_span_context", None)):
                 ctx = item.get_span_context()
             else:
@@ -196,9 +352,37 @@ class SpanFactory:
                                 f"SpanContext or Link, got {type(item).__name__}: {item!r}")
                 continue
             if ctx.is_valid:
-                out.append(ctx)
+                valid.append((ctx, attrs))
+        out = LinkList()
+        out.total = len(valid)
+        limit = self.limits.links
+        if limit is not None and len(valid) > limit:
+            start = (self._link_window * limit) % len(valid)
+            self._link_window += 1
+            valid = (valid[start:] + valid[:start])[:limit]
+            self._stats.add("links_over_limit", out.total - limit)
+        out.dropped = out.total - len(valid)
+        for ctx, attrs in valid:
+            out.append(Link(ctx, self._link_attributes(r.name, attrs) if attrs else None))
         r.links = out
         return out
+
+    def _link_attributes(self, step_name: str, attrs: Any) -> CleanAttributes:
+        clean = CleanAttributes()
+        clean.dropped = 0
+        try:
+            items = list(attrs.items())
+        except Exception:
+            return clean
+        room = self.limits.link_attributes
+        length = self.limits.value_length
+        for key, value in items:
+            value = self._clean_value(step_name, "a link of step", key, value, length)
+            if value is _INVALID or (room is not None and len(clean) >= room):
+                clean.dropped += 1
+            else:
+                clean[key] = value
+        return clean
 
     def status(self, r: Any) -> tuple[StatusCode, str | None]:
         if r.timed_out:
@@ -217,6 +401,20 @@ class SpanFactory:
         if r.error is not None:
             events = (Event("exception", {"exception.type": r.error[0], "exception.message": r.error[1]},
                             r.end_ns),)
+        attributes: Any = self.attributes(r)
+        dropped = r.attributes.dropped
+        if dropped:  # the SDK reads a span's dropped count from its BoundedAttributes
+            attributes = _bounded(attributes, dropped)
+        links: Any = ()
+        if r.is_step:
+            links = [Link(link.context, _bounded(link.attributes, link.attributes.dropped)
+                          if link.attributes and link.attributes.dropped else link.attributes)
+                     for link in self.links(r)]
+            if r.links.dropped:
+                from opentelemetry.sdk.util import BoundedList
+
+                links = BoundedList.from_seq(None, links)
+                links.dropped = r.links.dropped
         parent = None
         if r.parent_span_id:
             parent = SpanContext(r.trace_id, r.parent_span_id, is_remote=r.parent_remote,
@@ -227,9 +425,9 @@ class SpanFactory:
                                 trace_state=r.trace_state),
             parent=parent,
             resource=resource,
-            attributes=self.attributes(r),
+            attributes=attributes,
             events=events,
-            links=[Link(ctx) for ctx in self.links(r)] if r.is_step else (),
+            links=links,
             kind=SpanKind.INTERNAL,
             status=Status(code, description),
             start_time=r.start_ns,
@@ -241,6 +439,18 @@ class SpanFactory:
         if key not in self._warned and len(self._warned) < 1000:
             self._warned.add(key)
             _log.warning("otel-npu: %s", message)
+
+
+_INVALID = object()
+
+
+def _bounded(attributes: Mapping[str, Any], dropped: int) -> Any:
+    """``attributes`` as an SDK ``BoundedAttributes`` whose ``dropped`` is ``dropped`` (how exporters read it)."""
+    from opentelemetry.attributes import BoundedAttributes
+
+    bounded = BoundedAttributes(None, attributes, immutable=True)
+    bounded.dropped = dropped
+    return bounded
 
 
 def _valid_sequence(value: Any) -> bool:

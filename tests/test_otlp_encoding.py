@@ -12,7 +12,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import DEFAULT_ON
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, TraceFlags, TraceState
+from opentelemetry.trace import Link, SpanContext, TraceFlags, TraceState
 
 from otel_npu.export import otlp
 from otel_npu.resolver import Stats
@@ -53,6 +53,12 @@ CASES = {
         SpanContext(0xAAA, 0xBBB, is_remote=True, trace_flags=TraceFlags(1)),
         SpanContext(0xCCC, 0xDDD, is_remote=False, trace_flags=TraceFlags(1), trace_state=TraceState([("k", "v")])),
     ]),
+    # issue 11 items 13-15: link attributes, the link limit (128 of 200 kept), and dropped counts
+    "step over the link limit, with link attributes": record(name="Prefill", is_step=True, links=[
+        Link(SpanContext(0xA00 + n, 0xB00 + n, is_remote=True, trace_flags=TraceFlags(1)), {"request.id": f"r{n}"})
+        for n in range(1, 201)]),
+    "attributes dropped (empty key, outside int64, otel-npu's own key)": record(
+        attributes={"": 1, "big": 2**64, "otel_npu.device": "mine", "ok": 1}),
 }
 
 
@@ -78,7 +84,7 @@ def test_encoder_matches_the_sdk_encoder(case):
     # The SDK encoder leaves out a link's trace state; the proto has the field and we fill it.
     for span in ours["resourceSpans"][0]["scopeSpans"][0]["spans"]:
         for link in span.get("links", []):
-            if r.links[1].trace_state and link["spanId"] == "AAAAAAAADd0=":
+            if r.links[1].context.trace_state and link["spanId"] == "AAAAAAAADd0=":
                 assert link.pop("traceState") == "k=v"
     assert ours == sdk
 

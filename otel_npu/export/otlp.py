@@ -215,7 +215,10 @@ class SpanEncoder:
         if r.trace_state:
             out.append(field(3, r.trace_state.to_header().encode()))
         if r.attributes:
-            out.append(attributes(9, f.user_attributes(r)))
+            clean = f.user_attributes(r)
+            out.append(attributes(9, clean))
+            if clean.dropped:
+                out.append(b"\x50" + varint(clean.dropped))  # field 10: dropped_attributes_count
         if r.timed_out or r.error is not None:
             out.append(self._problem(r))
         else:
@@ -223,12 +226,19 @@ class SpanEncoder:
         if r.is_step:
             links = f.links(r)
             out.append(self._step_kind)
-            out.append(field(9, key_value(_spans.ATTR_LINKS, len(links))))
-            for ctx in links:
-                link = (b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big") + b"\x12\x08" + ctx.span_id.to_bytes(8, "big")
-                        + (field(3, ctx.trace_state.to_header().encode()) if ctx.trace_state else b"")
-                        + (_LINK_FLAGS_REMOTE if ctx.is_remote else _LINK_FLAGS_LOCAL))
-                out.append(field(13, link))
+            out.append(field(9, key_value(_spans.ATTR_LINKS, links.total)))
+            for link in links:
+                ctx = link.context
+                attrs = link.attributes
+                body = (b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big") + b"\x12\x08" + ctx.span_id.to_bytes(8, "big")
+                        + (field(3, ctx.trace_state.to_header().encode()) if ctx.trace_state else b""))
+                if attrs:
+                    body += attributes(4, attrs)
+                    if attrs.dropped:
+                        body += b"\x28" + varint(attrs.dropped)  # Link field 5: dropped_attributes_count
+                out.append(field(13, body + (_LINK_FLAGS_REMOTE if ctx.is_remote else _LINK_FLAGS_LOCAL)))
+            if links.dropped:
+                out.append(b"\x70" + varint(links.dropped))  # field 14: dropped_links_count
         return b"".join(out)
 
     def _problem(self, r: Any) -> bytes:

@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from .. import config
-from ..spans import SpanFactory
+from ..spans import Limits, SpanFactory
 from . import metrics as _metrics
 from . import otlp, redact
 from . import sinks as _sinks
@@ -194,13 +194,16 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
             _log.warning("otel-npu: the TracerProvider %s is not an OpenTelemetry SDK provider; spans cannot "
                          "be handed to it, using otel-npu's own pipeline", type(provider).__name__)
         else:
-            factory = SpanFactory(sampler=tracer.sampler, id_generator=tracer.id_generator, **common)
+            # Its span limits (the SDK's SpanLimits, read from the OTEL_*_LIMIT variables when it was made).
+            limits = Limits.from_sdk(getattr(tracer, "_span_limits", None) or getattr(provider, "_span_limits", None))
+            factory = SpanFactory(sampler=tracer.sampler, id_generator=tracer.id_generator, limits=limits, **common)
             sink = _sinks.SdkSink(tracer.span_processor, tracer.resource, scope, factory, owned=False)
             return Pipeline(factory, [sink], stats, f"the application's TracerProvider ({type(provider).__name__})",
                             _build_metrics(settings, env, process_attrs, resource_from_env(process_attrs),
                                            scope, stats))
 
-    factory = SpanFactory(sampler=sampler_from_env(env), id_generator=RandomIdGenerator(), **common)
+    factory = SpanFactory(sampler=sampler_from_env(env), id_generator=RandomIdGenerator(),
+                          limits=Limits.from_env(env), **common)
     if _flag(env, "OTEL_SDK_DISABLED"):
         return Pipeline(factory, [], stats, "none (OTEL_SDK_DISABLED=true)")
     resource = resource_from_env(process_attrs)
