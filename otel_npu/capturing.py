@@ -35,6 +35,7 @@ import inspect
 import logging
 import threading
 import time
+import traceback
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from opentelemetry import context as _otel_context
@@ -75,12 +76,28 @@ _record: Callable[[Any, Any], None] = lambda event, stream: None
 _current_stream: Callable[[], Any] = lambda: None
 
 
-def _describe_error(exc_type: type, exc: BaseException | None) -> tuple[str, str]:
+#: Frames of a captured exception's traceback kept for ``exception.stacktrace`` (the innermost ones).
+STACK_FRAMES = 32
+
+
+def _describe_error(exc_type: type, exc: BaseException | None, tb: Any = None) -> tuple[str, str, Any]:
+    """``(type name, message, (frames, frames omitted))`` of an exception leaving a capture (error path only).
+
+    The frames are ``traceback.FrameSummary`` objects without their source lines (read later, on the
+    resolver thread, when the stack trace is formatted): no frame, local or the exception is kept alive."""
     qualname = exc_type.__qualname__
     module = exc_type.__module__
     full = qualname if module in ("builtins", None) else f"{module}.{qualname}"
     message = "" if exc is None else str(exc)
-    return full, (message[:500] + "...") if len(message) > 500 else message
+    stack = None
+    if tb is not None:
+        try:
+            frames = list(traceback.walk_tb(tb))
+            kept = frames[-STACK_FRAMES:]
+            stack = (traceback.StackSummary.extract(iter(kept), lookup_lines=False), len(frames) - len(kept))
+        except Exception:  # pragma: no cover - a traceback we cannot walk: no stack trace, nothing else lost
+            stack = None
+    return full, (message[:500] + "...") if len(message) > 500 else message, stack
 
 
 class _Off:
@@ -202,7 +219,7 @@ class _HostCapture(Capture):
             pass
         if self.start is not _DROPPED:
             self.end = self.host_end = now
-            self.error = None if exc_type is None else _describe_error(exc_type, exc)
+            self.error = None if exc_type is None else _describe_error(exc_type, exc, tb)
             _pending_append(self)
         return False
 
@@ -266,7 +283,7 @@ class _EventCapture(Capture):
         except ValueError:
             pass
         if timed:
-            self.error = None if exc_type is None else _describe_error(exc_type, exc)
+            self.error = None if exc_type is None else _describe_error(exc_type, exc, tb)
             _pending_append(self)
         return False
 

@@ -388,7 +388,7 @@ class SpanFactory:
         if r.timed_out:
             return StatusCode.ERROR, self._timeout_text
         if r.error is not None:
-            kind, message = r.error
+            kind, message = r.error[0], r.error[1]
             return StatusCode.ERROR, f"{kind}: {message}" if message else kind
         return StatusCode.UNSET, None
 
@@ -399,8 +399,7 @@ class SpanFactory:
         code, description = self.status(r)
         events: Sequence[Any] = ()
         if r.error is not None:
-            events = (Event("exception", {"exception.type": r.error[0], "exception.message": r.error[1]},
-                            r.end_ns),)
+            events = (Event("exception", self.exception_attributes(r), r.end_ns),)
         attributes: Any = self.attributes(r)
         dropped = r.attributes.dropped
         if dropped:  # the SDK reads a span's dropped count from its BoundedAttributes
@@ -435,6 +434,19 @@ class SpanFactory:
             instrumentation_scope=scope,
         )
 
+    def exception_attributes(self, r: Any) -> dict[str, str]:
+        """The ``exception`` event's attributes of a capture whose block raised: ``exception.type``,
+        ``exception.message`` and, as the semantic conventions recommend, ``exception.stacktrace`` in Python's
+        own format — bounded: the innermost ``capturing.STACK_FRAMES`` frames between the capture and the
+        raise, at most ``STACKTRACE_CHARS`` characters (the end kept: it names the raise), and the event
+        attribute value-length limit when one is set."""
+        kind, message = r.error[0], r.error[1]
+        attrs = {"exception.type": kind, "exception.message": message}
+        stack = r.error[2] if len(r.error) > 2 else None
+        if stack is not None:
+            attrs["exception.stacktrace"] = _stacktrace(stack, kind, message, self.limits.value_length)
+        return attrs
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned and len(self._warned) < 1000:
             self._warned.add(key)
@@ -442,6 +454,24 @@ class SpanFactory:
 
 
 _INVALID = object()
+STACKTRACE_CHARS = 8192
+_TRACEBACK_HEAD = "Traceback (most recent call last):\n"
+
+
+def _stacktrace(stack: Any, kind: str, message: str, length: int | None) -> str:
+    frames, omitted = stack
+    try:
+        body = "".join(frames.format())
+    except Exception:  # pragma: no cover - a source file that cannot be read: the frames without lines
+        body = "".join(f'  File "{f.filename}", line {f.lineno}, in {f.name}\n' for f in frames)
+    head = _TRACEBACK_HEAD + (f"  [{omitted} outer frames omitted]\n" if omitted else "")
+    tail = f"{kind}: {message}\n" if message else f"{kind}\n"
+    text = head + body + tail
+    bound = STACKTRACE_CHARS if length is None else min(STACKTRACE_CHARS, length)
+    if len(text) > bound:
+        cut = _TRACEBACK_HEAD + "  [... frames omitted]\n"
+        text = (cut + text[len(text) - max(0, bound - len(cut)):])[-bound:] if bound > len(cut) else text[-bound:]
+    return text
 
 
 def _bounded(attributes: Mapping[str, Any], dropped: int) -> Any:

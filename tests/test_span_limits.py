@@ -54,7 +54,8 @@ class Run:
                     "attrs": attributes(s.attributes), "keys": [kv.key for kv in s.attributes],
                     "dropped_attrs": s.dropped_attributes_count, "dropped_links": s.dropped_links_count,
                     "links": [(link.trace_id.hex(), link.span_id.hex(), attributes(link.attributes),
-                               link.dropped_attributes_count) for link in s.links]}
+                               link.dropped_attributes_count) for link in s.links],
+                    "events": [(e.name, attributes(e.attributes)) for e in s.events]}
         else:
             for s in self.exporter.get_finished_spans():
                 out[s.name] = {
@@ -62,7 +63,8 @@ class Run:
                     "dropped_attrs": s.dropped_attributes, "dropped_links": s.dropped_links,
                     "links": [(f"{link.context.trace_id:032x}", f"{link.context.span_id:016x}",
                                {k: list(v) if isinstance(v, tuple) else v for k, v in (link.attributes or {}).items()},
-                               link.dropped_attributes) for link in s.links]}
+                               link.dropped_attributes) for link in s.links],
+                    "events": [(e.name, dict(e.attributes)) for e in s.events]}
         assert len(out) == count, sorted(out)
         return out
 
@@ -167,3 +169,30 @@ def test_attribute_keys_are_unique_empty_keys_and_out_of_range_ints_dropped(run,
     assert failing["keys"].count("error.type") == 1 and failing["attrs"]["error.type"] == "KeyError"
     warned = caplog.text
     assert "big" in warned and "int64" in warned and "otel_npu.device" in warned
+
+
+def _fails_deep(depth: int) -> None:
+    if depth:
+        _fails_deep(depth - 1)
+    raise ValueError("bad shape (3, 4)")
+
+
+def test_exception_events_carry_a_bounded_stacktrace(run):
+    # Issue 11 item 19: the semantic conventions recommend exception.stacktrace on the exception event.
+    r = run()
+    with pytest.raises(ValueError):
+        with otel_npu.capture("shallow"):
+            _fails_deep(2)
+    with pytest.raises(ValueError):
+        with otel_npu.capture("deep"):
+            _fails_deep(900)
+    spans = r.spans(2)
+    (name, event), = spans["shallow"]["events"]
+    assert name == "exception" and event["exception.type"] == "ValueError"
+    trace_text = event["exception.stacktrace"]
+    assert trace_text.startswith("Traceback (most recent call last):\n")
+    assert trace_text.count("in _fails_deep") == 3 and 'raise ValueError("bad shape (3, 4)")' in trace_text
+    assert trace_text.endswith("ValueError: bad shape (3, 4)\n")
+    deep = spans["deep"]["events"][0][1]["exception.stacktrace"]
+    assert len(deep) <= 8192 and deep.endswith("ValueError: bad shape (3, 4)\n")  # bounded, the raise kept
+    assert "frames omitted" in deep

@@ -249,7 +249,7 @@ class SpanEncoder:
         if r.error is not None:
             out.append(field(9, key_value(_spans.ATTR_ERROR_TYPE, r.error[0])))
             event = (b"\x09" + _pack_u64(r.end_ns) + field(2, b"exception")  # as record_exception adds
-                     + attributes(3, {"exception.type": r.error[0], "exception.message": r.error[1]}))
+                     + attributes(3, self._f.exception_attributes(r)))
             out.append(field(11, event))
         code, description = self._f.status(r)
         status = (field(2, description.encode("utf-8", "replace")) if description else b"") + b"\x18" + varint(code.value)
