@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -53,7 +56,7 @@ def test_bad_files_get_an_error_naming_file_and_line(command, traces_file, tmp_p
     monkeypatch.chdir(tmp_path)
     lines = traces_file.read_text().splitlines(keepends=True)
     cases = {
-        "truncated.jsonl": ("".join(lines[:3]) + lines[3][: len(lines[3]) // 2], ":4: the line is cut short"),
+        "truncated.jsonl": ("".join(lines[:3]) + lines[3][: len(lines[3]) // 2], ":4: cut short"),
         "garbage.jsonl": (lines[0] + "hello world\n" + "".join(lines[1:]), ":2: not valid JSON"),
         "not-otlp.jsonl": (lines[0] + '{"resourceMetrics": []}\n', ':2: not an OTLP/JSON ExportTraceServiceRequest: '
                                                                    'no "resourceSpans"'),
@@ -101,3 +104,101 @@ def test_table_statistics_and_shares():
     assert rows[0].share == pytest.approx(1.0) and math.isnan(rows[2].share)
     text = tracefile.format_table(rows)
     assert "Decode" in text.splitlines()[2] and "  forward" in text and "50.0%" in text
+
+
+# -- OTLP/JSON written by others (issue 11 item 18) and several files (item 20) ---------------------------
+
+def _kv(key, value):
+    return {"key": key, "value": value}
+
+
+def foreign_request(trace="0123456789abcdef0123456789abcdef", *, status=None, lead=None) -> dict:
+    """An ExportTraceServiceRequest as other writers make it: enums by name, array-valued resource
+    attributes, int64 as a JSON number, doubles as "NaN"/"Infinity" strings (the protobuf JSON mapping)."""
+    device = {"stringValue": "cpu"}
+    step = {"traceId": trace, "spanId": "00000000000000a1", "name": "Decode", "kind": "SPAN_KIND_INTERNAL",
+            "startTimeUnixNano": "1700000000000000000", "endTimeUnixNano": 1700000000004000000,
+            "status": status if status is not None else {"code": "STATUS_CODE_ERROR", "message": "boom"},
+            "attributes": [_kv("otel_npu.device", device), _kv("otel_npu.kind", {"stringValue": "step"}),
+                           _kv("otel_npu.host_lead_us", lead or {"doubleValue": "NaN"}),
+                           _kv("weird", {"doubleValue": "-Infinity"}), _kv("big", {"intValue": 12}),
+                           _kv("flag", {"boolValue": True}), _kv("raw", {"bytesValue": "AAE="}),
+                           _kv("nested", {"kvlistValue": {"values": [_kv("a", {"doubleValue": "Infinity"})]}})]}
+    child = {"traceId": trace, "spanId": "00000000000000a2", "parentSpanId": "00000000000000a1",
+             "name": "forward", "kind": 1, "startTimeUnixNano": "1700000000001000000",
+             "endTimeUnixNano": "1700000000003000000", "status": {},
+             "attributes": [_kv("otel_npu.device", device), _kv("otel_npu.step", {"stringValue": "Decode"}),
+                            _kv("otel_npu.host_lead_us", {"doubleValue": 12.5})]}
+    resource = {"attributes": [_kv("service.name", {"arrayValue": {"values": [{"stringValue": "a"},
+                                                                               {"stringValue": "b"}]}}),
+                               _kv("process.pid", {"arrayValue": {"values": [{"intValue": "7"}]}})]}
+    return {"resourceSpans": [{"resource": resource, "scopeSpans": [{"scope": {"name": "x"}, "spans": [step, child]}]}]}
+
+
+def strict_json(text: str):
+    def refuse(token):
+        raise ValueError(f"bare {token} in the Chrome trace JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_valid_otlp_json_written_by_others_is_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lines.jsonl").write_text(json.dumps(foreign_request()) + "\n")
+    # pretty-printed: one request over many lines, and a second one after it
+    (tmp_path / "pretty.json").write_text(json.dumps(foreign_request(), indent=2) + "\n"
+                                          + json.dumps(foreign_request("f" * 32), indent=2) + "\n")
+    for name, count in (("lines.jsonl", 2), ("pretty.json", 4)):
+        spans = tracefile.read(name)
+        assert len(spans) == count
+        step = next(s for s in spans if s.name == "Decode")
+        assert step.status_code == 2 and math.isnan(step.attributes["otel_npu.host_lead_us"])
+        assert step.attributes["weird"] == -math.inf and step.attributes["nested"] == {"a": math.inf}
+        assert step.resource["service.name"] == ["a", "b"]
+        assert main(["summary", name]) == 0
+        assert "Decode" in capsys.readouterr().out
+        assert main(["chrome-trace", name, "-o", "out.json"]) == 0, capsys.readouterr().err
+        document = strict_json((tmp_path / "out.json").read_text())  # JSON.parse accepts it: no bare NaN
+        slices = [e for e in document["traceEvents"] if e["ph"] == "X"]
+        assert len(slices) == count
+        decode = next(e for e in slices if e["name"] == "Decode")
+        assert decode["args"]["otel_npu.host_lead_us"] == "NaN" and decode["args"]["status"] == "ERROR"
+        process = next(e for e in document["traceEvents"] if e["name"] == "process_name")
+        assert process["args"]["name"] == '["a", "b"] (pid [7])'
+
+
+@pytest.mark.parametrize("content, line, reason", [
+    ('{"resourceSpans": [{"scopeSpans": [{"spans": [{"attributes": [{"key": "x", "value": {"doubleValue": NaN}}]'
+     '}]}]}]}', 1, "not valid JSON: bare NaN"),
+    (json.dumps(foreign_request(status={"code": "STATUS_CODE_MAYBE"})), 1,
+     "status.code should be 0, 1, 2 or STATUS_CODE_UNSET, STATUS_CODE_OK, STATUS_CODE_ERROR, got 'STATUS_CODE_MAYBE'"),
+    (json.dumps(foreign_request(lead={"doubleValue": "fast"})), 1,
+     "doubleValue should be a number or \"NaN\", \"Infinity\", \"-Infinity\", got 'fast'"),
+    ("\n\n" + json.dumps(foreign_request(), indent=2)[:300], 3, "cut short"),
+    (json.dumps(foreign_request(), indent=2).replace('"boolValue": true', '"boolValue": "yes"'), 1,
+     "boolValue should be true or false, got 'yes'"),
+])
+def test_invalid_otlp_json_is_refused_with_file_line_and_reason(content, line, reason, tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    assert main(["summary", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:{line}: " in err and reason in err, err
+
+
+def test_several_files_as_the_readmes_glob_gives_them(traces_file, tmp_path):
+    # The README's `otel-npu summary otel-npu-traces-*.jsonl` once the demo has run twice (issue 11 item 20).
+    first = tmp_path / "otel-npu-traces-20260101-000000.jsonl"
+    second = tmp_path / "otel-npu-traces-20260101-000100.jsonl"
+    first.write_text(traces_file.read_text())
+    second.write_text(json.dumps(foreign_request()) + "\n")
+    total = len(tracefile.read(str(first))) + 2
+    for command in ("otel-npu summary otel-npu-traces-*.jsonl",
+                    "otel-npu chrome-trace otel-npu-traces-*.jsonl -o trace.json"):
+        done = subprocess.run(command.replace("otel-npu", f"{sys.executable} -m otel_npu", 1), shell=True,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert f"{total} spans" in done.stdout, done.stdout
+    slices = [e for e in strict_json((tmp_path / "trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    assert len(slices) == total
+    # the same file twice: its spans once
+    assert main(["summary", str(first), str(first)]) == 0

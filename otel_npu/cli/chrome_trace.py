@@ -1,4 +1,4 @@
-"""``otel-npu chrome-trace FILE -o OUT.json``: a traces file as Chrome trace-event JSON (Perfetto, chrome://tracing).
+"""``otel-npu chrome-trace FILE... -o OUT.json``: traces files as Chrome trace-event JSON (Perfetto, chrome://tracing).
 
 Layout, per process (resource ``service.name`` + ``process.pid``):
 
@@ -10,13 +10,16 @@ Layout, per process (resource ``service.name`` + ``process.pid``):
   as few lanes as keep a lane's slices from overlapping;
 * a flow arrow from each request to every step linked to it (``step(links=...)``).
 
-Times are microseconds from the earliest span; ``otherData.origin_unix_nano`` says when that was.
+Times are microseconds from the earliest span; ``otherData.origin_unix_nano`` says when that was. The output is
+strict JSON (``JSON.parse`` reads it): attribute values that are not finite numbers are written as the strings
+``"NaN"``, ``"Infinity"``, ``"-Infinity"``, as OTLP/JSON writes them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -25,20 +28,21 @@ HELP = "convert a traces file into Chrome trace-event JSON (Perfetto, chrome://t
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", metavar="FILE", help="traces file: OTLP/JSON lines")
+    parser.add_argument("files", metavar="FILE", nargs="+",
+                        help="traces files: OTLP/JSON (lines or pretty-printed); several go into one trace")
     parser.add_argument("-o", "--output", metavar="OUT.json", required=True, help="where to write the JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from . import tracefile
 
-    spans = tracefile.read_or_report(args.file, "chrome-trace")
+    spans = tracefile.read_or_report(args.files, "chrome-trace")
     if spans is None:
         return 2
-    document = build(spans, source=args.file)
+    document = build(spans, source=", ".join(os.path.basename(f) for f in args.files))
     try:
         with open(args.output, "w", encoding="utf-8") as out:
-            json.dump(document, out, separators=(",", ":"))
+            json.dump(document, out, separators=(",", ":"), allow_nan=False)
     except OSError as exc:
         print(f"otel-npu chrome-trace: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -90,9 +94,13 @@ def build(spans: list, source: str = "") -> dict:
     where: dict[tuple[str, str], tuple[int, int]] = {}  # span -> (pid, tid) of its slice
 
     def process_of(span: Any) -> int:
-        service = span.resource.get("service.name", "unknown service")
+        # Other writers may send any AnyValue here (an array, say): shown as text, used as a key as text.
+        service = _text(span.resource.get("service.name", "unknown service"))
         pid = span.resource.get("process.pid")
-        return tracks.pid((service, pid), f"{service} (pid {pid})" if pid is not None else service, pid)
+        preferred = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+        pid_text = None if pid is None else _text(pid)
+        return tracks.pid((service, pid_text), f"{service} (pid {pid_text})" if pid is not None else service,
+                          preferred)
 
     forest = tracefile.Forest(spans)
     steps = {(s.trace_id, s.span_id) for s in forest.steps}
@@ -105,7 +113,7 @@ def build(spans: list, source: str = "") -> dict:
         tid = tracks.tid(pid, ("stream", device, stream), f"{device} {stream}", 1)
         key = (span.trace_id, span.span_id)
         where[key] = (pid, tid)
-        args = {k: v for k, v in span.attributes.items() if k.startswith("otel_npu.") or k == "error.type"}
+        args = {k: _finite(v) for k, v in span.attributes.items() if k.startswith("otel_npu.") or k == "error.type"}
         args.update(trace_id=span.trace_id, span_id=span.span_id)
         if span.links:
             args["links"] = [f"{t}/{s}" for t, s in span.links]
@@ -115,7 +123,7 @@ def build(spans: list, source: str = "") -> dict:
                        "tid": tid, "ts": us(span.start_ns), "dur": round(span.duration_ms * 1000.0, 3),
                        "args": args})
         lead_us = span.attributes.get(tracefile.HOST_LEAD_ATTR)
-        if isinstance(lead_us, (int, float)) and not isinstance(lead_us, bool):
+        if isinstance(lead_us, (int, float)) and not isinstance(lead_us, bool) and math.isfinite(lead_us):
             host = tracks.tid(pid, "host", "host (capture points)", 0)
             events.append({"ph": "i", "s": "t", "name": span.name, "cat": "host", "pid": pid, "tid": host,
                            "ts": us(span.start_ns - round(lead_us * 1000)),
@@ -139,7 +147,7 @@ def build(spans: list, source: str = "") -> dict:
         tid = tracks.tid(pid, ("lane", lane), f"requests {lane + 1}", 100 + lane)
         for span in members:
             where[(span.trace_id, span.span_id)] = (pid, tid)
-            args = {k: v for k, v in span.attributes.items()}
+            args = {k: _finite(v) for k, v in span.attributes.items()}
             args.update(trace_id=span.trace_id, span_id=span.span_id)
             events.append({"ph": "X", "name": span.name, "cat": "request", "pid": pid, "tid": tid,
                            "ts": us(span.start_ns), "dur": round(span.duration_ms * 1000.0, 3), "args": args})
@@ -163,5 +171,23 @@ def build(spans: list, source: str = "") -> dict:
 
     events.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
     return {"traceEvents": tracks.meta + events, "displayTimeUnit": "ms",
-            "otherData": {"source": os.path.basename(source) if source else "", "origin_unix_nano": str(origin),
+            "otherData": {"source": source, "origin_unix_nano": str(origin),
                           "generator": "otel-npu chrome-trace"}}
+
+
+_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by its OTLP/JSON string (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else _NON_FINITE[value]
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(_finite(value))

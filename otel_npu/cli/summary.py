@@ -1,24 +1,25 @@
-"""``otel-npu summary FILE``: the per-stage table of a traces file, per step kind."""
+"""``otel-npu summary FILE...``: the per-stage table of traces files, per step kind."""
 
 from __future__ import annotations
 
 import argparse
 import collections
 
-HELP = "per-stage table (count, mean, p50, p99 ms, share of step time) of a traces file, per step kind"
+HELP = "per-stage table (count, mean, p50, p99 ms, share of step time) of traces files, per step kind"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", metavar="FILE", help="traces file: OTLP/JSON lines")
+    parser.add_argument("files", metavar="FILE", nargs="+",
+                        help="traces files: OTLP/JSON (lines or pretty-printed); several are read as one")
 
 
 def run(args: argparse.Namespace) -> int:
     from . import tracefile
 
-    spans = tracefile.read_or_report(args.file, "summary")
+    spans = tracefile.read_or_report(args.files, "summary")
     if spans is None:
         return 2
-    print(describe(spans, args.file))
+    print(describe(spans, args.files[0] if len(args.files) == 1 else f"{len(args.files)} files"))
     print()
     print(tracefile.format_table(tracefile.stage_rows(spans)))
     return 0

@@ -69,49 +69,90 @@ class Span:
 # -- reading ---------------------------------------------------------------------------------------------
 
 def read(path: str) -> list[Span]:
-    """All spans in the OTLP/JSON lines file ``path``. Raises ``TraceFileError`` (file and line named) for a
-    file that cannot be opened, a line that is not JSON (a cut-short last line says so) or not an
-    ``ExportTraceServiceRequest``, and for a file without any span. Blank lines are skipped."""
+    """All spans in the OTLP/JSON file ``path``: ``ExportTraceServiceRequest`` objects one after another, one
+    per line (JSON lines, as otel-npu and the Collector's ``file`` exporter write them) or spread over several
+    lines (pretty-printed). Read as the OTLP/JSON encoding allows: ids in hex, enums by number or by name,
+    64-bit integers as strings or numbers, doubles as numbers or ``"NaN"``/``"Infinity"``/``"-Infinity"``.
+    Raises ``TraceFileError`` naming the file, the line (where the offending request begins) and the reason
+    for a file that cannot be opened, is not JSON (bare ``NaN`` tokens included: not JSON; a cut-short end
+    says so) or not ``ExportTraceServiceRequest`` objects, and for a file without any span."""
     try:
         handle = open(path, "rb")
     except OSError as exc:
         raise TraceFileError(path, None, f"cannot be opened: {exc.strerror or exc}") from None
-    spans: list[Span] = []
     with handle:
-        raw_lines = handle.read().split(b"\n")
-    for number, raw in enumerate(raw_lines, 1):
-        if not raw.strip():
-            continue
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TraceFileError(path, line, f"not UTF-8 text (byte {exc.start}): not an OTLP/JSON traces file") from None
+    spans: list[Span] = []
+    decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+    pos, size = 0, len(text)
+    while True:
+        while pos < size and text[pos] in " \t\r\n":
+            pos += 1
+        if pos >= size:
+            break
+        line = text.count("\n", 0, pos) + 1
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise TraceFileError(path, number, f"not UTF-8 text (byte {exc.start}): not an OTLP/JSON traces "
-                                 "file") from None
-        try:
-            message = json.loads(text)
+            message, pos = decoder.raw_decode(text, pos)
+        except _BareConstant as exc:
+            raise TraceFileError(path, line, f"not valid JSON: bare {exc} (OTLP/JSON writes a double that is "
+                                 f"not a number as the string \"{exc}\")") from None
         except json.JSONDecodeError as exc:
             if exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated"):
-                raise TraceFileError(path, number, "the line is cut short: it ends inside a JSON value (the file "
-                                     "was truncated, or was still being written)") from None
-            raise TraceFileError(path, number, f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+                raise TraceFileError(path, line, "cut short: the file ends inside a JSON value (it was "
+                                     "truncated, or was still being written)") from None
+            raise TraceFileError(path, exc.lineno, f"not valid JSON: {exc.msg} at column {exc.colno}") from None
         try:
             spans.extend(_spans_of_request(message))
         except _BadLine as exc:
-            raise TraceFileError(path, number, f"not an OTLP/JSON ExportTraceServiceRequest: {exc}") from None
+            raise TraceFileError(path, line, f"not an OTLP/JSON ExportTraceServiceRequest: {exc}") from None
     if not spans:
         raise TraceFileError(path, None, "contains no spans")
     return spans
 
 
-def read_or_report(path: str, command: str) -> list[Span] | None:
-    """``read(path)``, or ``None`` after printing ``otel-npu COMMAND: FILE:LINE: problem`` on stderr."""
+def read_all(paths: Iterable[str]) -> tuple[list[Span], int]:
+    """The spans of several files, in order, each span once: ``(spans, duplicates left out)`` (the same
+    span in two files: a file given twice, or a copy)."""
+    spans: list[Span] = []
+    seen: set[tuple[str, str]] = set()
+    duplicates = 0
+    for path in paths:
+        for span in read(path):
+            key = (span.trace_id, span.span_id)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            spans.append(span)
+    return spans, duplicates
+
+
+def read_or_report(paths: str | list[str], command: str) -> list[Span] | None:
+    """``read_all(paths)``, or ``None`` after printing ``otel-npu COMMAND: FILE:LINE: problem`` on stderr."""
     import sys
 
     try:
-        return read(path)
+        spans, duplicates = read_all([paths] if isinstance(paths, str) else paths)
     except TraceFileError as exc:
         print(f"otel-npu {command}: {exc}", file=sys.stderr)
         return None
+    if duplicates:
+        print(f"otel-npu {command}: {duplicates} spans appear more than once (same trace and span id); "
+              "each is counted once", file=sys.stderr)
+    return spans
+
+
+class _BareConstant(ValueError):
+    pass
+
+
+def _refuse_constant(token: str) -> Any:
+    raise _BareConstant(token)
 
 
 class _BadLine(Exception):
@@ -161,8 +202,21 @@ def _span(obj: Any, resource: dict[str, Any], where: str) -> Span:
         attributes=_attributes(obj.get("attributes", []), f"{where}.attributes"),
         resource=resource,
         links=links,
-        status_code=int(status.get("code", 0)) if isinstance(status, dict) else 0,
+        status_code=_status_code(_expect(status, dict, f"{where}.status"), f"{where}.status"),
     )
+
+
+_STATUS_NAMES = {"STATUS_CODE_UNSET": 0, "STATUS_CODE_OK": 1, "STATUS_CODE_ERROR": 2}
+
+
+def _status_code(status: dict, where: str) -> int:
+    """``status.code``: an enum, by number or by name (the protobuf JSON mapping accepts both)."""
+    code = status.get("code", 0)
+    if code in _STATUS_NAMES:
+        return _STATUS_NAMES[code]
+    if code in (0, 1, 2) and not isinstance(code, bool):
+        return int(code)
+    raise _BadLine(f"{where}.code should be 0, 1, 2 or {', '.join(_STATUS_NAMES)}, got {code!r:.60}")
 
 
 def _id(obj: dict, key: str, pattern: re.Pattern, where: str, optional: bool = False) -> str:
@@ -193,22 +247,61 @@ def _attributes(items: Any, where: str) -> dict[str, Any]:
     return out
 
 
+_DOUBLE_NAMES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
 def _any_value(value: Any, where: str) -> Any:
+    """An ``AnyValue`` as Python: str, bool, int, float (NaN and infinities included), list, dict, bytes
+    (kept as their base64 text), ``None`` when empty."""
     _expect(value, dict, f"{where}.value")
     if "stringValue" in value:
-        return value["stringValue"]
+        return _expect(value["stringValue"], str, f"{where}.value.stringValue")
     if "boolValue" in value:
-        return bool(value["boolValue"])
+        if not isinstance(value["boolValue"], bool):
+            raise _BadLine(f"{where}.value.boolValue should be true or false, got {value['boolValue']!r:.60}")
+        return value["boolValue"]
     if "intValue" in value:
+        raw = value["intValue"]
         try:
-            return int(value["intValue"])
-        except (TypeError, ValueError):
-            raise _BadLine(f"{where}.value.intValue is not an integer: {value['intValue']!r:.60}") from None
+            if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+                raise ValueError
+            number = int(raw)
+            if not _INT64[0] <= number <= _INT64[1]:
+                raise ValueError
+            return number
+        except ValueError:
+            raise _BadLine(f"{where}.value.intValue should be an int64 (a JSON number or a string of digits), "
+                           f"got {raw!r:.60}") from None
     if "doubleValue" in value:
-        return float(value["doubleValue"])
+        raw = value["doubleValue"]
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            if raw in _DOUBLE_NAMES:
+                return _DOUBLE_NAMES[raw]
+            try:
+                number = float(raw)  # the protobuf JSON mapping also accepts a number in a string
+            except ValueError:
+                number = None
+            if number is not None and math.isfinite(number):
+                return number
+        _bad_double(raw, where)
     if "arrayValue" in value:
-        return [_any_value(v, where) for v in (value["arrayValue"] or {}).get("values", [])]
-    return None  # kvlist/bytes/empty: not used by the summary
+        array = _expect(value["arrayValue"] or {}, dict, f"{where}.value.arrayValue")
+        return [_any_value(v, f"{where}.value.arrayValue.values[{n}]")
+                for n, v in enumerate(_expect(array.get("values", []), list, f"{where}.value.arrayValue.values"))]
+    if "kvlistValue" in value:
+        kvlist = _expect(value["kvlistValue"] or {}, dict, f"{where}.value.kvlistValue")
+        return _attributes(kvlist.get("values", []), f"{where}.value.kvlistValue.values")
+    if "bytesValue" in value:
+        return _expect(value["bytesValue"], str, f"{where}.value.bytesValue")
+    return None
+
+
+def _bad_double(raw: Any, where: str) -> Any:
+    raise _BadLine(f"{where}.value.doubleValue should be a number or \"NaN\", \"Infinity\", \"-Infinity\", "
+                   f"got {raw!r:.60}")
 
 
 def from_readable(span: Any) -> Span:
