@@ -20,8 +20,19 @@ decided at exit, a dropped capture's children would already be spans pointing at
 (and a dropped step would leave the resolver waiting for it). So the deque may hold more than ``max_pending``
 by the captures that were open when it filled: at most one per nesting level per thread.
 
-Each ``capture()``/``step()`` call returns a one-shot context manager that is also a decorator. Entering one
-object a second time works too (a fresh capture is made for that use), at the cost of one more allocation.
+Each ``capture()``/``step()`` call returns a context manager that is also a decorator. One object may be
+entered again while in use, nested or by several threads at once (a module-level ``FORWARD = capture("forward")``
+shared by threads): the first use claims the object itself (one attribute store, which the GIL makes atomic: no
+call runs between the test and the store), every other use is timed by a fresh capture made for it and found
+again at exit as the current capture of the exiting thread/task. Each use becomes its own span.
+
+Exits that do not match their entry are detected at exit, by comparing the capture with the current one (one
+``ContextVar.get``): a capture exited on another thread or task than the one that entered it, or exited while a
+capture entered inside it is still open, is still timed and exported, counted in ``stats()["misnested_exits"]``,
+and marked so that it stops being the parent of what its entering thread captures next (the next capture
+entered there skips it, at the cost of one attribute read for nested captures). Exiting a capture that was never
+entered, or exiting one use twice, raises ``RuntimeError`` saying so (unless an exception is already
+propagating: that exception is never replaced).
 
 How parents are found: the enclosing capture (a ``ContextVar``: per thread and per asyncio task), else the
 OpenTelemetry span current at entry, else a new trace (decided later, on the resolver thread).
@@ -64,7 +75,7 @@ _current_thread = threading.current_thread
 _tls = threading.local()
 _new = object.__new__
 
-_DELEGATED = object()  # ``_token`` of a capture object entered again: a fresh capture does the work
+_GONE = object()  # ``_token`` of a capture exited elsewhere or out of order: not a parent for later captures
 
 # Bound by _install() from the running Runtime; read as module globals by the hot path (fast LOAD_GLOBAL).
 _rt: Any = None
@@ -84,11 +95,21 @@ def _describe_error(exc_type: type, exc: BaseException | None, tb: Any = None) -
     """``(type name, message, (frames, frames omitted))`` of an exception leaving a capture (error path only).
 
     The frames are ``traceback.FrameSummary`` objects without their source lines (read later, on the
-    resolver thread, when the stack trace is formatted): no frame, local or the exception is kept alive."""
-    qualname = exc_type.__qualname__
-    module = exc_type.__module__
-    full = qualname if module in ("builtins", None) else f"{module}.{qualname}"
-    message = "" if exc is None else str(exc)
+    resolver thread, when the stack trace is formatted): no frame, local or the exception is kept alive.
+    Never raises: the program's exception is propagating, and whatever its ``__str__`` does must not replace
+    it."""
+    try:
+        qualname = exc_type.__qualname__
+        module = exc_type.__module__
+        full = qualname if module in ("builtins", None) else f"{module}.{qualname}"
+    except Exception:
+        full = "?"
+    try:
+        message = "" if exc is None else str(exc)
+        if message.__class__ is not str:
+            message = "?"
+    except Exception as str_exc:
+        message = f"<str() of the exception raised {type(str_exc).__name__}>"
     stack = None
     if tb is not None:
         try:
@@ -149,16 +170,18 @@ class Capture:
     Fields written on the capturing thread: ``name``, ``attributes``, ``stream``, ``parent`` (the enclosing
     capture or ``None``), ``otel_ctx`` (the OTel context at entry; set only when ``parent`` is ``None``),
     ``host_start``/``host_end`` (host monotonic ns just before each record), ``start``/``end`` (the events;
-    host ns on the CPU backend), ``error`` (``None`` or ``(type name, message)``). The resolver thread owns
+    host ns on the CPU backend), ``error`` (``None`` or ``(type name, message)``), ``origin`` (set only on a
+    capture made for a re-entry: the object entered again), ``auto_stream`` (the stream, when entry chose it
+    rather than ``capture(stream=...)``). The resolver thread owns
     every other field (see ``resolver.py``); nothing is read back on the capturing thread.
     """
 
     __slots__ = (
         "name", "attributes", "stream", "parent", "otel_ctx", "host_start", "host_end", "start", "end",
-        "error", "_token",
+        "error", "_token", "origin", "auto_stream",
         # resolver-owned
         "step", "trace_id", "span_id", "parent_span_id", "sampled", "trace_state", "start_ns", "end_ns",
-        "clock_error_ns", "timed_out", "done", "intake", "parent_remote", "delegates", "compat",
+        "clock_error_ns", "timed_out", "done", "intake", "parent_remote", "compat",
     )
     is_step = False
     links: tuple = ()
@@ -174,7 +197,9 @@ class Capture:
         return _decorate(self.is_step, self.name, self.attributes, self._extra(), fn)
 
     def _extra(self) -> Any:
-        return self.stream
+        """The ``stream`` given to ``capture()`` (not the one the first use filled in: each use has its own)."""
+        stream = self.stream
+        return None if stream is not None and getattr(self, "auto_stream", None) is stream else stream
 
     def _fresh(self) -> "Capture":
         return type(self)(self.name, self.attributes, self._extra())
@@ -191,37 +216,49 @@ class _HostCapture(Capture):
     def __enter__(self) -> "Capture":
         if self.start is not None:
             return _enter_again(self)
+        self.start = _DROPPED  # claims this object (see the module's docstring); "not timed" until timed
         parent = _get_current()
-        self.parent = parent
         if parent is None:
             self.otel_ctx = _otel_current()
+        elif parent._token is _GONE:
+            parent = _skip_gone(self, parent)
+        self.parent = parent
         self._token = _set_current(self)
         if _pending_len() >= _max_pending:  # decided at entry: see the module's docstring
-            self.start = _DROPPED
             _rt.stats.drop("pending_limit")
             return self
         if self.stream is None:  # the CPU's "stream" is the thread (its Thread object, for the name)
             try:
-                self.stream = _tls.thread
+                self.stream = self.auto_stream = _tls.thread
             except AttributeError:
-                self.stream = _tls.thread = _current_thread()
+                self.stream = self.auto_stream = _tls.thread = _current_thread()
         self.start = self.host_start = _now()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         now = _now()
-        token = self._token
-        if token is _DELEGATED:
-            return _exit_again(self, exc_type, exc, tb)
+        if _get_current() is not self:
+            return _exit_unusual(self, exc_type, exc, tb, now)
         try:
-            _reset_current(token)
-        except ValueError:  # exited in another context than it was entered in: nothing to undo there
-            pass
+            _reset_current(self._token)
+        except ValueError:  # a copy of the entering context (a task or thread started inside): see there
+            _left_behind(self)
+        # What _finish does, inlined: one Python frame less on the hot path.
         if self.start is not _DROPPED:
             self.end = self.host_end = now
             self.error = None if exc_type is None else _describe_error(exc_type, exc, tb)
             _pending_append(self)
+        else:
+            self.error = None
         return False
+
+    def _finish(self, exc_type: Any, exc: Any, tb: Any, now: int) -> None:
+        if self.start is not _DROPPED:
+            self.end = self.host_end = now
+            self.error = None if exc_type is None else _describe_error(exc_type, exc, tb)
+            _pending_append(self)
+        else:
+            self.error = None
 
 
 class _EventCapture(Capture):
@@ -232,19 +269,21 @@ class _EventCapture(Capture):
     def __enter__(self) -> "Capture":
         if self.start is not None:
             return _enter_again(self)
+        self.start = _DROPPED  # claims this object (see the module's docstring); "not timed" until timed
         parent = _get_current()
-        self.parent = parent
         if parent is None:
             self.otel_ctx = _otel_current()
+        elif parent._token is _GONE:
+            parent = _skip_gone(self, parent)
+        self.parent = parent
         self._token = _set_current(self)
         if _pending_len() >= _max_pending:  # decided at entry: see the module's docstring
-            self.start = _DROPPED
             _rt.stats.drop("pending_limit")
             return self
         try:
             stream = self.stream
             if stream is None:
-                stream = self.stream = _current_stream()
+                stream = self.stream = self.auto_stream = _current_stream()
             start = _take_event()
             try:
                 end = _take_event()
@@ -254,7 +293,6 @@ class _EventCapture(Capture):
             self.host_start = _now()
             _record(start, stream)
         except Exception as exc:  # pool empty, or the device refused the record: never into the program
-            self.start = _DROPPED
             if isinstance(exc, IndexError):
                 _rt.stats.drop("event_pool_empty")
                 _rt.resolver.wake()  # rare path: have the pool refilled now rather than at the next poll
@@ -266,9 +304,9 @@ class _EventCapture(Capture):
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        token = self._token
-        if token is _DELEGATED:
-            return _exit_again(self, exc_type, exc, tb)
+        if _get_current() is not self:
+            return _exit_unusual(self, exc_type, exc, tb, 0)
+        # What _finish does, inlined: one Python frame less on the hot path.
         timed = self.start is not _DROPPED
         if timed:
             self.host_end = _now()
@@ -279,13 +317,30 @@ class _EventCapture(Capture):
                 self.start = _DROPPED
                 _rt.stats.drop("record_failed", record_exc)
         try:
-            _reset_current(token)
-        except ValueError:
-            pass
+            _reset_current(self._token)
+        except ValueError:  # a copy of the entering context (a task or thread started inside): see there
+            _left_behind(self)
         if timed:
             self.error = None if exc_type is None else _describe_error(exc_type, exc, tb)
             _pending_append(self)
+        else:
+            self.error = None
         return False
+
+    def _finish(self, exc_type: Any, exc: Any, tb: Any, now: int) -> None:
+        if self.start is not _DROPPED:
+            self.host_end = _now()
+            try:
+                _record(self.end, self.stream)
+            except Exception as record_exc:
+                self.start = _DROPPED
+                self.error = None
+                _rt.stats.drop("record_failed", record_exc)
+                return
+            self.error = None if exc_type is None else _describe_error(exc_type, exc, tb)
+            _pending_append(self)
+        else:
+            self.error = None
 
 
 class _StepMixin:
@@ -295,7 +350,10 @@ class _StepMixin:
     def __init__(self, name: str, links: Iterable[Any], attributes: Mapping[str, Any] | None) -> None:
         Capture.__init__(self, name, attributes, None)
         # Copied: engines reuse their batch lists, and the resolver reads this later.
-        self.links = tuple(links) if links else ()
+        try:
+            self.links = tuple(links) if links else ()
+        except TypeError:
+            _bad_links(links)
 
     def _extra(self) -> Any:
         return self.links
@@ -313,18 +371,75 @@ class _EventStep(_StepMixin, _EventCapture):
 
 
 def _enter_again(cm: Capture) -> Capture:
-    """``with c:`` on an object already entered: time this use with a fresh capture."""
+    """``with c:`` on an object already in use (or used): time this use with a fresh capture, which its exit
+    finds again as the current capture of the exiting thread/task (``origin`` is ``cm``)."""
     fresh = cm._fresh()
-    if not hasattr(cm, "delegates") or cm.delegates is None:
-        cm.delegates = []
-    cm.delegates.append(fresh)
-    cm._token = _DELEGATED
+    fresh.origin = cm
     return fresh.__enter__()
 
 
-def _exit_again(cm: Capture, exc_type: Any, exc: Any, tb: Any) -> bool:
-    fresh = cm.delegates.pop()
-    return fresh.__exit__(exc_type, exc, tb)
+def _skip_gone(cm: Capture, parent: Capture) -> Capture | None:
+    """The current capture was exited elsewhere or out of order: parent ``cm`` to its nearest ancestor still
+    open here, and make that one current again (``cm``'s exit then restores it, not the exited one)."""
+    while parent is not None and parent._token is _GONE:
+        parent = parent.parent
+    _set_current(parent)
+    if parent is None:
+        cm.otel_ctx = _otel_current()
+    return parent
+
+
+def _left_behind(cm: Capture) -> None:
+    """``cm`` was exited where its entering context cannot be restored: that context still has ``cm`` as its
+    current capture. Mark it, so that the next capture entered there skips it; count it."""
+    cm._token = _GONE
+    stats = getattr(_rt, "stats", None)
+    if stats is not None:
+        stats.add("misnested_exits")
+
+
+def _exit_unusual(cm: Capture, exc_type: Any, exc: Any, tb: Any, now: int) -> bool:
+    """An exit where ``cm`` is not the current capture (rare: a slow path). Finds which use of ``cm`` ends."""
+    if cm.start is None:
+        return _misuse(cm, exc_type, "was exited without being entered (__exit__ before __enter__)")
+    # A use of cm open in this thread/task: cm itself, or a capture made for a re-entry of cm.
+    node = _get_current()
+    depth = 0
+    while node is not None and node is not cm and getattr(node, "origin", None) is not cm:
+        node = node.parent
+        depth += 1
+    if node is not None:
+        if depth == 0:  # the innermost re-entry of cm: the common case of a shared object
+            return node.__exit__(exc_type, exc, tb)
+        # Exited while captures entered inside it are still open: time it, leave the context to them.
+        _left_behind(node)
+        node._finish(exc_type, exc, tb, now or _now())
+        return False
+    token = cm._token
+    if token is _GONE:
+        return _misuse(cm, exc_type, "was exited twice")
+    try:
+        _reset_current(token)
+    except RuntimeError:  # the token was used: this use already ended
+        return _misuse(cm, exc_type, "was exited twice")
+    except ValueError:  # entered in another thread or task than this one
+        _left_behind(cm)
+    cm._finish(exc_type, exc, tb, now or _now())
+    return False
+
+
+def _misuse(cm: Capture, exc_type: Any, what: str) -> bool:
+    text = (f"otel_npu: {cm!r} {what}; use it as `with otel_npu.capture(...):` or as a decorator, or call "
+            f"__enter__() once before each __exit__()")
+    if exc_type is not None:  # the program's own exception is propagating: never replace it
+        _log.warning("%s", text)
+        return False
+    raise RuntimeError(text)
+
+
+def _bad_links(links: Any) -> None:
+    raise TypeError(f"otel_npu.step(links=...) takes an iterable of the batch's request SpanContexts, spans or "
+                    f"Links, got {type(links).__name__} {links!r}")
 
 
 def _decorate(is_step: bool, name: str, attributes: Any, extra: Any, fn: F) -> F:
@@ -336,6 +451,14 @@ def _decorate(is_step: bool, name: str, attributes: Any, extra: Any, fn: F) -> F
         def make() -> Any:
             return capture(name, attributes=attributes, stream=extra)
 
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        kind = "an async generator" if inspect.isasyncgenfunction(fn) else "a generator"
+        what = "step" if is_step else "capture"
+        raise TypeError(
+            f"otel_npu.{what}({name!r}) cannot decorate {getattr(fn, '__qualname__', fn)!r}: it is {kind} "
+            f"function, and a decorator would time only the creation of the generator, not its consumption. "
+            f"Put `with otel_npu.{what}({name!r}):` around the loop that consumes it, or around the work "
+            f"between two yields")
     if inspect.iscoroutinefunction(fn):
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
             with make():
@@ -411,6 +534,11 @@ def step(name: str, *, links: Iterable[Any] = (), attributes: Mapping[str, Any] 
     if cls is _LAZY:
         cls = _start()[1]
     if cls is None:
+        if links:
+            try:
+                iter(links)
+            except TypeError:
+                _bad_links(links)
         return _OffStep(name, attributes, links)
     return cls(name, links, attributes)
 
