@@ -133,3 +133,37 @@ def test_redact_masks_raw_decoded_and_inner_words():
     assert TOKEN not in masked and masked.count(redact.MASK) == 3
     assert masked.endswith("a=b"), "values shorter than 4 characters are not secrets"
     assert redact.header_names(env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"]) == ["authorization"]
+
+
+NO_EQUALS = "sk-0c4f9e2b7d"
+
+
+def test_a_header_entry_without_equals_never_prints_its_secret(monkeypatch, caplog, capfd):
+    """``Authorization: Bearer SECRET`` (a colon, not ``=``): the SDK's parser logs the entry as it is."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"Authorization: Bearer {NO_EQUALS}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    caplog.set_level(logging.DEBUG)
+    for protocol in ("http/protobuf", "grpc"):
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+        otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+        with otel_npu.capture("forward"):
+            pass
+        otel_npu.flush(2.0)
+        otel_npu.shutdown(2.0)
+    everything = "\n".join([r.getMessage() for r in caplog.records] + [caplog.text, capfd.readouterr().err])
+    assert "Header format invalid" in everything or "header" in everything.lower(), "the SDK did complain"
+    assert NO_EQUALS not in everything
+    masked = redact.redact(f"x Bearer {NO_EQUALS} y")
+    assert NO_EQUALS not in masked and masked.startswith("x ***") and masked.endswith(" y")
+
+
+def test_doctor_never_prints_a_secret_of_an_entry_without_equals():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OTEL_EXPORTER_OTLP_HEADERS=f"Authorization: Bearer {NO_EQUALS}")
+    out = subprocess.run([sys.executable, "-m", "otel_npu", "doctor"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert NO_EQUALS not in out.stdout + out.stderr

@@ -43,17 +43,26 @@ def header_names(raw: str) -> list[str]:
 
 
 def secrets(env: Mapping[str, str] | None = None) -> list[str]:
-    """Every header value to mask, longest first."""
+    """Every header value to mask, longest first.
+
+    An entry without ``=`` (``Authorization: Bearer SECRET``, a common mistake, which the SDK's parser logs
+    as it is) is masked whole, and each of its words, except a first word ending in ``:`` (the header name
+    written HTTP style): what it holds cannot be told apart from a value."""
     env = os.environ if env is None else env
     found: set[str] = set()
     for var in HEADER_VARS:
         for part in env.get(var, "").split(","):
-            if "=" not in part:
-                continue
-            raw = part.split("=", 1)[1].strip()
+            if "=" in part:
+                raw = part.split("=", 1)[1].strip()
+                words_from = 0
+            else:
+                raw = part.strip()
+                words_from = 1 if raw.split(None, 1)[0:1] and raw.split(None, 1)[0].endswith(":") else 0
             for value in (raw, urllib.parse.unquote(raw), urllib.parse.unquote_plus(raw)):
                 found.add(value)
-                found.update(value.split())
+                found.update(value.split()[words_from:])
+                if words_from:
+                    found.add(value.split(None, 1)[1] if len(value.split(None, 1)) > 1 else "")
     return sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True)
 
 
