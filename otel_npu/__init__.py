@@ -62,12 +62,25 @@ def configure(*, enabled: bool | None = None, device: Any = None, max_pending: i
         _instrument.sync()  # module hooks exist only while enabled
 
 
+def _check_timeout(what: str, timeout_s: Any) -> float:
+    """``timeout_s`` as seconds, or a clear error naming the call and what is accepted (before any effect)."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise TypeError(f"otel_npu.{what}(timeout_s={timeout_s!r}) is not valid: expected a number of seconds "
+                        f"(int or float, 0 or more), got {type(timeout_s).__name__}")
+    if not 0 <= timeout_s < float("inf"):
+        raise ValueError(f"otel_npu.{what}(timeout_s={timeout_s!r}) is not valid: expected a finite number of "
+                         f"seconds, 0 or more")
+    return float(timeout_s)
+
+
 def flush(timeout_s: float = 5.0) -> bool:
     """Resolve every capture made so far and hand its span to the exporters (sent, for otel-npu's own OTLP),
     and export the stage metrics.
 
     **Blocks** the caller up to ``timeout_s`` (never the device). True when everything made it in time.
+    Raises ``TypeError``/``ValueError`` for a ``timeout_s`` that is not a finite number ≥ 0.
     """
+    timeout_s = _check_timeout("flush", timeout_s)
     rt = _runtime.current()
     return True if rt is None else rt.flush(timeout_s)
 
@@ -76,7 +89,9 @@ def shutdown(timeout_s: float = 5.0) -> bool:
     """Flush (bounded by ``timeout_s``), stop the background threads, and disable captures.
 
     ``configure(enabled=True)`` starts otel-npu again. Returns True when everything was delivered in time.
+    Raises ``TypeError``/``ValueError`` for a ``timeout_s`` that is not a finite number ≥ 0, before doing anything.
     """
+    timeout_s = _check_timeout("shutdown", timeout_s)
     with _configure_lock:
         _capture_mod.set_mode(False)
         _instrument.sync()

@@ -345,7 +345,14 @@ class SpanFactory:
                 ctx = item.context
                 attrs = item.attributes
             elif callable(getattr(item, "get_span_context", None)):
-                ctx = item.get_span_context()
+                try:
+                    ctx = item.get_span_context()
+                    ctx.is_valid  # noqa: B018  (a context that is no SpanContext costs this link only)
+                except Exception as exc:
+                    self._stats.add("links_dropped")
+                    self._warn_once(f"link-raised:{type(item).__name__}", f"step {r.name!r}: a link's "
+                                    f"get_span_context() raised {type(exc).__name__}; that link is dropped")
+                    continue
             else:
                 self._stats.add("links_dropped")
                 self._warn_once(f"link:{type(item).__name__}", f"step {r.name!r}: a link must be a Span, "

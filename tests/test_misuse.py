@@ -200,3 +200,40 @@ def test_an_asyncio_task_may_exit_the_capture_it_inherited(provider, spans):
     assert otel_npu.flush()
     assert spans.one("later").parent is None
     assert otel_npu.stats()["misnested_exits"] == 1
+
+
+@pytest.mark.parametrize("bad", [None, "x", -1, float("nan"), float("inf"), True])
+def test_flush_and_shutdown_name_a_bad_timeout_and_change_nothing(provider, spans, bad):
+    enable(provider, device="cpu")
+    with otel_npu.capture("before"):
+        pass
+    with pytest.raises((TypeError, ValueError), match=r"otel_npu\.flush\(timeout_s=.*\) is not valid: expected"):
+        otel_npu.flush(bad)
+    with pytest.raises((TypeError, ValueError), match=r"otel_npu\.shutdown\(timeout_s=.*\) is not valid: expected"):
+        otel_npu.shutdown(bad)
+    assert otel_npu.enabled(), "a refused shutdown() must not have detached anything"
+    with otel_npu.capture("after"):
+        pass
+    assert otel_npu.flush()
+    assert [s.name for s in spans.all] == ["before", "after"]
+
+
+def test_a_link_whose_get_span_context_raises_costs_that_link_only(provider, spans, caplog_otel):
+    enable(provider, device="cpu")
+    tracer = provider[0].get_tracer("test")
+    with tracer.start_as_current_span("request") as good:
+        pass
+
+    class Broken:
+        def get_span_context(self):
+            raise RuntimeError("gone")
+
+    with otel_npu.step("Decode", links=[good, Broken()]):
+        with otel_npu.capture("forward"):
+            pass
+    assert otel_npu.flush()
+    step = spans.one("Decode")
+    assert [link.context.span_id for link in step.links] == [good.get_span_context().span_id]
+    assert spans.one("forward").parent.span_id == step.context.span_id
+    assert otel_npu.stats()["links_dropped"] == 1
+    assert "get_span_context() raised RuntimeError" in caplog_otel.text
