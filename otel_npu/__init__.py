@@ -115,4 +115,12 @@ def stats() -> dict[str, Any]:
     return out
 
 
+def _after_fork_in_child() -> None:
+    # Replaced, not released: a thread of the parent may have been inside configure()/shutdown() at fork time,
+    # and it does not exist in the child to release it.
+    global _configure_lock
+    _configure_lock = threading.Lock()
+
+
+_runtime.on_fork_child(_after_fork_in_child)
 _capture_mod.set_mode(_runtime.settings().enabled)

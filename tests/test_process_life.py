@@ -152,3 +152,36 @@ def test_exit_is_bounded_when_the_collector_never_answers(silent_collector):
     end = float(proc.stdout.split("END")[1])
     assert exited - end < 1.0 + 2.0, f"exit took {exited - end:.1f} s with a 1 s shutdown bound"
     assert "otel-npu lost data" in proc.stderr and "100 spans (export_failed)" in proc.stderr
+
+
+def test_fork_while_another_thread_is_inside_configure_does_not_deadlock_the_child(provider, spans, monkeypatch):
+    enable(provider, device="cpu")
+    with otel_npu.capture("parent"):
+        pass
+    parent_pid = os.getpid()
+    inside, release = threading.Event(), threading.Event()
+    real_stop = runtime.stop
+
+    def slow_stop(timeout_s):  # the parent's shutdown() holds the configure lock while it flushes
+        if os.getpid() == parent_pid:
+            inside.set()
+            release.wait(10.0)
+        return real_stop(timeout_s)
+
+    monkeypatch.setattr(runtime, "stop", slow_stop)
+    closer = threading.Thread(target=otel_npu.shutdown)
+    closer.start()
+    try:
+        assert inside.wait(5.0)
+
+        def child():
+            otel_npu.configure(enabled=True, tracer_provider=provider[0], device="cpu")
+            with otel_npu.capture("child"):
+                pass
+            return {"flushed": otel_npu.flush(5.0), "names": [s.name for s in spans.all]}
+
+        result = run_in_child(child)
+    finally:
+        release.set()
+        closer.join()
+    assert result["flushed"] and result["names"][-1] == "child"
