@@ -44,7 +44,8 @@ def enabled() -> bool:
 def configure(*, enabled: bool | None = None, device: Any = None, max_pending: int | None = None,
               event_timeout_s: float | None = None, log_durations: bool | None = None,
               poll_interval_s: float | None = None, shutdown_timeout_s: float | None = None,
-              pipeline: str | None = None, tracer_provider: Any = None) -> None:
+              pipeline: str | None = None, tracer_provider: Any = None, keep_slow_steps: str | None = None,
+              detail_every: int | None = None) -> None:
     """Override the environment's settings in code (``None`` keeps the current value).
 
     Raises ``ValueError`` naming the argument for an invalid value. If otel-npu is running, it is flushed
@@ -53,7 +54,8 @@ def configure(*, enabled: bool | None = None, device: Any = None, max_pending: i
     new = _config.override(
         _runtime.settings(), enabled=enabled, device=device, max_pending=max_pending,
         event_timeout_s=event_timeout_s, log_durations=log_durations, poll_interval_s=poll_interval_s,
-        shutdown_timeout_s=shutdown_timeout_s, pipeline=pipeline, tracer_provider=tracer_provider)
+        shutdown_timeout_s=shutdown_timeout_s, pipeline=pipeline, tracer_provider=tracer_provider,
+        keep_slow_steps=keep_slow_steps, detail_every=detail_every)
     with _configure_lock:
         _capture_mod.set_mode(False)
         _runtime.stop(_runtime.settings().shutdown_timeout_s)

@@ -85,6 +85,8 @@ _max_pending = 0
 _take_event: Callable[[], Any] = lambda: None
 _record: Callable[[Any, Any], None] = lambda event, stream: None
 _current_stream: Callable[[], Any] = lambda: None
+#: OTEL_NPU_DETAIL_EVERY's budget (``sampling.DetailBudget``), or None when every step may take detail (N = 1).
+_detail_budget: Any = None
 
 
 #: Frames of a captured exception's traceback kept for ``exception.stacktrace`` (the innermost ones).
@@ -354,6 +356,10 @@ class _StepMixin:
             self.links = tuple(links) if links else ()
         except TypeError:
             _bad_links(links)
+        # Detail captures inside: 0 not taken (over budget), 1 allowed, 2 allowed and taken (set by capture()).
+        budget = _detail_budget
+        self.detail = 1 if budget is None else budget.take(name)
+        self.kept = None  # resolver: why exported although the sampler dropped it ("slow", "detail")
 
     def _extra(self) -> Any:
         return self.links
@@ -363,11 +369,11 @@ class _StepMixin:
 
 
 class _HostStep(_StepMixin, _HostCapture):
-    __slots__ = ("links",)
+    __slots__ = ("links", "detail", "kept")
 
 
 class _EventStep(_StepMixin, _EventCapture):
-    __slots__ = ("links",)
+    __slots__ = ("links", "detail", "kept")
 
 
 def _enter_again(cm: Capture) -> Capture:
@@ -487,7 +493,8 @@ def _bad_name(what: str, name: Any) -> None:
                     f" {name!r}")
 
 
-def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: Any = None) -> Any:
+def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: Any = None,
+            detail: bool = False) -> Any:
     """Time a region on the device; the region becomes a span named ``name``. Context manager and decorator.
 
     Entry records a start event on the capturing thread's current device stream (or ``stream``), exit an
@@ -497,6 +504,10 @@ def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: A
     current at entry (a request span, say); else a new trace. An exception inside propagates unchanged; the
     span gets status ERROR and the exception type. ``attributes`` are added to the span (read later on the
     resolver thread: do not mutate the mapping afterwards).
+
+    ``detail=True`` marks a fine-grained capture (per layer, as ``instrument_module`` makes): under
+    ``OTEL_NPU_DETAIL_EVERY=N`` it is taken only inside one step in N of each step name, and elsewhere is the
+    shared disabled capture (no device events; see ``sampling.py``). Costs nothing extra when False.
     """
     if name.__class__ is not str or not name:
         _bad_name("capture", name)
@@ -511,6 +522,8 @@ def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: A
         cls = _start()[0]
         if cls is None:
             return _off_capture(name, attributes, stream)
+    if detail and _detail_budget is not None and not _detail_allowed():
+        return _off_capture(name, None, stream)  # the shared do-nothing object of this name: no allocation
     # Capture.__init__, inlined: one Python frame less on the hot path.
     cm = _new(cls)
     cm.name = name
@@ -519,6 +532,19 @@ def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: A
     cm.start = None
     cm.sampled = None
     return cm
+
+
+def _detail_allowed() -> bool:
+    """Whether a detail capture may be taken here: its enclosing step's budget (outside a step: yes)."""
+    step = _get_current()
+    while step is not None and not step.is_step:
+        step = step.parent
+    if step is None:
+        return True
+    if step.detail:
+        step.detail = 2  # the step carries detail: it will be exported (sampling.py)
+        return True
+    return False
 
 
 def step(name: str, *, links: Iterable[Any] = (), attributes: Mapping[str, Any] | None = None) -> Any:
@@ -558,8 +584,9 @@ def _start() -> tuple[Any, Any]:
 
 def _install(rt: Any) -> None:
     global _rt, _pending_len, _pending_append, _max_pending, _take_event, _record, _current_stream
-    global _capture_cls, _step_cls
+    global _capture_cls, _step_cls, _detail_budget
     _rt = rt
+    _detail_budget = getattr(rt, "detail_budget", None)
     _pending_len = rt.pending.__len__
     _pending_append = rt.pending.append
     _max_pending = rt.settings.max_pending

@@ -30,6 +30,8 @@ ENV_LOG_DURATIONS = "OTEL_NPU_LOG_DURATIONS"
 ENV_POLL_INTERVAL = "OTEL_NPU_POLL_INTERVAL_MS"
 ENV_SHUTDOWN_TIMEOUT = "OTEL_NPU_SHUTDOWN_TIMEOUT_S"
 ENV_PIPELINE = "OTEL_NPU_PIPELINE"
+ENV_KEEP_SLOW = "OTEL_NPU_KEEP_SLOW_STEPS"
+ENV_DETAIL_EVERY = "OTEL_NPU_DETAIL_EVERY"
 
 DEVICES = ("auto", "npu", "cuda", "cpu")
 PIPELINES = ("auto", "app", "own")
@@ -62,6 +64,11 @@ class Settings:
     pipeline: str = "auto"
     #: An SDK ``TracerProvider`` to send spans through, instead of looking one up.
     tracer_provider: Any = None
+    #: Steps the sampler dropped that are exported anyway when slow: ``"off"``, ``"p99"``, ``"p999"`` (of the
+    #: recent steps of the same name) or a duration (``"25ms"``). See ``sampling.py``.
+    keep_slow_steps: str = "p99"
+    #: Detail captures (``instrument_module``, ``capture(detail=True)``) in one step in this many per name.
+    detail_every: int = 1
 
 
 def _parse_bool(raw: str) -> bool | None:
@@ -128,6 +135,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
                      ENV_PIPELINE, env.get(ENV_PIPELINE), ", ".join(PIPELINES))
         pipeline = "auto"
 
+    from .sampling import settings_from_env
+
+    keep_slow, detail_every = settings_from_env(env)  # validated: the raw value, or the default
     defaults = Settings()
     return Settings(
         enabled=bool(enabled),
@@ -142,6 +152,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         shutdown_timeout_s=_env_number(env, ENV_SHUTDOWN_TIMEOUT, defaults.shutdown_timeout_s, float,
                                        "a positive number of seconds"),
         pipeline=pipeline,
+        keep_slow_steps=keep_slow,
+        detail_every=detail_every,
     )
 
 
@@ -178,7 +190,20 @@ _ARG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "shutdown_timeout_s": (lambda v: _positive_number(v), "a positive number of seconds"),
     "pipeline": (lambda v: v in PIPELINES, "'auto', 'app' or 'own'"),
     "tracer_provider": (lambda v: hasattr(v, "get_tracer"), "an OpenTelemetry SDK TracerProvider"),
+    "keep_slow_steps": (lambda v: _valid_keep(v), "'off', 'p99', 'p999' or a duration such as '25ms'"),
+    "detail_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1_000_000,
+                     "an int from 1 to 1000000"),
 }
+
+
+def _valid_keep(v: Any) -> bool:
+    from .sampling import parse_keep_slow
+
+    try:
+        parse_keep_slow(v)
+    except ValueError:
+        return False
+    return True
 
 
 def _positive_number(v: Any) -> bool:

@@ -99,7 +99,7 @@ def _hooks(name: str, attrs: _HookAttributes) -> tuple[Any, Any]:
     current = _capture_mod.current
 
     def pre_hook(module: Any, args: Any) -> None:
-        capture(name, attributes=attrs).__enter__()
+        capture(name, attributes=attrs, detail=True).__enter__()
 
     def post_hook(module: Any, args: Any, output: Any) -> None:
         # output is None when PyTorch calls this from its exception handler (forward raised): close the

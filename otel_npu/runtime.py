@@ -29,6 +29,7 @@ from .export import pipeline as telemetry
 from .clock import DeviceClock, HostClock
 from .devices.base import EventPool
 from .resolver import POOL_MIN_FREE, Resolver, Stats
+from .sampling import DetailBudget
 from .spans import process_attributes
 
 _log = logging.getLogger("otel_npu")
@@ -47,6 +48,8 @@ class Runtime:
         self.settings = settings
         self.backend, self.passed_over = devices.select(settings.device)
         self.stats = Stats()
+        #: Read by capturing._install: which steps may take detail captures (None: all).
+        self.detail_budget = DetailBudget(settings.detail_every) if settings.detail_every > 1 else None
         self.pending: collections.deque = collections.deque()
         self.host_clock = HostClock()
         self.pool: EventPool | None = None

@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from .resolver import DROPPED
+from .sampling import ATTR_KEPT, ATTR_SLOW_THRESHOLD
 
 _log = logging.getLogger("otel_npu")
 
@@ -141,6 +142,15 @@ def process_attributes(device_label: str, env: Mapping[str, str] | None = None) 
     return attrs
 
 
+def kept_attributes(kept: tuple[str, float | None]) -> dict[str, Any]:
+    """The attributes of a step exported although the sampler dropped it (``sampling.py``)."""
+    reason, threshold_ms = kept
+    out: dict[str, Any] = {ATTR_KEPT: reason}
+    if threshold_ms is not None:
+        out[ATTR_SLOW_THRESHOLD] = threshold_ms
+    return out
+
+
 def _root_context(r: Any) -> Any:
     """The OTel context current when the outermost capture of ``r``'s chain (dropped ones included) began."""
     while r.parent is not None:
@@ -176,7 +186,11 @@ class SpanFactory:
 
     # -- identity -----------------------------------------------------------------------------------
     def identify(self, r: Any) -> bool:
-        """Give ``r`` (and, lazily, its ancestors) trace/span ids; return whether it is sampled."""
+        """Decide whether ``r`` is sampled; give a sampled ``r`` (and, lazily, its ancestors) trace/span ids.
+
+        A capture under an unsampled parent gets no ids (its span is not made: the cheap path for the
+        sampled-out majority); ``rekey`` gives them later if its step is exported after all. A root is
+        always given ids (the sampler needs its trace id)."""
         sampled = r.sampled
         if sampled is not None:
             return sampled
@@ -187,6 +201,9 @@ class SpanFactory:
             sampled = parent.sampled
             if sampled is None:
                 sampled = self.identify(parent)
+            if not sampled:
+                r.sampled = False
+                return False
             r.trace_id = parent.trace_id
             r.parent_span_id = parent.span_id
             r.trace_state = parent.trace_state
@@ -201,13 +218,42 @@ class SpanFactory:
             else:
                 r.trace_id = self._ids.generate_trace_id()
                 r.parent_span_id = 0
-            result = self._sampler.should_sample(ctx, r.trace_id, r.name, SpanKind.INTERNAL, None,
-                                                 self.links(r) if r.is_step else None)
+            # As the SDK's Tracer.start_span asks: the span's attributes (those known at its start) and its
+            # links as Link objects.
+            result = self._sampler.should_sample(ctx, r.trace_id, r.name, SpanKind.INTERNAL,
+                                                 self.start_attributes(r), self.sampler_links(r))
             sampled = result.decision.is_sampled()
             r.trace_state = result.trace_state
         r.span_id = self._new_span_id()
         r.sampled = sampled
         return sampled
+
+    def rekey(self, records: Sequence[Any]) -> None:
+        """``records`` (captures of a step the sampler dropped) are exported after all: their step was set
+        sampled; give them ids under it."""
+        for r in records:
+            r.sampled = None
+        for r in records:
+            self.identify(r)
+
+    def start_attributes(self, r: Any) -> dict[str, Any]:
+        """What the sampler is shown as the span's attributes: those known when the capture began (the
+        process's, stream, step, kind, batch size and the capture's own), as the SDK passes the attributes
+        given to ``start_span``."""
+        attrs = dict(self.const_attributes)
+        attrs[ATTR_STREAM] = self.stream_label(r.stream)
+        if r.is_step:
+            attrs[ATTR_KIND] = "step"
+            attrs[ATTR_LINKS] = self.links(r).total
+        if r.attributes:
+            attrs.update(self.user_attributes(r))
+        return attrs
+
+    def sampler_links(self, r: Any) -> Sequence[Link]:
+        """A step's links as ``Link`` objects (as the SDK passes them to the sampler); ``()`` otherwise."""
+        if not r.is_step:
+            return ()
+        return self.links(r)
 
     # -- content ------------------------------------------------------------------------------------
     def stream_label(self, stream: Any) -> str:
@@ -316,6 +362,9 @@ class SpanFactory:
         if r.is_step:
             attrs[ATTR_KIND] = "step"
             attrs[ATTR_LINKS] = self.links(r).total
+            kept = getattr(r, "kept", None)  # steps made by otel-npu have it; test doubles may not
+            if kept is not None:
+                attrs.update(kept_attributes(kept))
         if r.timed_out:
             attrs[ATTR_TIMED_OUT] = True
         if r.error is not None:

@@ -34,6 +34,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from .. import config
 from ..spans import Limits, SpanFactory
+from .. import sampling as step_sampling
 from . import metrics as _metrics
 from . import otlp, redact
 from . import sinks as _sinks
@@ -56,10 +57,20 @@ def _version() -> str:
 
 
 class Pipeline:
-    """The spans half of a runtime: decisions (``factory``) and destinations (``sinks``)."""
+    """The spans half of a runtime: decisions (``factory``) and destinations (``sinks``).
+
+    Per resolved capture (``emit``, resolver thread): the stage histogram always; then the sampler's decision
+    (``SpanFactory.identify``). A sampled capture is handed to the sinks at once. A capture the sampler
+    dropped costs nothing more — no ids, no span, no encoding — unless its step may still be exported
+    (``sampling.py``: slow steps, steps with detail): then it is held until its step finishes (the resolver
+    emits a step after all its captures) and is exported with it, or forgotten.
+    """
+
+    #: Steps whose dropped captures are held at once, at most (each step's are released when it finishes).
+    MAX_HELD_STEPS = 10_000
 
     def __init__(self, factory: SpanFactory, sinks: list, stats: Any, description: str,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, slow: Any = None, detail_every: int = 1) -> None:
         self.factory = factory
         self.sinks = sinks
         self._stats = stats
@@ -68,6 +79,12 @@ class Pipeline:
         self.metrics = metrics
         self.metrics_description = metrics.description if metrics is not None else "none"
         self._record = metrics.record if metrics is not None else None
+        #: Offers an exported span's duration as an exemplar (None: OTEL_METRICS_EXEMPLAR_FILTER=always_off).
+        self._exemplar = getattr(metrics, "exemplar", None) if metrics is not None else None
+        self._slow = slow            # sampling.SlowSteps, or None (off)
+        self._detail_forces = detail_every > 1
+        self._hold = slow is not None or self._detail_forces
+        self._held: dict[Any, list] = {}
         if metrics is not None:
             metrics.ensure_started()
 
@@ -79,12 +96,59 @@ class Pipeline:
             record(r)
         if not self.sinks:
             return
-        if not self.factory.identify(r):
-            self._stats.spans_unsampled += 1
+        if self.factory.identify(r):
+            if r.is_step and self._slow is not None:
+                self._slow.observe(r.name, r.end_ns - r.start_ns, r.end_ns, False)
+            self._send(r)
             return
+        if not self._hold:
+            self._stats.spans_unsampled += 1
+        elif r.is_step:
+            self._step_dropped(r)
+        else:
+            step = r.step
+            # Only a step that begins a trace can be kept (else its parent, not exported, would be missing),
+            # and only until it is done (a capture resolved after its step follows the step's decision).
+            if step is None or getattr(step, "done", False) or not _begins_trace(step) or (
+                    step not in self._held and len(self._held) >= self.MAX_HELD_STEPS):
+                self._stats.spans_unsampled += 1
+            else:
+                held = self._held.get(step)
+                if held is None:
+                    held = self._held[step] = []
+                held.append(r)
+
+    def _step_dropped(self, r: Any) -> None:
+        """A step the sampler dropped is finished: export it with its held captures if it must be kept."""
+        held = self._held.pop(r, ())
+        kept = threshold = None
+        if _begins_trace(r):
+            if self._detail_forces and r.detail == 2:
+                kept = "detail"
+            if self._slow is not None:
+                threshold = self._slow.observe(r.name, r.end_ns - r.start_ns, r.end_ns, kept is None)
+                if threshold is not None:
+                    kept = "slow"
+        elif self._slow is not None:
+            self._slow.observe(r.name, r.end_ns - r.start_ns, r.end_ns, False)
+        if kept is None:
+            self._stats.spans_unsampled += 1 + len(held)
+            return
+        r.kept = (kept, None if threshold is None else threshold / 1e6)
+        r.sampled = True
+        self.factory.rekey(held)
+        for child in held:
+            self._send(child)
+        self._send(r)
+        self._stats.add(f"steps_kept_{kept}")
+
+    def _send(self, r: Any) -> None:
         for sink in self.sinks:
             sink.emit(r)
         self._stats.spans_emitted += 1
+        exemplar = self._exemplar
+        if exemplar is not None:
+            exemplar(r)
 
     def flush(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -107,6 +171,11 @@ class Pipeline:
                 self.metrics.shutdown(max(0.0, deadline - time.monotonic()))
             except Exception:  # pragma: no cover - best effort
                 _log.debug("otel-npu: shutting the metrics down failed", exc_info=True)
+
+
+def _begins_trace(step: Any) -> bool:
+    """Whether ``step`` is the root of its trace (no enclosing capture, no valid parent span at its entry)."""
+    return step.parent is None and not step.parent_span_id
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
@@ -200,7 +269,7 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
             sink = _sinks.SdkSink(tracer.span_processor, tracer.resource, scope, factory, owned=False)
             return Pipeline(factory, [sink], stats, f"the application's TracerProvider ({type(provider).__name__})",
                             _build_metrics(settings, env, process_attrs, resource_from_env(process_attrs),
-                                           scope, stats))
+                                           scope, stats), **_step_rules(settings, stats))
 
     factory = SpanFactory(sampler=sampler_from_env(env), id_generator=RandomIdGenerator(),
                           limits=Limits.from_env(env), **common)
@@ -228,7 +297,15 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
         sinks.append(sink)
         described.append(text)
     metrics = _build_metrics(settings, env, process_attrs, resource, scope, stats)
-    return Pipeline(factory, sinks, stats, "otel-npu's own: " + (", ".join(described) or "no exporter"), metrics)
+    return Pipeline(factory, sinks, stats, "otel-npu's own: " + (", ".join(described) or "no exporter"), metrics,
+                    **_step_rules(settings, stats))
+
+
+def _step_rules(settings: Any, stats: Any) -> dict[str, Any]:
+    """Slow-step keeping and the detail budget of ``settings`` (validated there), for ``Pipeline``."""
+    rule = step_sampling.parse_keep_slow(getattr(settings, "keep_slow_steps", "p99"))
+    return {"slow": None if rule is None else step_sampling.SlowSteps(rule, stats),
+            "detail_every": getattr(settings, "detail_every", 1)}
 
 
 def _build_metrics(settings: Any, env: Mapping[str, str], process_attrs: Mapping[str, Any], resource: Resource,

@@ -1,0 +1,322 @@
+"""Step sampling: the sampler called as the SDK calls it, slow steps kept, detail on a budget."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, Sampler, SamplingResult, TraceIdRatioBased
+from opentelemetry.trace import Link
+
+import otel_npu
+from otel_npu import config, runtime, sampling
+
+from .otlp_receiver import HttpReceiver, attributes
+
+
+class RecordingSampler(Sampler):
+    """An application sampler that reads what the SDK hands it (as a real one might: link.context)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
+                      trace_state=None):
+        self.calls.append((name, dict(attributes) if attributes is not None else None,
+                           [(link.context.trace_id, dict(link.attributes or {})) for link in links or ()]))
+        return SamplingResult(Decision.RECORD_AND_SAMPLE)
+
+    def get_description(self):
+        return "recording"
+
+
+def provider_with(sampler):
+    exporter = InMemorySpanExporter()
+    tp = TracerProvider(sampler=sampler)
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    return tp, exporter
+
+
+def test_the_sampler_gets_the_spans_attributes_and_links_as_link_objects():
+    """Issue 11 item 16: attributes=None and SpanContexts as links, unlike the SDK (a sampler reading
+    link.context raised, and the step was lost)."""
+    sampler = RecordingSampler()
+    tp, exporter = provider_with(sampler)
+    request = tp.get_tracer("app").start_span("request")
+    otel_npu.configure(enabled=True, device="cpu", tracer_provider=tp)
+    with otel_npu.step("Decode", links=[request, Link(request.get_span_context(), {"request.id": "r1"})],
+                       attributes={"batch.tokens": 12}):
+        with otel_npu.capture("forward"):
+            pass
+    with otel_npu.capture("alone", attributes={"k": "v"}):
+        pass
+    assert otel_npu.flush(10.0)
+    names = sorted(s.name for s in exporter.get_finished_spans())
+    assert names == ["Decode", "alone", "forward"], "no span lost to the sampler's reading of link.context"
+    calls = {name: (attrs, links) for name, attrs, links in sampler.calls}
+    assert set(calls) == {"request", "Decode", "alone"}, "asked once per root, as for a root span"
+    step_attrs, step_links = calls["Decode"]
+    assert step_attrs["batch.tokens"] == 12 and step_attrs["otel_npu.kind"] == "step"
+    assert step_attrs["otel_npu.batch_size"] == 2 and step_attrs["otel_npu.device"] == "cpu"
+    trace_id = request.get_span_context().trace_id
+    assert [t for t, _ in step_links] == [trace_id, trace_id]
+    alone_attrs, alone_links = calls["alone"]
+    assert alone_attrs["k"] == "v" and alone_links == []
+    request.end()
+
+
+@pytest.fixture
+def receiver():
+    r = HttpReceiver()
+    yield r
+    otel_npu.shutdown(5.0)
+    r.close()
+
+
+STAGES = ("prepare", "forward", "sample")
+
+
+def run_decode(sim, steps, slow_at, slow_s=0.03):
+    """``steps`` steps of three captures; the forward of the steps in ``slow_at`` takes ``slow_s``."""
+    stream = sim.current_stream()
+    for i in range(steps):
+        with otel_npu.step("Decode"):
+            for stage in STAGES:
+                with otel_npu.capture(stage):
+                    stream.launch(slow_s if stage == "forward" and i in slow_at else 0.0005)
+        if i % 50 == 49:
+            stream.synchronize()  # keep the device near the host (as a real decode loop's sync per token)
+            # The resolver polls once a second while it saw nothing in flight, and this loop makes more than
+            # the 512 pooled captures in that time: wake it, so that no capture is lost to an empty pool.
+            runtime.current().resolver.wake()
+
+
+def exported_steps(receiver):
+    """{step index order: (step span, [its child spans])} of what the receiver got, by trace."""
+    spans = [span for _, span in receiver.spans()]
+    steps = {s.trace_id: s for s in spans if s.name == "Decode"}
+    children = {}
+    for s in spans:
+        if s.name != "Decode":
+            children.setdefault(s.trace_id, []).append(s)
+    return steps, children
+
+
+@pytest.mark.parametrize("rule", ["p99", "10ms"])
+def test_ratio_sampling_keeps_every_slow_step_with_its_captures(monkeypatch, receiver, sim, rule):
+    """Done-when of issue 12: traceidratio 0.05 and injected slow steps: about 5 % of the ordinary steps and
+    every slow step exported with all its captures; the histogram counts every step."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.05")
+    monkeypatch.setenv("OTEL_NPU_KEEP_SLOW_STEPS", rule)
+    runtime_settings = config.from_env()
+    assert runtime_settings.keep_slow_steps == rule
+    otel_npu.configure(enabled=True, device=sim, pipeline="own", keep_slow_steps=rule, poll_interval_s=0.02)
+    steps = 1500
+    slow_at = set(range(300, steps, 120))  # 10 slow steps, after the p99 window has its first estimate
+    run_decode(sim, steps, slow_at)
+    assert otel_npu.flush(30.0)
+    step_spans, children = exported_steps(receiver)
+    slow = [s for s in step_spans.values() if (s.end_time_unix_nano - s.start_time_unix_nano) > 20e6]
+    assert len(slow) == len(slow_at), "every slow step is exported"
+    for s in slow:
+        attrs = attributes(s.attributes)
+        if attrs.get("otel_npu.kept") is not None:
+            assert attrs["otel_npu.kept"] == "slow" and attrs["otel_npu.slow_threshold_ms"] > 0
+    kept = [s for s in slow if attributes(s.attributes).get("otel_npu.kept") == "slow"]
+    assert len(kept) >= len(slow_at) - 3, "most slow steps were dropped by the sampler and kept for slowness"
+    for s in step_spans.values():  # every exported step has all its captures, parented to it
+        mine = children.get(s.trace_id, [])
+        assert sorted(c.name for c in mine) == sorted(STAGES)
+        assert all(c.parent_span_id == s.span_id for c in mine)
+    ordinary = len(step_spans) - len(slow)
+    # 5 % of 1490 ≈ 75 (binomial s.d. ≈ 8.4), plus what p99 keeps of the ordinary steps' own tail (≈ 1 %)
+    assert 40 <= ordinary <= 160, f"{ordinary} ordinary steps exported"
+    histogram = receiver.wait_for_metric(
+        "otel_npu.stage.duration",
+        lambda m: sum(p.count for p in m.histogram.data_points
+                      if attributes(p.attributes)["otel_npu.stage"] == "Decode") == steps)
+    assert histogram is not None, "the histogram counts every step, exported or not"
+    stats = otel_npu.stats()
+    assert stats["spans_emitted"] == 4 * len(step_spans)
+    assert stats["spans_emitted"] + stats["spans_unsampled"] == 4 * steps, "every capture counted once"
+
+
+def test_keep_off_exports_only_what_the_sampler_keeps(monkeypatch, receiver, sim):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    otel_npu.configure(enabled=True, device=sim, pipeline="own", keep_slow_steps="off")
+    run_decode(sim, 50, {10, 20}, slow_s=0.02)
+    assert otel_npu.flush(10.0)
+    assert receiver.spans() == []
+    assert otel_npu.stats()["spans_unsampled"] == 200
+
+
+def test_a_step_under_an_unsampled_request_follows_the_request(sim):
+    """Keeping a slow step whose parent span is not exported would leave an orphan: it is not kept."""
+    tp, exporter = provider_with(ALWAYS_OFF)
+    otel_npu.configure(enabled=True, device=sim, tracer_provider=tp, keep_slow_steps="1ms")
+    with tp.get_tracer("app").start_as_current_span("request"):
+        with otel_npu.step("Decode"):
+            with otel_npu.capture("forward"):
+                sim.current_stream().launch(0.005)
+    with otel_npu.step("Decode"):  # the same, beginning its own trace: kept
+        with otel_npu.capture("forward"):
+            sim.current_stream().launch(0.005)
+    assert otel_npu.flush(10.0)
+    spans = exporter.get_finished_spans()
+    assert sorted(s.name for s in spans) == ["Decode", "forward"]
+    step = [s for s in spans if s.name == "Decode"][0]
+    assert step.parent is None and step.attributes["otel_npu.kept"] == "slow"
+    assert step.attributes["otel_npu.slow_threshold_ms"] == 1.0
+
+
+def test_a_burst_of_slow_steps_is_bounded_and_counted(sim):
+    tp, exporter = provider_with(ALWAYS_OFF)
+    otel_npu.configure(enabled=True, device=sim, tracer_provider=tp, keep_slow_steps="0.1ms")
+    stream = sim.current_stream()
+    for _ in range(sampling.BURST + 15):  # all slow, back to back (≈ 0.1 s of step time: ≈ no refill)
+        with otel_npu.step("Decode"):
+            stream.launch(0.0003)
+    assert otel_npu.flush(10.0)
+    kept = len(exporter.get_finished_spans())
+    assert sampling.BURST <= kept < sampling.BURST + 5
+    assert otel_npu.stats()["slow_steps_not_kept"] == sampling.BURST + 15 - kept
+
+
+def test_percentile_rule_follows_each_step_name():
+    from otel_npu.resolver import Stats
+
+    rule = sampling.SlowSteps(sampling.parse_keep_slow("p99"), Stats())
+    for i in range(1000):  # Decode ≈ 1 ms, Prefill ≈ 50 ms
+        assert rule.observe("Decode", 1_000_000 + i, i * 10_000_000, True) is None or i >= 100
+        rule.observe("Prefill", 50_000_000 + i, i * 10_000_000, True)
+    # Past the window's p99 of its own name: kept; a Decode-slow Prefill is not.
+    assert rule.observe("Decode", 5_000_000, 10**10 + 1, True) is not None
+    assert rule.observe("Prefill", 5_000_000, 10**10 + 2, True) is None
+    assert rule.observe("Decode", 5_000_000, 10**10 + 3, False) is None, "only dropped steps are kept"
+
+
+@pytest.mark.parametrize("raw,expected", [("off", None), ("p99", ("p99", 0.99)), ("p999", ("p999", 0.999)),
+                                          ("25ms", ("threshold", 25e6)), ("25", ("threshold", 25e6)),
+                                          ("0.5s", ("threshold", 5e8)), ("800us", ("threshold", 8e5))])
+def test_keep_slow_steps_values(raw, expected):
+    assert sampling.parse_keep_slow(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["p50", "fast", "-3ms", "0", "25 hours"])
+def test_bad_keep_slow_steps_warns_and_keeps_p99(raw, caplog):
+    if raw == "0":
+        assert sampling.parse_keep_slow(raw) is None  # "0" means off
+        return
+    with caplog.at_level(logging.WARNING, logger="otel_npu"):
+        settings = config.from_env({"OTEL_NPU_KEEP_SLOW_STEPS": raw})
+    assert settings.keep_slow_steps == "p99"
+    assert "OTEL_NPU_KEEP_SLOW_STEPS" in caplog.text and raw in caplog.text and "p999" in caplog.text
+    with pytest.raises(ValueError, match="keep_slow_steps"):
+        otel_npu.configure(keep_slow_steps=raw)
+
+
+def test_bad_detail_every_warns_and_uses_1(caplog):
+    with caplog.at_level(logging.WARNING, logger="otel_npu"):
+        assert config.from_env({"OTEL_NPU_DETAIL_EVERY": "zero"}).detail_every == 1
+    assert "OTEL_NPU_DETAIL_EVERY" in caplog.text and "'zero'" in caplog.text
+    assert config.from_env({"OTEL_NPU_DETAIL_EVERY": "10"}).detail_every == 10
+    with pytest.raises(ValueError, match="detail_every"):
+        otel_npu.configure(detail_every=0)
+
+
+def test_sampled_out_captures_get_no_span_ids(sim):
+    """The cheap path: under a dropped step nothing is identified (ids are only drawn for exported spans)."""
+    tp, _ = provider_with(ALWAYS_OFF)
+    otel_npu.configure(enabled=True, device=sim, tracer_provider=tp, keep_slow_steps="off")
+    seen = []
+    rt = None
+    with otel_npu.step("Decode") as s:
+        with otel_npu.capture("forward") as c:
+            pass
+    rt = runtime.current()
+    original = rt.pipeline.emit
+
+    def spy(r):
+        original(r)
+        seen.append(r)
+    rt.resolver._emit = spy
+    with otel_npu.step("Decode") as s:
+        with otel_npu.capture("forward") as c:
+            pass
+    assert otel_npu.flush(10.0)
+    assert c in seen and s in seen
+    assert c.sampled is False and not hasattr(c, "span_id")
+    assert s.sampled is False and hasattr(s, "trace_id"), "the root is given a trace id for the sampler"
+
+
+class TestDetailBudget:
+    def run(self, sim, steps, every, **kwargs):
+        tp, exporter = provider_with(kwargs.pop("sampler", None) or TraceIdRatioBased(1.0))
+        otel_npu.configure(enabled=True, device=sim, tracer_provider=tp, detail_every=every, **kwargs)
+        stream = sim.current_stream()
+        for _ in range(steps):
+            with otel_npu.step("Decode"):
+                with otel_npu.capture("forward"):
+                    for layer in range(3):
+                        with otel_npu.capture(f"layers.{layer}", detail=True):
+                            stream.launch(0.00002)
+        assert otel_npu.flush(10.0)
+        return exporter.get_finished_spans()
+
+    def test_detail_captures_in_one_step_in_n(self, sim):
+        spans = self.run(sim, 20, 5)
+        steps = sorted((s for s in spans if s.name == "Decode"), key=lambda s: s.start_time)
+        assert len(steps) == 20
+        with_detail = [i for i, s in enumerate(steps)
+                       if any(x.name.startswith("layers.") and x.context.trace_id == s.context.trace_id
+                              for x in spans)]
+        assert with_detail == [0, 5, 10, 15]
+        assert sum(s.name.startswith("layers.") for s in spans) == 12
+        assert sum(s.name == "forward" for s in spans) == 20, "ordinary captures are not on the budget"
+
+    def test_skipped_detail_captures_record_no_device_events(self, sim):
+        self.run(sim, 1, 2)  # starts the runtime
+        before = sim.timing_reads()
+        pool = runtime.current().pool
+        free = len(pool)
+        with otel_npu.step("Decode"):  # the second step: over budget
+            with otel_npu.capture("layers.0", detail=True) as c:
+                pass
+            assert len(pool) == free - 2, "only the step's two events were taken"
+        assert c is otel_npu.capture("layers.0", detail=True) or not hasattr(c, "end")
+        assert otel_npu.flush(10.0)
+        assert len(sim.timing_reads()) >= len(before)
+
+    def test_a_step_with_detail_is_exported_even_when_the_sampler_drops_it(self, sim):
+        spans = self.run(sim, 9, 3, sampler=ALWAYS_OFF, keep_slow_steps="off")
+        steps = [s for s in spans if s.name == "Decode"]
+        assert len(steps) == 3 and all(s.attributes["otel_npu.kept"] == "detail" for s in steps)
+        assert sum(s.name.startswith("layers.") for s in spans) == 9
+        assert sum(s.name == "forward" for s in spans) == 3, "with all the step's captures"
+
+    def test_default_detail_follows_the_sampler(self, sim):
+        spans = self.run(sim, 4, 1, sampler=ALWAYS_OFF, keep_slow_steps="off")
+        assert spans == ()  or list(spans) == []
+
+    def test_instrument_module_hooks_are_detail_captures(self, sim):
+        torch = pytest.importorskip("torch")
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        tp, exporter = provider_with(TraceIdRatioBased(1.0))
+        otel_npu.configure(enabled=True, device=sim, tracer_provider=tp, detail_every=4)
+        handle = otel_npu.instrument_module(model)
+        x = torch.ones(1, 4)
+        for _ in range(8):
+            with otel_npu.step("Decode"):
+                model(x)
+        assert otel_npu.flush(10.0)
+        names = [s.name for s in exporter.get_finished_spans()]
+        assert names.count("0") == 2 and names.count("1") == 2 and names.count("Decode") == 8
+        handle.remove()
