@@ -1,7 +1,8 @@
 """A model runner's step loop with otel-npu, standalone: request trace context in, device-timed stages out.
 
-    OTEL_NPU_TRACES_FILE=runner.jsonl OTEL_TRACES_EXPORTER=none python examples/model_runner.py
-    otel-npu summary runner.jsonl
+    python examples/model_runner.py                      # no collector: traces to ./otel-npu-traces-*.jsonl
+    otel-npu summary otel-npu-traces-*.jsonl
+    OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 python examples/model_runner.py   # to a collector
 
 Each request arrives with a W3C ``traceparent`` header (here made up by a pretend client); the runner keeps
 its span context, and every step links to the requests of its batch. The model is a small torch MLP on
@@ -17,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract
 
 import otel_npu
-from otel_npu.export.pipeline import tracer_provider_from_env
+from otel_npu.export.pipeline import tracer_provider_from_env, traces_file_unless_configured
 
 
 def client_headers(i: int) -> dict[str, str]:
@@ -26,6 +27,8 @@ def client_headers(i: int) -> dict[str, str]:
 
 
 def main() -> int:
+    # Nothing configured: a file, not a collector at localhost:4318 that is probably not there.
+    traces_file_unless_configured(os.environ)
     provider = tracer_provider_from_env()  # the serving application's provider (vLLM: init_tracer)
     trace.set_tracer_provider(provider)
     otel_npu.configure(enabled=True)
@@ -55,9 +58,10 @@ def main() -> int:
     for span in requests:
         span.end()
     otel_npu.flush()
+    metrics = otel_npu.stats().get("metrics")
     provider.shutdown()
     print(f"4 steps for {len(requests)} requests on {device}; traces: "
-          f"{os.environ.get('OTEL_NPU_TRACES_FILE') or 'per OTEL_TRACES_EXPORTER'}")
+          f"{os.environ.get('OTEL_NPU_TRACES_FILE') or 'per OTEL_TRACES_EXPORTER'}; stage metrics: {metrics}")
     return 0
 
 

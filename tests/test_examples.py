@@ -29,3 +29,18 @@ def test_model_runner_links_steps_to_requests_from_their_traceparent(tmp_path):
     assert [s.name for s in sorted(steps, key=lambda s: s.start_ns)] == ["Prefill", "Decode", "Decode", "Decode"]
     for step in steps:
         assert sorted(step.links) == sorted((r.trace_id, r.span_id) for r in requests)
+
+
+def test_model_runner_run_plainly_is_quiet_and_says_where_its_traces_went(tmp_path):
+    # Issue 11 item 21: run with no OTEL_* variable and no collector, it printed retry errors for 20 s and
+    # lost its traces.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(OTEL_NPU_DEVICE="cpu")
+    done = subprocess.run([sys.executable, str(EXAMPLES / "model_runner.py")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "error" not in done.stderr.lower() and "4318" not in done.stderr, done.stderr
+    files = list(tmp_path.glob("otel-npu-traces-*.jsonl"))
+    assert len(files) == 1 and f"traces: {files[0].name}" in done.stdout, done.stdout
+    assert "metrics: none" in done.stdout
+    assert len(tracefile.Forest(tracefile.read(str(files[0]))).steps) == 4

@@ -199,3 +199,34 @@ def test_an_app_provider_from_env_puts_request_and_stage_spans_in_one_file(monke
     by_name = {s["name"]: s for s in spans_}
     assert by_name["forward"]["parentSpanId"] == by_name["llm_request"]["spanId"]
     assert by_name["forward"]["traceId"] == by_name["llm_request"]["traceId"]
+
+
+@pytest.mark.parametrize("traces", [{"OTEL_TRACES_EXPORTER": "console"},
+                                    {"OTEL_TRACES_EXPORTER": "none", "OTEL_NPU_TRACES_FILE": "t.jsonl"}])
+def test_collector_less_runs_send_no_metrics_to_localhost(traces, monkeypatch, tmp_path, capfd, caplog_otel):
+    # Issue 11 item 21: with traces to the console or a file only, the stage metrics still went to
+    # localhost:4318 (a warning, flush() blocking 5 s and returning False).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OTEL_METRICS_EXPORTER")
+    for key, value in traces.items():
+        monkeypatch.setenv(key, value)
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    with otel_npu.capture("forward"):
+        pass
+    assert otel_npu.flush(2.0)
+    stats = otel_npu.stats()
+    assert "4318" not in stats["metrics"] and stats["metrics"].startswith("none")
+    assert "OTEL_METRICS_EXPORTER" in stats["metrics"]  # it says why, and how to have them
+    assert not stats.get("metrics_export_failed")
+    assert not [r for r in caplog_otel.records if r.levelname == "WARNING"]
+
+
+def test_metrics_follow_the_traces_to_a_collector_by_default(monkeypatch, http_receiver):
+    monkeypatch.delenv("OTEL_METRICS_EXPORTER")
+    own_pipeline_env(monkeypatch, http_receiver.endpoint, "http/protobuf")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    with otel_npu.capture("forward"):
+        pass
+    assert otel_npu.flush(10.0)
+    assert http_receiver.endpoint in otel_npu.stats()["metrics"]
+    assert http_receiver.wait_for_metric("otel_npu.stage.duration") is not None

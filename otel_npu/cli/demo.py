@@ -38,7 +38,6 @@ MODEL_SIZES = {
     "base": (8, 512, 1376, 8, 4, 8192),
 }
 STAGES = ("prepare input", "forward", "post process", "sample")
-ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,19 +88,11 @@ def plan_requests(n: int, steps: int, vocab: int, rng: random.Random) -> list[Re
 
 def configure_destination(env: Any) -> str | None:
     """With no exporter configured, send traces to a new file in the current directory; returns its path
-    (``None`` when the environment already says where traces go, or names a file itself)."""
-    if any(env.get(var, "").strip() for var in ENDPOINT_VARS) or env.get("OTEL_TRACES_EXPORTER", "").strip():
-        return None
-    env["OTEL_TRACES_EXPORTER"] = "none"
-    # No collector either for the stage metrics: without this they would be retried against localhost:4318
-    # (a warning, and an exit held up by the export time-out). The table at the end shows the same numbers.
-    if not env.get("OTEL_METRICS_EXPORTER", "").strip() and not env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "").strip():
-        env["OTEL_METRICS_EXPORTER"] = "none"
-    if env.get("OTEL_NPU_TRACES_FILE", "").strip():
-        return None
-    path = f"otel-npu-traces-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    env["OTEL_NPU_TRACES_FILE"] = path
-    return path
+    (``None`` when the environment already says where traces go, or names a file itself). See
+    ``otel_npu.export.pipeline.traces_file_unless_configured``."""
+    from otel_npu.export import pipeline
+
+    return pipeline.traces_file_unless_configured(env)
 
 
 def describe_destinations(env: Any) -> list[str]:
@@ -309,6 +300,9 @@ def run(args: argparse.Namespace) -> int:
               "otel-npu: not everything was delivered within the flush time-out")
     places = describe_destinations(env)
     print("Traces " + (" and ".join(places) if places else "went nowhere (no exporter configured)") + ".")
+    metrics = stats.get("metrics", "none")
+    print("Stage metrics " + ("were not exported (no collector configured; the table above has the same "
+                              "durations)" if metrics.startswith("none") else f"went to {metrics}") + ".")
     target = file_path or env.get("OTEL_NPU_TRACES_FILE", "").strip()
     if target:
         print(f"  otel-npu summary {target}")

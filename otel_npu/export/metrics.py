@@ -430,7 +430,33 @@ class _MetricsExportError(Exception):
     pass
 
 
+#: Variables that point the stage metrics at a collector even when OTEL_METRICS_EXPORTER is unset.
+ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+
+
+def default_off_reason(env: Mapping[str, str]) -> str | None:
+    """Why the stage metrics are not exported by default in this environment, or ``None`` when they go over
+    OTLP by default.
+
+    ``OTEL_METRICS_EXPORTER`` unset means ``otlp`` only where there is a collector to send to: an OTLP
+    endpoint is set, or the traces go over OTLP (``OTEL_TRACES_EXPORTER`` unset or naming ``otlp``). A run
+    whose traces go to the console or a file only has no collector: sending metrics to localhost:4318 there
+    would cost a warning and the export time-out at every flush and at exit, for nothing."""
+    if env.get("OTEL_METRICS_EXPORTER", "").strip():
+        return None
+    if any(env.get(var, "").strip() for var in ENDPOINT_VARS):
+        return None
+    traces = {part.strip() for part in (env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp").split(",")}
+    if "otlp" in traces and "none" not in traces:
+        return None
+    return ("none (OTEL_METRICS_EXPORTER is unset and nothing goes to a collector: traces go to "
+            f"{'the console' if 'console' in traces and 'none' not in traces else 'no OTLP exporter'}; set "
+            "OTEL_METRICS_EXPORTER=console to print the stage metrics, or otlp with an endpoint)")
+
+
 def exporters_from_env(env: Mapping[str, str]) -> list[str]:
+    if default_off_reason(env) is not None:
+        return []
     return config.exporter_names(
         env, "OTEL_METRICS_EXPORTER", EXPORTERS, who="otel-npu's own metrics do not support",
         hint=" (for a pull exporter such as prometheus, install an SDK MeterProvider with that reader: otel-npu "

@@ -70,14 +70,15 @@ class Pipeline:
     MAX_HELD_STEPS = 10_000
 
     def __init__(self, factory: SpanFactory, sinks: list, stats: Any, description: str,
-                 metrics: Any = None, slow: Any = None, detail_every: int = 1) -> None:
+                 metrics: Any = None, slow: Any = None, detail_every: int = 1,
+                 metrics_description: str = "none") -> None:
         self.factory = factory
         self.sinks = sinks
         self._stats = stats
         self.description = description
         #: ``metrics.MetricsExport`` / ``metrics.SdkInstruments``, or None when stage metrics are off.
         self.metrics = metrics
-        self.metrics_description = metrics.description if metrics is not None else "none"
+        self.metrics_description = metrics.description if metrics is not None else metrics_description
         self._record = metrics.record if metrics is not None else None
         #: Offers an exported span's duration as an exemplar (None: OTEL_METRICS_EXEMPLAR_FILTER=always_off).
         self._exemplar = getattr(metrics, "exemplar", None) if metrics is not None else None
@@ -269,7 +270,8 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
             sink = _sinks.SdkSink(tracer.span_processor, tracer.resource, scope, factory, owned=False)
             return Pipeline(factory, [sink], stats, f"the application's TracerProvider ({type(provider).__name__})",
                             _build_metrics(settings, env, process_attrs, resource_from_env(process_attrs),
-                                           scope, stats), **_step_rules(settings, stats))
+                                           scope, stats), **_step_rules(settings, stats),
+                            metrics_description=_metrics.default_off_reason(env) or "none")
 
     factory = SpanFactory(sampler=sampler_from_env(env), id_generator=RandomIdGenerator(),
                           limits=Limits.from_env(env), **common)
@@ -298,7 +300,7 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
         described.append(text)
     metrics = _build_metrics(settings, env, process_attrs, resource, scope, stats)
     return Pipeline(factory, sinks, stats, "otel-npu's own: " + (", ".join(described) or "no exporter"), metrics,
-                    **_step_rules(settings, stats))
+                    **_step_rules(settings, stats), metrics_description=_metrics.default_off_reason(env) or "none")
 
 
 def _step_rules(settings: Any, stats: Any) -> dict[str, Any]:
@@ -354,6 +356,29 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
 
             provider.add_span_processor(BatchSpanProcessor(HttpExporter(session=_sinks.http_session())))
     return provider
+
+
+ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def traces_file_unless_configured(env: Any) -> str | None:
+    """For a program run without any exporter configured (no ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, no
+    ``OTEL_TRACES_EXPORTER``) where a collector at localhost is not to be assumed (the demo, the examples):
+    set ``OTEL_TRACES_EXPORTER=none``, the stage metrics off unless configured, and ``OTEL_NPU_TRACES_FILE``
+    to a new ``./otel-npu-traces-<date>-<time>.jsonl``, whose path is returned. Returns ``None`` (changing
+    nothing but the exporter, when a file is named) when the environment already says where traces go."""
+    if any(env.get(var, "").strip() for var in ENDPOINT_VARS) or env.get("OTEL_TRACES_EXPORTER", "").strip():
+        return None
+    env["OTEL_TRACES_EXPORTER"] = "none"
+    # No collector either for the stage metrics (without this they would be retried against localhost:4318:
+    # a warning, and every flush and the exit held up by the export time-out).
+    if not env.get("OTEL_METRICS_EXPORTER", "").strip() and not env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "").strip():
+        env["OTEL_METRICS_EXPORTER"] = "none"
+    if env.get(TRACES_FILE_ENV, "").strip():
+        return None
+    path = f"otel-npu-traces-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    env[TRACES_FILE_ENV] = path
+    return path
 
 
 def _bsp_setting(env: Mapping[str, str], name: str, default: int) -> int:
