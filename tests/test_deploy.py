@@ -293,3 +293,23 @@ def test_prometheus_translation_matches_the_collectors_rules():
         "otel_npu_stage_duration_milliseconds_count"}
     assert prometheus_names("otel_npu.captures", "{capture}", "sum", True) == {"otel_npu_captures_total"}
     assert prometheus_names("otel_npu.pending", "1", "gauge", False) == {"otel_npu_pending_ratio"}
+
+
+def test_a_step_duration_panel_has_exemplars_that_open_traces_and_kept_slow_steps_are_listed(collector):
+    """Issue 12: from a slow bucket to its trace. The exemplars need, end to end: a Prometheus panel asking for
+    them on the step series, a Prometheus datasource that sends their trace_id to Tempo, Prometheus keeping
+    them (exemplar storage) and the collector's Prometheus exporter writing them (OpenMetrics)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    step_panels = [p for p in dashboard["panels"] for t in p["targets"]
+                   if t.get("exemplar") and p["datasource"]["uid"] == "prometheus"
+                   and "otel_npu_stage=~\"$step\"" in t.get("expr", "") and "_bucket" in t["expr"]]
+    assert step_panels, "a panel of whole-step durations with exemplars"
+    datasources = {d["uid"]: d for d in load(DEPLOY / "grafana/provisioning/datasources/datasources.yaml")["datasources"]}
+    destination = datasources["prometheus"]["jsonData"]["exemplarTraceIdDestinations"][0]
+    assert destination["name"] == "trace_id" and datasources[destination["datasourceUid"]]["type"] == "tempo"
+    compose = load(DEPLOY / "docker-compose.yaml")
+    assert "--enable-feature=exemplar-storage" in compose["services"]["prometheus"]["command"]
+    assert collector["exporters"]["prometheus"]["enable_open_metrics"] is True
+    kept = [t["query"] for p in dashboard["panels"] for t in p["targets"] if p["datasource"]["uid"] == "tempo"
+            and "otel_npu.kept" in t.get("query", "")]
+    assert kept == ['{ span.otel_npu.kept = "slow" }']

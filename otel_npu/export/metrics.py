@@ -64,6 +64,12 @@ ATTR_REASON = "otel_npu.reason"
 BOUNDARIES_MS: tuple[float, ...] = tuple(
     round(m * 10.0 ** e, 6) for e in range(-2, 4) for m in (1, 1.5, 2, 3, 5, 7)) + (10000.0,)
 
+#: Exemplars per data point per export interval at most (the slowest of the interval).
+EXEMPLARS_PER_POINT = 4
+#: ``OTEL_METRICS_EXEMPLAR_FILTER`` values (the SDK's): exemplars from exported spans only, from every capture
+#: (those not exported carry no trace), or none.
+EXEMPLAR_FILTERS = ("trace_based", "always_on", "always_off")
+
 #: Distinct (stage, step) series kept; further ones are folded into one ``otel.metric.overflow`` series, as the
 #: SDK does at its cardinality limit. Bounds the aggregator's memory (≈ 0.6 KB per series, ≈ 0.6 MB in all).
 MAX_SERIES = 1000
@@ -98,6 +104,30 @@ class StageAggregator:
         self._series: dict[tuple, list] = {}
         self._width = len(BOUNDARIES_MS) + 1
         self.start_ns = time.time_ns()
+        #: Exemplars of the current interval per series: [[value ms, time ns, trace id, span id], ...], at most
+        #: EXEMPLARS_PER_POINT, the slowest offered (resolver thread writes; ``snapshot`` swaps the dict).
+        self._exemplars: dict[tuple, list] = {}
+        self.round_exemplars: dict[tuple, list] = {}
+
+    def exemplar(self, r: Any, with_ids: bool = True) -> None:
+        """Offer ``r`` (resolver thread) as an exemplar of its series: kept if it is among the slowest
+        ``EXEMPLARS_PER_POINT`` of this interval. ``with_ids``: its span was exported (trace and span ids)."""
+        if r.timed_out:
+            return
+        value = (r.end_ns - r.start_ns) / 1e6
+        key = stage_key(r)
+        held = self._exemplars.get(key)
+        if held is None:
+            if len(self._exemplars) >= MAX_SERIES:
+                return
+            held = self._exemplars[key] = []
+        entry = [value, r.end_ns, r.trace_id if with_ids else None, r.span_id if with_ids else None]
+        if len(held) < EXEMPLARS_PER_POINT:
+            held.append(entry)
+            return
+        low = min(range(len(held)), key=lambda i: held[i][0])
+        if value > held[low][0]:
+            held[low] = entry
 
     def record(self, r: Any) -> None:
         """Add ``r``'s device-measured duration (resolver thread only)."""
@@ -148,11 +178,24 @@ class StageAggregator:
         thread). Starts a new interval for the interval min/max (delta temporality)."""
         inf = float("inf")
         out = []
+        # The interval's exemplars, for every destination of this round (swapped: an offer racing with this
+        # lands in one interval or the other).
+        self.round_exemplars, self._exemplars = self._exemplars, {}
         for key, series in list(self._series.items()):  # list(): one C-level copy, safe against an insert
             copy = list(series)
             series[3], series[4] = inf, -inf
             out.append((key, sum(copy[5:]), copy))
         return out
+
+
+def _exemplars(held: list | None) -> list:
+    """SDK ``Exemplar`` objects of one data point, slowest first."""
+    if not held:
+        return []
+    from opentelemetry.sdk.metrics import Exemplar
+
+    return [Exemplar({}, value, time_ns, span_id, trace_id)
+            for value, time_ns, trace_id, span_id in sorted(held, key=lambda e: -e[0])]
 
 
 def _sdk_classes() -> Any:
@@ -212,7 +255,7 @@ class MetricsBuilder:
             points.append(HistogramDataPoint(
                 attributes=self.aggregator.attributes(key), start_time_unix_nano=start, time_unix_nano=now,
                 count=count, sum=total, bucket_counts=tuple(buckets), explicit_bounds=BOUNDARIES_MS,
-                min=low, max=high))
+                min=low, max=high, exemplars=_exemplars(self.aggregator.round_exemplars.get(key))))
         metrics = []
         if points:
             metrics.append(Metric(name=STAGE_DURATION, unit="ms", data=Histogram(points, temporality),
@@ -261,9 +304,13 @@ class MetricsExport:
     """Exports the stage metrics every ``interval_s`` on one daemon thread (``otel-npu-metrics``)."""
 
     def __init__(self, aggregator: StageAggregator, stats: Any, destinations: list[_Destination],
-                 resource: Any, scope: Any, interval_s: float, timeout_s: float, description: str) -> None:
+                 resource: Any, scope: Any, interval_s: float, timeout_s: float, description: str,
+                 exemplar_filter: str = "trace_based") -> None:
         self.aggregator = aggregator
         self.record = aggregator.record
+        #: ``OTEL_METRICS_EXEMPLAR_FILTER``; ``exemplar(r, with_ids)`` is what the pipeline offers spans to.
+        self.exemplar_filter = exemplar_filter
+        self.exemplar = None if exemplar_filter == "always_off" else aggregator.exemplar
         self._stats = stats
         self._destinations = destinations
         for d in destinations:
@@ -375,6 +422,10 @@ class SdkInstruments:
     """Fallback for an application MeterProvider whose readers cannot take ready data (pull readers): real
     SDK instruments, recorded per capture on the resolver thread (the SDK's cost: 10-22 µs per capture here)."""
 
+    #: Exemplars are the SDK's here: each exported capture is recorded with its span's context.
+    exemplar = None
+    exemplar_filter = "the application MeterProvider's"
+
     def __init__(self, provider: Any, aggregator: StageAggregator, stats: Any, version: str) -> None:
         from opentelemetry.metrics import Observation
 
@@ -414,7 +465,18 @@ class SdkInstruments:
             attrs = self.aggregator.attributes(key)
             if len(self._attrs) < MAX_SERIES:
                 self._attrs[key] = attrs
-        self._histogram.record((r.end_ns - r.start_ns) / 1e6, attrs)
+        if r.sampled:  # exported: its context, for the SDK's exemplar reservoir (its filter decides)
+            self._histogram.record((r.end_ns - r.start_ns) / 1e6, attrs, self._context(r))
+        else:
+            self._histogram.record((r.end_ns - r.start_ns) / 1e6, attrs)
+
+    @staticmethod
+    def _context(r: Any) -> Any:
+        from opentelemetry import trace
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+        span = NonRecordingSpan(SpanContext(r.trace_id, r.span_id, False, TraceFlags(TraceFlags.SAMPLED)))
+        return trace.set_span_in_context(span)
 
     def ensure_started(self) -> None:
         pass
@@ -547,7 +609,8 @@ def build(settings: Any, *, env: Mapping[str, str], const_attributes: Mapping[st
         if found is not None:
             destinations, app_resource, interval_s = found
             return MetricsExport(aggregator, stats, destinations, app_resource, scope, interval_s, timeout_s,
-                                 f"the application's MeterProvider ({', '.join(d.description for d in destinations)})")
+                                 f"the application's MeterProvider ({', '.join(d.description for d in destinations)})",
+                                 exemplar_filter_from_env(env))
         _log.info("otel-npu: the application's MeterProvider has a reader that cannot take ready data; "
                   "recording through SDK instruments (slower per capture)")
         return SdkInstruments(provider, aggregator, stats, scope.version or "")
@@ -565,4 +628,17 @@ def build(settings: Any, *, env: Mapping[str, str], const_attributes: Mapping[st
         return None
     interval_s = _env_ms(env, "OTEL_METRIC_EXPORT_INTERVAL", 60000)
     return MetricsExport(aggregator, stats, destinations, resource, scope, interval_s, timeout_s,
-                         "otel-npu's own: " + ", ".join(d.description for d in destinations))
+                         "otel-npu's own: " + ", ".join(d.description for d in destinations),
+                         exemplar_filter_from_env(env))
+
+
+def exemplar_filter_from_env(env: Mapping[str, str]) -> str:
+    """``OTEL_METRICS_EXEMPLAR_FILTER`` (default ``trace_based``, as the SDK); an invalid value warns."""
+    raw = env.get("OTEL_METRICS_EXEMPLAR_FILTER", "").strip().lower()
+    if not raw:
+        return "trace_based"
+    if raw not in EXEMPLAR_FILTERS:
+        _log.warning("OTEL_METRICS_EXEMPLAR_FILTER=%r is not valid: accepted values are %s; using trace_based",
+                     env.get("OTEL_METRICS_EXEMPLAR_FILTER"), ", ".join(EXEMPLAR_FILTERS))
+        return "trace_based"
+    return raw

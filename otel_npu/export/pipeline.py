@@ -82,6 +82,7 @@ class Pipeline:
         self._record = metrics.record if metrics is not None else None
         #: Offers an exported span's duration as an exemplar (None: OTEL_METRICS_EXEMPLAR_FILTER=always_off).
         self._exemplar = getattr(metrics, "exemplar", None) if metrics is not None else None
+        self._exemplar_all = self._exemplar if getattr(metrics, "exemplar_filter", None) == "always_on" else None
         self._slow = slow            # sampling.SlowSteps, or None (off)
         self._detail_forces = detail_every > 1
         self._hold = slow is not None or self._detail_forces
@@ -91,19 +92,21 @@ class Pipeline:
 
     def emit(self, r: Any) -> None:
         """Resolver thread, once per resolved capture."""
-        # Metrics first, and for every resolved capture: sampling decides about spans only.
+        sampled = self.factory.identify(r) if self.sinks else False
+        # Metrics for every resolved capture: sampling decides about spans only.
         record = self._record
         if record is not None:
             record(r)
-        if not self.sinks:
-            return
-        if self.factory.identify(r):
+        if sampled:
             if r.is_step and self._slow is not None:
                 self._slow.observe(r.name, r.end_ns - r.start_ns, r.end_ns, False)
             self._send(r)
             return
-        if not self._hold:
+        if not self.sinks:
+            self._unexported((r,))
+        elif not self._hold:
             self._stats.spans_unsampled += 1
+            self._unexported((r,))
         elif r.is_step:
             self._step_dropped(r)
         else:
@@ -113,6 +116,7 @@ class Pipeline:
             if step is None or getattr(step, "done", False) or not _begins_trace(step) or (
                     step not in self._held and len(self._held) >= self.MAX_HELD_STEPS):
                 self._stats.spans_unsampled += 1
+                self._unexported((r,))
             else:
                 held = self._held.get(step)
                 if held is None:
@@ -134,6 +138,8 @@ class Pipeline:
             self._slow.observe(r.name, r.end_ns - r.start_ns, r.end_ns, False)
         if kept is None:
             self._stats.spans_unsampled += 1 + len(held)
+            self._unexported(held)
+            self._unexported((r,))
             return
         r.kept = (kept, None if threshold is None else threshold / 1e6)
         r.sampled = True
@@ -150,6 +156,12 @@ class Pipeline:
         exemplar = self._exemplar
         if exemplar is not None:
             exemplar(r)
+
+    def _unexported(self, records: Any) -> None:
+        """Captures whose spans are not exported: exemplars without a trace, under ``always_on`` only."""
+        if self._exemplar_all is not None:
+            for r in records:
+                self._exemplar_all(r, False)
 
     def flush(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
