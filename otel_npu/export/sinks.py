@@ -206,6 +206,19 @@ class _LineFile:
             self._handle.close()
 
 
+def json_file_transport(path: str) -> Callable[[str, int], tuple[bool, str | None]]:
+    """A ``send`` for ``OtlpSink`` with an ``otlp_json.JsonSpanEncoder``: appends each batch (one OTLP/JSON
+    line, already encoded) to ``path``."""
+    out = _LineFile(path)
+
+    def send_json(line: str, count: int) -> tuple[bool, str | None]:
+        return out.write(line)
+
+    send_json.shutdown = out.close  # type: ignore[attr-defined]
+    send_json.endpoint = out.path  # type: ignore[attr-defined]
+    return send_json
+
+
 def file_transport(path: str) -> Callable[[bytes, int], tuple[bool, str | None]]:
     """A ``send`` for ``OtlpSink`` that appends each batch to ``path`` as one OTLP/JSON line."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest

@@ -1,0 +1,53 @@
+"""The traces-file encoder writes, for every span, the document the protobuf encoder + MessageToDict wrote."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+
+from otel_npu.export import otlp, otlp_json
+from otel_npu.export.sinks import otlp_json_line
+
+from .test_otlp_encoding import CASES, factory, record
+
+
+def both(records):
+    resource = Resource.create({"service.name": "decode-worker", "host.name": "h", "n": 3, "ok": True})
+    # A factory each: which links an over-full step keeps moves on from one step to the next.
+    reference = otlp.SpanEncoder(factory(), resource, "otel_npu", "0.1.0")
+    fast = otlp_json.JsonSpanEncoder(factory(), resource, "otel_npu", "0.1.0")
+    # Each encoder converts a record's links/attributes once and caches the result on it: give each its copy.
+    ref_line = otlp_json_line(ExportTraceServiceRequest.FromString(
+        reference.request([reference.encode(copy.copy(r)) for r in records])))
+    fast_line = fast.request([fast.encode(copy.copy(r)) for r in records])
+    return json.loads(ref_line), fast_line
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_document_as_protobuf_and_message_to_dict(case):
+    expected, line = both([CASES[case]])
+    assert line.endswith("\n") and "\n" not in line[:-1], "one line per batch"
+    assert json.loads(line) == expected
+
+
+def test_a_batch_of_several_kinds_and_kept_steps():
+    records = [record(parent_span_id=0x77, step=CASES["child in a step (the template path)"].step),
+               record(name="Decode", is_step=True, kept=("slow", 12.5)),
+               record(name="Decode", is_step=True, kept=("detail", None)), record(), record(name='quo"te\\ ✓')]
+    expected, line = both(records)
+    document = json.loads(line)
+    assert document == expected
+    spans = document["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    kept = {kv["key"]: kv["value"] for kv in spans[1]["attributes"]}
+    assert kept["otel_npu.kept"] == {"stringValue": "slow"} and kept["otel_npu.slow_threshold_ms"] == {"doubleValue": 12.5}
+
+
+def test_values_json_cannot_carry_as_numbers_are_strings():
+    expected, line = both([record(attributes={"nan": math.nan, "inf": math.inf, "big": 2**63 - 1})])
+    assert json.loads(line) == expected
+    assert "NaN" in line and "Infinity" in line and '"9223372036854775807"' in line
