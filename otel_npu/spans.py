@@ -240,13 +240,20 @@ class SpanFactory:
         """What the sampler is shown as the span's attributes: those known when the capture began (the
         process's, stream, step, kind, batch size and the capture's own), as the SDK passes the attributes
         given to ``start_span``."""
-        attrs = dict(self.const_attributes)
+        attrs: dict[str, Any] = {}
+        if r.attributes:
+            # As given (the SDK shows the sampler what start_span got). Not user_attributes(): that cleans
+            # once for good and needs what only resolution sets, and a step is asked about when its first
+            # capture resolves, maybe while the step is still open.
+            try:
+                attrs.update(r.attributes)
+            except Exception:  # not a mapping: user_attributes() warns about it when the span is made
+                pass
+        attrs.update(self.const_attributes)  # otel-npu's own keys win, as on the span
         attrs[ATTR_STREAM] = self.stream_label(r.stream)
         if r.is_step:
             attrs[ATTR_KIND] = "step"
             attrs[ATTR_LINKS] = self.links(r).total
-        if r.attributes:
-            attrs.update(self.user_attributes(r))
         return attrs
 
     def sampler_links(self, r: Any) -> Sequence[Link]:

@@ -413,3 +413,21 @@ def test_exemplars_through_the_applications_meter_provider(monkeypatch, sim):
         assert all((e.trace_id, e.span_id) in exported for e in point.exemplars), reader_kind
         otel_npu.shutdown(5.0)
         meter_provider.shutdown()
+
+
+def test_a_capture_resolved_while_its_step_with_attributes_is_still_open():
+    """The sampler is asked about the step when its first capture is resolved, which can be before the step
+    itself is (the step still open): its attributes must not need what only its resolution sets (saw it fail:
+    AttributeError '_HostStep' object has no attribute 'step', every span of such a step lost)."""
+    sampler = RecordingSampler()
+    tp, exporter = provider_with(sampler)
+    otel_npu.configure(enabled=True, device="cpu", tracer_provider=tp)
+    with otel_npu.step("Decode", attributes={"demo.batch_size": 2}):
+        with otel_npu.capture("prepare input"):
+            pass
+        assert otel_npu.flush(5.0)  # resolves the capture; the step is still open
+    assert otel_npu.flush(5.0)
+    assert sorted(s.name for s in exporter.get_finished_spans()) == ["Decode", "prepare input"]
+    assert otel_npu.stats()["dropped"] == {}
+    (name, attrs, _), = sampler.calls
+    assert name == "Decode" and attrs["demo.batch_size"] == 2 and attrs["otel_npu.kind"] == "step"
