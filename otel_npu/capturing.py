@@ -12,6 +12,17 @@ What a capture costs the capturing thread, and nothing more:
   ``Event.record(stream)`` calls (≈ 1-2.5 µs each on CUDA: the driver's cost, enqueue only).
 
 Never: a synchronize, a wait for the device or for export, a lock held across a device call, an env read.
+
+Two states make a capture do nothing, each read as one attribute on the hot path:
+
+* **a CUDA/ACL graph capture in progress** anywhere in the process (``devices/graphs.py`` watches
+  ``capture_begin``/``capture_end``): an event recorded on a capturing stream is not a timing record, and a
+  device call may invalidate the capture. The capture is counted as a ``graph_capture`` drop; a replay of the
+  graph is then timed as one unit by a capture around the replay;
+* **torch.compile tracing** (``torch.compiler.is_compiling()``; read as the flag it returns): under
+  ``fullgraph=True`` a ``ContextVar.set`` makes Dynamo fail, and with graph breaks allowed each capture
+  would split the graph. Nothing is counted (a counter update would itself be traced); a capture around the
+  compiled call still times it, per-layer timings need eager mode.
 Captures are handed to the resolver thread (``resolver.py``) through an unbounded-by-type but size-checked
 ``deque``: a capture *entered* while ``max_pending`` captures wait there is not timed, and is counted as a
 ``pending_limit`` drop (a lock is taken on that rare path only). The decision is made at entry, before any
@@ -44,6 +55,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import sys
 import threading
 import time
 import traceback
@@ -52,6 +64,7 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 from opentelemetry import context as _otel_context
 
 from . import runtime as _runtime_mod
+from .devices import graphs as _graphs
 from .resolver import DROPPED as _DROPPED
 
 _log = logging.getLogger("otel_npu")
@@ -87,6 +100,51 @@ _record: Callable[[Any, Any], None] = lambda event, stream: None
 _current_stream: Callable[[], Any] = lambda: None
 #: OTEL_NPU_DETAIL_EVERY's budget (``sampling.DetailBudget``), or None when every step may take detail (N = 1).
 _detail_budget: Any = None
+
+
+class _CompilerFlag:
+    """Stands in for ``torch.compiler`` until torch is imported: ``_is_compiling_flag`` is False before."""
+
+    @property
+    def _is_compiling_flag(self) -> bool:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return False
+        _bind_compiler(torch)
+        return _compiler._is_compiling_flag
+
+
+class _IsCompilingCall:
+    """Older torch: ``torch.compiler.is_compiling()`` (Dynamo folds the call to True while tracing)."""
+
+    def __init__(self, is_compiling: Callable[[], bool]) -> None:
+        self._call = is_compiling
+
+    @property
+    def _is_compiling_flag(self) -> bool:
+        return self._call()
+
+
+def _bind_compiler(torch: Any) -> None:
+    """Use ``torch.compiler._is_compiling_flag`` where torch holds it True during a whole compile session
+    (torch >= 2.10: one attribute read), else ``torch.compiler.is_compiling()``."""
+    global _compiler
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "_compile_session_context") and isinstance(
+            getattr(compiler, "_is_compiling_flag", None), bool):
+        _compiler = compiler
+    elif compiler is not None and callable(getattr(compiler, "is_compiling", None)):
+        _compiler = _IsCompilingCall(compiler.is_compiling)
+    else:
+        _compiler = _Never()
+
+
+class _Never:
+    _is_compiling_flag = False
+
+
+#: ``torch.compiler`` (or a stand-in): ``_compiler._is_compiling_flag`` is True while torch.compile traces.
+_compiler: Any = _CompilerFlag()
 
 
 #: Frames of a captured exception's traceback kept for ``exception.stacktrace`` (the innermost ones).
@@ -183,7 +241,7 @@ class Capture:
         "error", "_token", "origin", "auto_stream",
         # resolver-owned
         "step", "trace_id", "span_id", "parent_span_id", "sampled", "trace_state", "start_ns", "end_ns",
-        "clock_error_ns", "timed_out", "done", "intake", "parent_remote", "compat",
+        "clock_error_ns", "timed_out", "done", "intake", "parent_remote", "compat", "graph_ns",
     )
     is_step = False
     links: tuple = ()
@@ -226,8 +284,8 @@ class _HostCapture(Capture):
             parent = _skip_gone(self, parent)
         self.parent = parent
         self._token = _set_current(self)
-        if _pending_len() >= _max_pending:  # decided at entry: see the module's docstring
-            _rt.stats.drop("pending_limit")
+        if _pending_len() >= _max_pending or _graphs.active:  # decided at entry: see the module's docstring
+            _rt.stats.drop("graph_capture" if _graphs.active else "pending_limit")
             return self
         if self.stream is None:  # the CPU's "stream" is the thread (its Thread object, for the name)
             try:
@@ -279,8 +337,8 @@ class _EventCapture(Capture):
             parent = _skip_gone(self, parent)
         self.parent = parent
         self._token = _set_current(self)
-        if _pending_len() >= _max_pending:  # decided at entry: see the module's docstring
-            _rt.stats.drop("pending_limit")
+        if _pending_len() >= _max_pending or _graphs.active:  # decided at entry: see the module's docstring
+            _rt.stats.drop("graph_capture" if _graphs.active else "pending_limit")
             return self
         try:
             stream = self.stream
@@ -518,9 +576,11 @@ def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: A
             if cm is not None:
                 return cm
         return _off_capture(name, attributes, stream)
+    if _compiler._is_compiling_flag:  # torch.compile is tracing this: do nothing (see the module's docstring)
+        return _off_capture(name, attributes, stream)
     if cls is _LAZY:
         cls = _start()[0]
-        if cls is None:
+        if cls is None or cls is _LAZY:
             return _off_capture(name, attributes, stream)
     if detail and _detail_budget is not None and not _detail_allowed():
         return _off_capture(name, None, stream)  # the shared do-nothing object of this name: no allocation
@@ -557,9 +617,11 @@ def step(name: str, *, links: Iterable[Any] = (), attributes: Mapping[str, Any] 
     if name.__class__ is not str or not name:
         _bad_name("step", name)
     cls = _step_cls
+    if cls is not None and _compiler._is_compiling_flag:
+        cls = None
     if cls is _LAZY:
         cls = _start()[1]
-    if cls is None:
+    if cls is None or cls is _LAZY:
         if links:
             try:
                 iter(links)
@@ -574,6 +636,12 @@ def _start() -> tuple[Any, Any]:
     global _capture_cls, _step_cls
     with _state_lock:
         if _capture_cls is _LAZY:
+            device = _runtime_mod.settings().device  # a SimDevice brings its own graph API
+            _graphs.watch(cuda=getattr(device, "torch_cuda", None), torch_npu=getattr(device, "torch_npu", None))
+            if _graphs.capture_in_progress(getattr(device, "is_current_stream_capturing", None)):
+                # Starting creates events and streams and waits for an anchor: device calls that would break
+                # (or be captured into) the graph. Captures stay no-ops until a later one starts the runtime.
+                return _LAZY, _LAZY
             rt = _runtime_mod.start()
             if rt is None:
                 _capture_cls = _step_cls = None
@@ -585,6 +653,9 @@ def _start() -> tuple[Any, Any]:
 def _install(rt: Any) -> None:
     global _rt, _pending_len, _pending_append, _max_pending, _take_event, _record, _current_stream
     global _capture_cls, _step_cls, _detail_budget
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        _bind_compiler(torch)
     _rt = rt
     _detail_budget = getattr(rt, "detail_budget", None)
     _pending_len = rt.pending.__len__
@@ -602,6 +673,8 @@ def _install(rt: Any) -> None:
 def set_mode(enabled: bool) -> None:
     """Enabled: the next capture starts the runtime. Disabled: captures do nothing (running ones finish)."""
     global _capture_cls, _step_cls
+    if enabled:
+        _graphs.watch()  # as early as possible: a graph capture begun before we watch is not seen
     with _state_lock:
         _capture_cls = _step_cls = _LAZY if enabled else None
 

@@ -11,7 +11,14 @@ So the resolver
 * **works in short slices**: it gives the GIL up (``time.sleep(0)``) every ``SLICE`` records, so a waiting
   serving thread gets it back within tens of microseconds instead of the interpreter's 5 ms switch interval;
 * **never waits for the device**: it only asks ``query()``, and reads timings (which may block on torch_npu)
-  only for events already complete.
+  only for events already complete;
+* **makes no device call while a CUDA/ACL graph capture is in progress** anywhere in the process
+  (``devices/graphs.py``): in the default ``"global"`` capture mode, a query from this thread would
+  invalidate the program's capture. It only takes captures in then; the time spent capturing does not count
+  toward ``event_timeout_s``;
+* **survives any one capture's failure**: a ``query()`` that raises (an event recorded during a capture
+  that was not seen, a device error) gives that capture host times and counts a ``query_failed`` drop; a
+  failure of a whole pass is counted (``resolver_pass_failed``), logged once, and the thread goes on.
 
 Captures arrive through ``pending`` (a deque the hot path appends to). They are taken in into one FIFO per
 device stream: on a stream events complete in order, so the first incomplete capture ends the look at that
@@ -32,6 +39,7 @@ import time
 from typing import Any, Callable
 
 from .clock import CalibrationError, DeviceClock, HostClock
+from .devices import graphs as _graphs
 from .devices.base import DeviceBackend, EventPool
 
 _log = logging.getLogger("otel_npu")
@@ -41,6 +49,7 @@ _log = logging.getLogger("otel_npu")
 DROPPED = object()
 
 _HOST_TIMED = -1  # "seen" of a host-timed capture: nothing to wait for or to place
+_FAILED = -2      # "seen" of a capture whose query() raised: host times, its events abandoned
 
 #: Records resolved between two voluntary GIL releases.
 SLICE = 32
@@ -67,6 +76,9 @@ DROP_REASONS = {
                                    "or unreachable"),
     "export_failed": ("spans", "the collector did not accept them"),
     "calibration_failed": ("clock anchors", "a clock reference event did not complete; older anchors are used"),
+    "graph_capture": ("captures", "entered while a CUDA/ACL graph capture was in progress (time the graph's "
+                                  "replay instead)"),
+    "query_failed": ("device timings", "query() on a capture's event raised; its span carries host times"),
 }
 
 
@@ -179,6 +191,7 @@ class Resolver:
         self._waiters = 0
         self._stopping = False
         self._last_host_refresh = 0
+        self._graph_ns = 0  # graphs.capturing_ns() at the start of the current pass
         self.thread = threading.Thread(target=self._run, name="otel-npu-resolver", daemon=True)
         self.alive = False
 
@@ -232,8 +245,8 @@ class Resolver:
                     timeout = max(self._interval, IDLE_POLL_S)
                 self._wake.wait(timeout)
                 self._wake.clear()
-                self._pass()
-            self._pass()
+                self._guarded_pass()
+            self._guarded_pass()
         except BaseException:  # a bug here must not go unnoticed, nor take the program down
             _log.exception("otel-npu: the resolver thread failed; captures will no longer be resolved")
         finally:
@@ -241,13 +254,25 @@ class Resolver:
             with self._cond:
                 self._cond.notify_all()
 
+    def _guarded_pass(self) -> None:
+        try:
+            self._pass()
+        except Exception as exc:  # a bug or a device error outside any one capture: count it, go on
+            self._stats.note_error("resolver_pass_failed", exc)
+            if self._stats.counts["resolver_pass_failed"] == 1:
+                _log.exception("otel-npu: a resolver pass failed (counted as resolver_pass_failed; "
+                               "the resolver goes on)")
+
     def _pass(self) -> None:
         mono = self._mono
         now = mono()
+        self._graph_ns = _graphs.capturing_ns(now)
         taken = self._take_in()
-        self._calibrate(now)
-        self._resolve_ready(now)
-        self._refill_pool(taken)
+        if not _graphs.active:  # no device call while a graph capture is in progress (see the docstring)
+            self._calibrate(now)
+            self._resolve_ready(now)
+            if not _graphs.active:
+                self._refill_pool(taken)
         self._stats.report(time.monotonic())
         if self._markers:
             self._settle_markers()
@@ -268,6 +293,7 @@ class Resolver:
                 self._markers.append(item)
                 continue
             item.intake = seq
+            item.graph_ns = self._graph_ns
             seq += 1
             item.done = False
             item.timed_out = False
@@ -307,6 +333,7 @@ class Resolver:
         query, timeout_ns, mono = self._query, self._timeout_ns, self._mono
         host_timed = self._backend.host_timed
         finish = self._finish
+        graph_ns = self._graph_ns
         count = 0
         for key in list(self._queues):
             queue = self._queues[key]
@@ -314,12 +341,21 @@ class Resolver:
                 r = queue[0]
                 if host_timed:
                     seen = _HOST_TIMED
-                elif query(r.end):
-                    seen = mono()
-                elif now - r.host_end > timeout_ns:
-                    seen = None  # timed out
                 else:
-                    break
+                    try:
+                        done = query(r.end)
+                    except Exception as exc:  # this capture's events are unusable; the others are not
+                        self._stats.drop("query_failed", exc)
+                        done = None
+                    if done:
+                        seen = mono()
+                    elif done is None:
+                        seen = _FAILED
+                    # time spent in graph captures (no queries then) does not count toward the timeout
+                    elif now - r.host_end - (graph_ns - r.graph_ns) > timeout_ns:
+                        seen = None  # timed out
+                    else:
+                        break
                 queue.popleft()
                 finish(r, seen)
                 count += 1
@@ -337,6 +373,8 @@ class Resolver:
             r.timed_out = True
             begin, finish, error = r.host_start, r.host_end, 0
             self._stats.timed_out += 1
+        elif seen == _FAILED:  # counted by the caller; its events are not given back to the pool
+            begin, finish, error = r.host_start, r.host_end, 0
         elif seen == _HOST_TIMED:  # the events are the host's own readings
             begin, finish, error = r.start, r.end, 0
         else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Hashable
 
+from . import graphs
 from .base import DeviceBackend, DeviceUnavailable
 
 
@@ -41,6 +42,7 @@ class CudaBackend(DeviceBackend):
         self._Event = cuda.Event
         self._current_stream = cuda.current_stream
         self._anchor_stream = cuda.Stream(device=self._index)
+        graphs.watch(cuda=cuda)  # no device call while a graph capture is in progress: see graphs.py
 
     def label(self) -> str:
         return self._label

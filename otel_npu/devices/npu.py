@@ -23,6 +23,7 @@ import importlib.util
 import sys
 from typing import Any, Hashable
 
+from . import graphs
 from .base import DeviceBackend, DeviceUnavailable
 
 
@@ -71,6 +72,7 @@ class NpuBackend(DeviceBackend):
         self._Event = npu.Event
         self._current_stream = npu.current_stream
         self._anchor_stream = npu.Stream()
+        graphs.watch(torch_npu=torch_npu)  # no device call while a graph capture is in progress: graphs.py
         self._use_recorded_time: bool | None = None  # decided by the first timing read (resolver thread)
 
     def _recorded_time_works(self, completed_event: Any) -> bool:

@@ -1,0 +1,162 @@
+"""Whether a CUDA/ACL graph capture is in progress anywhere in this process, and for how long there was one.
+
+Why: ``torch.cuda.graph`` and ``torch.npu.graph`` capture in ``capture_error_mode="global"`` by default. In
+that mode a CUDA/ACL call from *another* thread while the capture runs (even ``cudaEventQuery``) invalidates
+the capture and fails the program's ``capture_end``. PyTorch had exactly this bug with its NCCL watchdog
+thread, and serving engines (vLLM's ``CUDAGraphWrapper``, vllm-ascend's ``acl_graph.py``) capture in that
+mode at start-up. So while a capture is in progress, otel-npu's resolver makes no device call at all (no
+``query``, no clock anchor, no pool refill), and that time does not count toward a capture's event timeout;
+and a ``capture()`` entered then is a counted no-op (``graph_capture``): an event recorded on a capturing
+stream is not a timing record (replays record nothing into it).
+
+How we know: ``watch()`` wraps ``capture_begin``/``capture_end`` of torch's ``CUDAGraph`` class and of
+torch_npu's ``NPUGraph`` class (what ``torch.cuda.graph``/``torch.npu.graph``, ``make_graphed_callables``,
+torch.compile's CUDA graph trees, vLLM and vllm-ascend all go through), counting the captures in progress
+in ``active``. The wrappers cost a lock and a counter per capture begin/end (captures are rare: start-up,
+new shapes).
+
+Limits (documented in the README): a capture begun *without* those Python classes (a C++ extension calling
+``cudaStreamBeginCapture`` itself, CuPy, TensorRT) is not seen; a capture begun before otel-npu started and
+ended after is seen only from the moment ``watch()`` ran (``capture_in_progress()`` also asks
+``torch.cuda.is_current_stream_capturing()`` for the calling thread, which covers the common case of the
+first capture being entered inside a graph capture). Wrapping classes that are already instantiated is
+fine: Python looks methods up on the class at call time.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import time
+from typing import Any
+
+#: Graph captures in progress in this process (read without a lock: a plain int under the GIL).
+active = 0
+
+_lock = threading.Lock()
+_open: set[int] = set()  # id() of the graph objects between capture_begin and capture_end
+_since = 0                # perf_counter_ns at which ``active`` went from 0 to 1
+_total_ns = 0             # capturing time of the periods that ended
+_mono = time.perf_counter_ns
+_MARK = "_otel_npu_watched"
+
+
+def begun(graph: Any) -> None:
+    """A capture starts on ``graph`` (called by the wrapped ``capture_begin``, or by a simulated device)."""
+    global active, _since
+    with _lock:
+        if id(graph) in _open:
+            return
+        _open.add(id(graph))
+        if active == 0:
+            _since = _mono()
+        active += 1
+
+
+def ended(graph: Any) -> None:
+    """The capture on ``graph`` ended (successfully or not)."""
+    global active, _total_ns
+    with _lock:
+        if id(graph) not in _open:
+            return
+        _open.discard(id(graph))
+        active -= 1
+        if active == 0:
+            _total_ns += _mono() - _since
+
+
+def capturing_ns(now: int | None = None) -> int:
+    """Host ns spent so far with at least one graph capture in progress (monotone; ``now``: perf_counter_ns)."""
+    with _lock:
+        if active:
+            return _total_ns + ((_mono() if now is None else now) - _since)
+        return _total_ns
+
+
+def _wrap(cls: Any) -> bool:
+    """Wrap ``cls.capture_begin``/``cls.capture_end`` once. Returns True if they are watched now."""
+    if cls is None or not isinstance(cls, type):
+        return False
+    if cls.__dict__.get(_MARK):
+        return True
+    begin = getattr(cls, "capture_begin", None)
+    end = getattr(cls, "capture_end", None)
+    if not callable(begin) or not callable(end):
+        return False
+
+    @functools.wraps(begin)
+    def capture_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
+        begun(self)
+        try:
+            return begin(self, *args, **kwargs)
+        except BaseException:
+            ended(self)
+            raise
+
+    @functools.wraps(end)
+    def capture_end(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return end(self, *args, **kwargs)
+        finally:
+            ended(self)
+
+    try:
+        cls.capture_begin = capture_begin
+        cls.capture_end = capture_end
+        setattr(cls, _MARK, True)
+    except (TypeError, AttributeError):  # a C type that refuses new attributes: cannot watch it
+        return False
+    return True
+
+
+def watch(*, cuda: Any = None, torch_npu: Any = None) -> list[str]:
+    """Watch the graph classes of the torch/torch_npu modules already imported (never imports them), and of
+    ``cuda`` (a ``torch.cuda``-shaped object, e.g. a simulated device's) or ``torch_npu`` when given.
+    Returns the names of the classes watched. Idempotent and cheap."""
+    watched = []
+    candidates = []
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        graphs = sys.modules.get("torch.cuda.graphs")
+        candidates.append(("torch.cuda.graphs.CUDAGraph", getattr(graphs, "CUDAGraph", None)))
+    npu_module = torch_npu if torch_npu is not None else sys.modules.get("torch_npu")
+    if npu_module is not None:
+        npu_graphs = getattr(getattr(npu_module, "npu", None), "graphs", None)
+        candidates.append(("torch_npu.npu.graphs.NPUGraph", getattr(npu_graphs, "NPUGraph", None)))
+    if cuda is not None:
+        candidates.append(("cuda.graphs.CUDAGraph", getattr(getattr(cuda, "graphs", None), "CUDAGraph", None)))
+    for name, cls in candidates:
+        try:
+            if _wrap(cls):
+                watched.append(name)
+        except Exception:  # never let watching break start-up
+            pass
+    return watched
+
+
+def capture_in_progress(probe: Any = None) -> bool:
+    """Whether a graph capture runs now: a watched one anywhere, or one on the calling thread's current
+    CUDA/NPU stream (asked only of modules already imported, and of ``probe()`` when given: a simulated
+    device's ``is_current_stream_capturing``). Not for the hot path (it reads ``active``)."""
+    if active:
+        return True
+    try:
+        if probe is not None and probe():
+            return True
+    except Exception:
+        pass
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return True
+    except Exception:
+        pass
+    npu_module = sys.modules.get("torch_npu")
+    try:
+        npu = getattr(npu_module, "npu", None)
+        if npu is not None and npu.is_current_stream_capturing():
+            return True
+    except Exception:
+        pass
+    return False
