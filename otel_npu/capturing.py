@@ -51,6 +51,7 @@ OpenTelemetry span current at entry, else a new trace (decided later, on the res
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -145,6 +146,9 @@ class _Never:
 
 #: ``torch.compiler`` (or a stand-in): ``_compiler._is_compiling_flag`` is True while torch.compile traces.
 _compiler: Any = _CompilerFlag()
+#: What capture()/step() return while torch.compile traces: Dynamo handles a nullcontext made before the
+#: trace (not an object of our own class, which would make ``fullgraph=True`` fail).
+_COMPILING = contextlib.nullcontext()
 
 
 #: Frames of a captured exception's traceback kept for ``exception.stacktrace`` (the innermost ones).
@@ -569,14 +573,14 @@ def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: A
     """
     if name.__class__ is not str or not name:
         _bad_name("capture", name)
+    if _compiler._is_compiling_flag:  # torch.compile is tracing this: do nothing (see the module's docstring)
+        return _COMPILING
     cls = _capture_cls
     if cls is None:  # disabled: a shared do-nothing object for the common call
         if attributes is None and stream is None:
             cm = _OFF_CACHE.get(name)
             if cm is not None:
                 return cm
-        return _off_capture(name, attributes, stream)
-    if _compiler._is_compiling_flag:  # torch.compile is tracing this: do nothing (see the module's docstring)
         return _off_capture(name, attributes, stream)
     if cls is _LAZY:
         cls = _start()[0]
@@ -616,9 +620,9 @@ def step(name: str, *, links: Iterable[Any] = (), attributes: Mapping[str, Any] 
     """
     if name.__class__ is not str or not name:
         _bad_name("step", name)
+    if _compiler._is_compiling_flag:
+        return _COMPILING
     cls = _step_cls
-    if cls is not None and _compiler._is_compiling_flag:
-        cls = None
     if cls is _LAZY:
         cls = _start()[1]
     if cls is None or cls is _LAZY:
@@ -675,6 +679,8 @@ def set_mode(enabled: bool) -> None:
     global _capture_cls, _step_cls
     if enabled:
         _graphs.watch()  # as early as possible: a graph capture begun before we watch is not seen
+        if "torch" in sys.modules:
+            _bind_compiler(sys.modules["torch"])
     with _state_lock:
         _capture_cls = _step_cls = _LAZY if enabled else None
 

@@ -15,8 +15,11 @@ Exceptions: the closing hook is registered with ``always_call=True``, so PyTorch
 module's forward (or a hook after it) raises an ``Exception``; the capture is then closed with that error
 (status ERROR, ``error.type``) and the exception propagates unchanged. A capture can only be left open by a
 ``BaseException`` that is not an ``Exception`` (``KeyboardInterrupt``), for which PyTorch runs no hook: the
-enclosing module's hook closes such leftovers when it runs. Hooks do not run under ``torch.compile``'d
-graphs the same way; instrument eager models.
+enclosing module's hook closes such leftovers when it runs.
+
+``torch.compile``: while Dynamo traces a module (``torch.compiler.is_compiling()``), its hooks do nothing, so
+``fullgraph=True`` compiles and no graph is split; the compiled graph then has no per-layer captures. A
+capture around the compiled call still times it; per-layer timings need eager mode.
 """
 
 from __future__ import annotations
@@ -97,11 +100,16 @@ class ModuleHooks:
 def _hooks(name: str, attrs: _HookAttributes) -> tuple[Any, Any]:
     capture = _capture_mod.capture
     current = _capture_mod.current
+    mod = _capture_mod
 
     def pre_hook(module: Any, args: Any) -> None:
+        if mod._compiler._is_compiling_flag:  # torch.compile traces this hook: do nothing (see capturing.py)
+            return
         capture(name, attributes=attrs, detail=True).__enter__()
 
     def post_hook(module: Any, args: Any, output: Any) -> None:
+        if mod._compiler._is_compiling_flag:
+            return
         # output is None when PyTorch calls this from its exception handler (forward raised): close the
         # capture with the exception in flight.
         exc_info = sys.exc_info() if output is None else (None, None, None)
@@ -170,6 +178,7 @@ def instrument_module(module: Any, *, depth: int = 1, name_prefix: str | None = 
                 walk(child, dotted, level + 1)
 
     walk(module, "", 1)
+    _capture_mod._bind_compiler(sys.modules["torch"])  # the hooks read torch.compiler's flag directly
     handle = ModuleHooks(targets)
     with _lock:
         _live.add(handle)
