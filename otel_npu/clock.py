@@ -36,6 +36,7 @@ import collections
 import time
 from typing import Any, Callable
 
+from .devices import graphs as _graphs
 from .devices.base import DeviceBackend
 
 #: Longest time between anchors (once the drift is measured).
@@ -123,6 +124,8 @@ class DeviceClock:
         # Spin briefly without sleeping: a sleep would widen the window (and the bound) by the timer slack.
         deadline_spin = t1 + 200_000
         while not backend.query(event):
+            if _graphs.active:  # a graph capture waits to begin: no more device calls (devices/graphs.py)
+                raise CalibrationError("a graph capture began while an anchor was being taken")
             now = mono()
             if now > deadline_spin:
                 if now - t0 > ANCHOR_WAIT_S * 1e9:

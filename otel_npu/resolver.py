@@ -268,11 +268,16 @@ class Resolver:
         now = mono()
         self._graph_ns = _graphs.capturing_ns(now)
         taken = self._take_in()
-        if not _graphs.active:  # no device call while a graph capture is in progress (see the docstring)
-            self._calibrate(now)
-            self._resolve_ready(now)
-            if not _graphs.active:
-                self._refill_pool(taken)
+        # No device call while a graph capture is in progress; one that begins waits for this section,
+        # which stops early once one is waiting (``_graphs.active`` is set first): see the docstring.
+        if _graphs.enter_device_calls():
+            try:
+                self._calibrate(now)
+                self._resolve_ready(now)
+                if not _graphs.active:
+                    self._refill_pool(taken)
+            finally:
+                _graphs.exit_device_calls()
         self._stats.report(time.monotonic())
         if self._markers:
             self._settle_markers()
@@ -325,7 +330,8 @@ class Resolver:
             try:
                 clock.calibrate()
             except CalibrationError as exc:
-                self._stats.drop("calibration_failed", exc)
+                if not _graphs.active:  # cut short by a graph capture beginning: not a failure
+                    self._stats.drop("calibration_failed", exc)
             except Exception as exc:  # a device error: keep the old anchor, say so once per report
                 self._stats.drop("calibration_failed", exc)
 
@@ -338,6 +344,8 @@ class Resolver:
         for key in list(self._queues):
             queue = self._queues[key]
             while queue:
+                if _graphs.active:  # a graph capture waits to begin: stop calling the device now
+                    break
                 r = queue[0]
                 if host_timed:
                     seen = _HOST_TIMED

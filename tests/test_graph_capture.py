@@ -187,3 +187,36 @@ def test_a_query_that_raises_costs_one_capture_not_the_resolver(provider, spans,
     stats = otel_npu.stats()
     assert stats["dropped"]["query_failed"] == 1
     assert "query_failed" in caplog_otel.text and "operation not permitted" in caplog_otel.text
+
+
+def test_a_graph_capture_beginning_during_a_resolver_pass_waits_for_its_device_calls(provider, spans, sim):
+    """Saw it fail before the fix: the pass went on querying after capture_begin, invalidating the capture."""
+    backend = sim.otel_npu_backend()
+    real_query = backend.query
+    in_query = threading.Event()
+
+    def slow_query(event):
+        done = real_query(event)
+        if threading.current_thread().name == "otel-npu-resolver" and done:
+            in_query.set()
+            time.sleep(0.05)  # a capture begins now, between two queries of one pass
+        return done
+
+    backend.query = slow_query
+    enable(provider, device=backend, poll_interval_s=0.005)
+    with otel_npu.capture("warm-up"):
+        pass
+    assert otel_npu.flush(5.0)
+    in_query.clear()
+    for i in range(5):
+        with otel_npu.capture(f"c{i}"):
+            sim.current_stream().launch(0.0001)
+    assert in_query.wait(5.0)
+    g = sim.torch_cuda.CUDAGraph()
+    with sim.stream(sim.new_stream("capture")):
+        g.capture_begin()
+        time.sleep(0.05)
+        g.capture_end()
+    assert sim.capture_violations == []
+    assert otel_npu.flush(5.0)
+    assert all(len(spans.named(f"c{i}")) == 1 for i in range(5))

@@ -34,7 +34,8 @@ from typing import Any
 #: Graph captures in progress in this process (read without a lock: a plain int under the GIL).
 active = 0
 
-_lock = threading.Lock()
+_lock = threading.Condition()
+_calls = 0                # device-call sections of otel-npu's threads in progress (see device_calls())
 _open: set[int] = set()  # id() of the graph objects between capture_begin and capture_end
 _since = 0                # perf_counter_ns at which ``active`` went from 0 to 1
 _total_ns = 0             # capturing time of the periods that ended
@@ -42,8 +43,17 @@ _mono = time.perf_counter_ns
 _MARK = "_otel_npu_watched"
 
 
+#: Longest wait of a ``capture_begin`` for otel-npu's device calls in progress to end (they are short: a
+#: few queries, or one resolver pass cut short as soon as a capture is waiting).
+BEGIN_WAIT_S = 5.0
+
+
 def begun(graph: Any) -> None:
-    """A capture starts on ``graph`` (called by the wrapped ``capture_begin``, or by a simulated device)."""
+    """A capture starts on ``graph`` (called by the wrapped ``capture_begin``, or by a simulated device).
+
+    Counts it first (so that no new device-call section starts, and the hot path sees it), then waits until
+    the sections already running on otel-npu's threads have ended: a ``query()`` issued a moment after the
+    capture began would invalidate it."""
     global active, _since
     with _lock:
         if id(graph) in _open:
@@ -52,6 +62,27 @@ def begun(graph: Any) -> None:
         if active == 0:
             _since = _mono()
         active += 1
+        if _calls:
+            _lock.wait_for(lambda: not _calls, BEGIN_WAIT_S)
+
+
+def enter_device_calls() -> bool:
+    """Start a section of device calls on an otel-npu thread; False (do not call the device) while a graph
+    capture is in progress or about to begin. Pair a True with ``exit_device_calls()``."""
+    global _calls
+    with _lock:
+        if active:
+            return False
+        _calls += 1
+        return True
+
+
+def exit_device_calls() -> None:
+    global _calls
+    with _lock:
+        _calls -= 1
+        if not _calls:
+            _lock.notify_all()
 
 
 def ended(graph: Any) -> None:
