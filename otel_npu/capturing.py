@@ -8,8 +8,10 @@ What a capture costs the capturing thread, and nothing more:
 * **enabled, CPU backend**: two ``perf_counter_ns()`` reads, a context-variable get/set/reset (nesting), one
   OpenTelemetry context read (only for an outermost capture: its parent is the span current at entry), and a
   ``deque.append``. No locks, no OTel objects, no allocation besides the capture object itself;
-* **enabled, device backend**: the same, plus two ``deque.pop`` from the pre-created event pool and two
-  ``Event.record(stream)`` calls (≈ 1-2.5 µs each on CUDA: the driver's cost, enqueue only).
+* **enabled, device backend**: the same, plus the stream's device index, a dict lookup for that device's
+  pool of pre-created events, two ``deque.pop`` from it and two ``Event.record(stream)`` calls (≈ 1-2.5 µs
+  each on CUDA: the driver's cost, enqueue only). A capture on a device otel-npu has not seen before is not
+  timed (a ``device_starting`` drop) while the resolver prepares that device's events and clock.
 
 Never: a synchronize, a wait for the device or for export, a lock held across a device call, an env read.
 
@@ -96,7 +98,7 @@ _rt: Any = None
 _pending_len: Callable[[], int] = lambda: 0
 _pending_append: Callable[[Any], None] = lambda item: None
 _max_pending = 0
-_take_event: Callable[[], Any] = lambda: None
+_pools: dict = {}  # device index -> EventPool (the runtime's dict: devices are added by the resolver)
 _record: Callable[[Any, Any], None] = lambda event, stream: None
 _current_stream: Callable[[], Any] = lambda: None
 #: OTEL_NPU_DETAIL_EVERY's budget (``sampling.DetailBudget``), or None when every step may take detail (N = 1).
@@ -348,11 +350,16 @@ class _EventCapture(Capture):
             stream = self.stream
             if stream is None:
                 stream = self.stream = self.auto_stream = _current_stream()
-            start = _take_event()
+            pool = _pools.get(stream.device_index)  # events are per device: see devices/base.py
+            if pool is None:  # a device not seen before: the resolver prepares it; this capture is not timed
+                _rt.want_device(stream.device_index)
+                return self
+            take = pool.take
+            start = take()
             try:
-                end = _take_event()
+                end = take()
             except IndexError:
-                _rt.pool.give(start)
+                pool.give(start)
                 raise
             self.host_start = _now()
             _record(start, stream)
@@ -655,7 +662,7 @@ def _start() -> tuple[Any, Any]:
 
 
 def _install(rt: Any) -> None:
-    global _rt, _pending_len, _pending_append, _max_pending, _take_event, _record, _current_stream
+    global _rt, _pending_len, _pending_append, _max_pending, _pools, _record, _current_stream
     global _capture_cls, _step_cls, _detail_budget
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -668,7 +675,7 @@ def _install(rt: Any) -> None:
     if rt.backend.host_timed:
         _capture_cls, _step_cls = _HostCapture, _HostStep
     else:
-        _take_event = rt.pool.take
+        _pools = rt.pools
         _record = rt.backend.record
         _current_stream = rt.backend.current_stream
         _capture_cls, _step_cls = _EventCapture, _EventStep

@@ -79,6 +79,8 @@ DROP_REASONS = {
     "graph_capture": ("captures", "entered while a CUDA/ACL graph capture was in progress (time the graph's "
                                   "replay instead)"),
     "query_failed": ("device timings", "query() on a capture's event raised; its span carries host times"),
+    "device_starting": ("captures", "made on a device otel-npu had not seen before, while its events and clock "
+                                    "were being prepared"),
 }
 
 
@@ -169,12 +171,21 @@ class Resolver:
     def __init__(self, *, pending: collections.deque, backend: DeviceBackend, pool: EventPool | None,
                  clock: DeviceClock | None, host_clock: HostClock, stats: Stats,
                  emit: Callable[[Any], None], on_step: Callable[[Any, list], None] | None,
-                 poll_interval_s: float, event_timeout_s: float) -> None:
+                 poll_interval_s: float, event_timeout_s: float, pools: dict | None = None,
+                 clocks: dict | None = None, wanted_devices: set | None = None,
+                 add_device: Callable[[int], None] | None = None) -> None:
         self._pending = pending
         self._backend = backend
         self._query = backend.query
         self._pool = pool
         self._clock = clock
+        # per device (devices/base.py): the primary's are ``pool``/``clock``; others are added by add_device
+        self._primary = getattr(backend, "index", 0)
+        self._pools = pools if pools is not None else ({} if pool is None else {self._primary: pool})
+        self._clocks = clocks if clocks is not None else ({} if clock is None else {self._primary: clock})
+        self._wanted = wanted_devices if wanted_devices is not None else set()
+        self._add_device = add_device
+        self._device: int | None = None  # the resolver thread's current device, as last set by use_device
         self._host = host_clock
         self._mono = host_clock.mono
         self._stats = stats
@@ -235,6 +246,8 @@ class Resolver:
 
     # -- the thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
+        if not self._backend.host_timed:
+            self._use_device(self._primary)  # this thread's current device starts as device 0
         try:
             while not self._stopping:
                 if self._waiters:
@@ -272,6 +285,8 @@ class Resolver:
         # which stops early once one is waiting (``_graphs.active`` is set first): see the docstring.
         if _graphs.enter_device_calls():
             try:
+                if self._wanted:
+                    self._add_wanted_devices()
                 self._calibrate(now)
                 self._resolve_ready(now)
                 if not _graphs.active:
@@ -321,12 +336,38 @@ class Resolver:
         self._intake_seq = seq
         return taken
 
+    def _use_device(self, index: int) -> None:
+        """Make ``index`` this thread's current device before calling into it (ACL contexts are per thread)."""
+        if index != self._device:
+            self._device = index
+            try:
+                self._backend.use_device(index)
+            except Exception as exc:
+                self._stats.note_error("use_device_failed", exc)
+
+    def _add_wanted_devices(self) -> None:
+        while self._wanted and not _graphs.active:
+            index = min(self._wanted)
+            if index not in self._pools and self._add_device is not None:
+                self._use_device(index)
+                try:
+                    self._add_device(index)
+                except Exception as exc:  # captures on it stay untimed (device_starting), counted
+                    self._stats.note_error("add_device_failed", exc)
+                    if self._stats.counts["add_device_failed"] == 1:
+                        _log.exception("otel-npu: preparing device %s failed", index)
+            self._wanted.discard(index)
+
     def _calibrate(self, now: int) -> None:
-        clock = self._clock
         if now - self._last_host_refresh > 2e9:
             self._host.refresh()
             self._last_host_refresh = now
-        if clock is not None and clock.due(now):
+        for index, clock in list(self._clocks.items()):
+            self._calibrate_one(index, clock, now)
+
+    def _calibrate_one(self, index: int, clock: DeviceClock, now: int) -> None:
+        if not _graphs.active and clock.due(now):
+            self._use_device(index)
             try:
                 clock.calibrate()
             except CalibrationError as exc:
@@ -341,8 +382,11 @@ class Resolver:
         finish = self._finish
         graph_ns = self._graph_ns
         count = 0
+        several = len(self._pools) > 1
         for key in list(self._queues):
             queue = self._queues[key]
+            if several and queue and not host_timed:
+                self._use_device(queue[0].stream.device_index)
             while queue:
                 if _graphs.active:  # a graph capture waits to begin: stop calling the device now
                     break
@@ -386,13 +430,18 @@ class Resolver:
         elif seen == _HOST_TIMED:  # the events are the host's own readings
             begin, finish, error = r.start, r.end, 0
         else:
+            if len(self._pools) == 1:
+                pool, clock = self._pool, self._clock
+            else:  # several devices: the capture's events and anchors are its stream's device's
+                index = r.stream.device_index
+                pool, clock = self._pools[index], self._clocks[index]
             try:
-                begin, finish, error = self._clock.place(r.start, r.end, r.host_start, r.host_end, seen)
+                begin, finish, error = clock.place(r.start, r.end, r.host_start, r.host_end, seen)
             except Exception as exc:  # a device error reading times: keep the span, with host times
                 self._stats.note_error("timing_read_failed", exc)
                 begin, finish, error = r.host_start, r.host_end, 0
-            self._pool.give(r.start)
-            self._pool.give(r.end)
+            pool.give(r.start)
+            pool.give(r.end)
         offset = host.offset_ns
         r.start_ns = begin + offset
         r.end_ns = finish + offset
@@ -445,16 +494,15 @@ class Resolver:
                 self._finish_step(step, state)
 
     def _refill_pool(self, taken: int) -> None:
-        pool = self._pool
-        if pool is None:
-            return
         # Enough free events for the busiest pass seen lately, twice over (two per capture).
         target = max(POOL_MIN_FREE, 4 * taken)
-        if len(pool) < target:
-            try:
-                pool.refill(target)
-            except Exception as exc:
-                self._stats.note_error("pool_refill_failed", exc)
+        for index, pool in list(self._pools.items()):
+            if len(pool) < target and not _graphs.active:
+                self._use_device(index)
+                try:
+                    pool.refill(target)
+                except Exception as exc:
+                    self._stats.note_error("pool_refill_failed", exc)
 
     # -- flush bookkeeping (resolver thread) ------------------------------------------------------------
     def _settle_markers(self) -> None:

@@ -52,15 +52,20 @@ class Runtime:
         self.detail_budget = DetailBudget(settings.detail_every) if settings.detail_every > 1 else None
         self.pending: collections.deque = collections.deque()
         self.host_clock = HostClock()
-        self.pool: EventPool | None = None
+        # Per device (a device event can only be recorded on a stream of its own device): the primary's are
+        # made here; another device's by the resolver thread when a capture first asks for it (want_device).
+        self.pools: dict[int, EventPool] = {}
+        self.clocks: dict[int, DeviceClock] = {}
+        self.wanted_devices: set[int] = set()
+        self.pool: EventPool | None = None    # the primary device's
         self.clock: DeviceClock | None = None
         if not self.backend.host_timed:
             # Created here, once (≈ µs each): the hot path never allocates one, and a burst of captures at
             # start finds enough (512 captures) before the resolver's first pass tops the pool up.
-            self.pool = EventPool(self.backend, initial=POOL_MIN_FREE, limit=2 * settings.max_pending + POOL_MIN_FREE)
-            self.clock = DeviceClock(self.backend, self._anchor_event, self.pool.give, mono=self.host_clock.mono,
-                                     keep_s=settings.event_timeout_s + 10.0)
+            self.pool, self.clock = self._device_parts(self.backend.index)
             self.clock.calibrate(read_now=False)  # the read happens on the resolver thread
+            self.clocks[self.backend.index] = self.clock
+            self.pools[self.backend.index] = self.pool
         self.pipeline = telemetry.build(
             settings, process_attrs=process_attributes(self.backend.label()),
             stream_label=self.backend.stream_label, to_wall=self.host_clock.to_wall, stats=self.stats)
@@ -68,15 +73,39 @@ class Runtime:
             durations.ensure_visible()
         self.resolver = Resolver(
             pending=self.pending, backend=self.backend, pool=self.pool, clock=self.clock,
+            pools=self.pools, clocks=self.clocks, wanted_devices=self.wanted_devices, add_device=self.add_device,
             host_clock=self.host_clock, stats=self.stats, emit=self.pipeline.emit,
             on_step=durations.log_step if settings.log_durations else None,
             poll_interval_s=settings.poll_interval_s, event_timeout_s=settings.event_timeout_s)
         self.resolver.start()
         self.pid = os.getpid()
 
-    def _anchor_event(self) -> Any:
-        pool = self.pool
-        return pool.take() if len(pool) else self.backend.new_event()
+    def _device_parts(self, index: int) -> tuple[EventPool, DeviceClock]:
+        view = self.backend.for_device(index)
+        pool = EventPool(view, initial=POOL_MIN_FREE, limit=2 * self.settings.max_pending + POOL_MIN_FREE)
+
+        def anchor_event() -> Any:
+            return pool.take() if len(pool) else view.new_event()
+
+        clock = DeviceClock(view, anchor_event, pool.give, mono=self.host_clock.mono,
+                            keep_s=self.settings.event_timeout_s + 10.0)
+        return pool, clock
+
+    def want_device(self, index: int) -> None:
+        """Hot path, rare: a capture on device ``index``, which has no events yet. The resolver adds it."""
+        if index not in self.wanted_devices:
+            self.wanted_devices.add(index)
+            self.stats.drop("device_starting")
+            self.resolver.wake()
+        else:
+            self.stats.drop("device_starting")
+
+    def add_device(self, index: int) -> None:
+        """Resolver thread: make device ``index``'s events and first clock anchor, then let captures use them."""
+        pool, clock = self._device_parts(index)
+        clock.calibrate()
+        self.clocks[index] = clock
+        self.pools[index] = pool  # published last: the hot path looks here
 
     def describe(self) -> str:
         return (f"device {self.backend.label()}, spans to {self.pipeline.description}, "

@@ -1,7 +1,10 @@
 """The one small protocol every device kind implements, and the pool of timing events.
 
-A backend wraps one device of one kind (``npu:0``, ``cuda:0``, ``cpu``). Its methods fall in three groups by
-*who* calls them, which is what decides what they may cost:
+A backend wraps the devices of one kind (``npu``, ``cuda``, ``cpu``); its *primary* device is the one current
+on the thread that started otel-npu (``label()``: ``npu:0``). Event pools and clock anchors are per device
+(a CUDA/ACL event can only be recorded on a stream of its own device): ``for_device(index)`` gives a view
+bound to one device, which is what ``EventPool`` and ``clock.DeviceClock`` take. Its methods fall in three
+groups by *who* calls them, which is what decides what they may cost:
 
 * hot path, on the capturing thread: ``current_stream`` and ``record``. They must not allocate device
   events, wait, or take locks;
@@ -39,7 +42,23 @@ class DeviceBackend(abc.ABC):
 
     @abc.abstractmethod
     def label(self) -> str:
-        """The device as spans name it: ``"npu:0"``, ``"cuda:1"``, ``"cpu"``."""
+        """The primary device as spans name it: ``"npu:0"``, ``"cuda:1"``, ``"cpu"``."""
+
+    #: The primary device's index (the device current when the backend was made).
+    index: int = 0
+
+    def device_label(self, index: int) -> str:
+        return f"{self.kind}:{index}"
+
+    def for_device(self, index: int) -> "DeviceBackend":
+        """This backend bound to device ``index`` (itself for the primary device): its ``new_event`` and
+        ``record_anchor`` use that device. Resolver thread; never the hot path."""
+        if index == self.index:
+            return self
+        return _DeviceView(self, index)
+
+    def use_device(self, index: int) -> None:
+        """Make ``index`` the calling thread's current device (resolver thread, before reading its events)."""
 
     # -- hot path -------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -52,8 +71,9 @@ class DeviceBackend(abc.ABC):
 
     # -- resolver -------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def new_event(self) -> Any:
-        """A timing event, ready to record (already created on the device). Never on the hot path."""
+    def new_event(self, device: int | None = None) -> Any:
+        """A timing event of device ``device`` (default: the primary), ready to record (already created on
+        the device). Never on the hot path."""
 
     @abc.abstractmethod
     def query(self, event: Any) -> bool:
@@ -86,11 +106,56 @@ class DeviceBackend(abc.ABC):
 
     # -- clock calibration ----------------------------------------------------------------------------
     @abc.abstractmethod
-    def record_anchor(self, event: Any) -> None:
-        """Record ``event`` on the backend's own idle stream (used only for clock references)."""
+    def record_anchor(self, event: Any, device: int | None = None) -> None:
+        """Record ``event`` on the backend's own idle stream of ``device`` (default: the primary; used only
+        for clock references)."""
 
     def close(self) -> None:
         """Release what the backend holds (threads, streams). Idempotent."""
+
+
+class _DeviceView(DeviceBackend):
+    """A backend bound to one of its non-primary devices (see ``DeviceBackend.for_device``)."""
+
+    def __init__(self, backend: DeviceBackend, index: int) -> None:
+        self._backend = backend
+        self.index = index
+        self.kind = backend.kind
+        self.host_timed = backend.host_timed
+        self.anchor_estimate = backend.anchor_estimate
+        self.query = backend.query
+        self.reference = backend.reference
+        self.offset_ns = backend.offset_ns
+        self.place = backend.place  # type: ignore[method-assign]
+        self.current_stream = backend.current_stream
+        self.record = backend.record
+
+    def label(self) -> str:
+        return self._backend.device_label(self.index)
+
+    def current_stream(self) -> Any:  # pragma: no cover - replaced in __init__
+        return self._backend.current_stream()
+
+    def record(self, event: Any, stream: Any) -> None:  # pragma: no cover - replaced in __init__
+        self._backend.record(event, stream)
+
+    def new_event(self, device: int | None = None) -> Any:
+        return self._backend.new_event(self.index if device is None else device)
+
+    def query(self, event: Any) -> bool:  # pragma: no cover - replaced in __init__
+        return self._backend.query(event)
+
+    def reference(self, event: Any) -> Any:  # pragma: no cover - replaced in __init__
+        return self._backend.reference(event)
+
+    def offset_ns(self, reference: Any, event: Any) -> float:  # pragma: no cover - replaced in __init__
+        return self._backend.offset_ns(reference, event)
+
+    def record_anchor(self, event: Any, device: int | None = None) -> None:
+        self._backend.record_anchor(event, self.index if device is None else device)
+
+    def use_device(self, index: int) -> None:
+        self._backend.use_device(index)
 
 
 class EventPool:

@@ -27,7 +27,7 @@ class CpuBackend(DeviceBackend):
     def record(self, event: Any, stream: Any) -> None:  # pragma: no cover - not used: see above
         raise TypeError("the CPU backend has no events")
 
-    def new_event(self) -> Any:  # pragma: no cover - not used: no pool on the CPU backend
+    def new_event(self, device: int | None = None) -> Any:  # pragma: no cover - not used: no pool on the CPU backend
         raise TypeError("the CPU backend has no events")
 
     def query(self, event: Any) -> bool:
@@ -42,6 +42,6 @@ class CpuBackend(DeviceBackend):
     def stream_label(self, stream: Any) -> str:
         return f"thread:{getattr(stream, 'name', stream)}"
 
-    def record_anchor(self, event: Any) -> None:  # pragma: no cover - host-timed: no anchors
+    def record_anchor(self, event: Any, device: int | None = None) -> None:  # pragma: no cover - host-timed: no anchors
         raise TypeError("the CPU backend has no events")
 

@@ -10,7 +10,9 @@ Facts it relies on (PyTorch, checked in ``../shared/NOTES.md``):
   new event once on the backend's own stream so that the hot path never triggers a ``cudaEventCreate``;
 * current streams are per thread, so the hot path asks for the capturing thread's stream itself.
 
-One device per process: the device current when otel-npu starts (vLLM runs one worker per device).
+Several devices: the primary is the device current when otel-npu starts (vLLM runs one worker per device);
+a capture on a stream of another device (``device_map="auto"``) uses events, an anchor stream and a clock of
+that device, made by the resolver thread the first time one is seen (see ``runtime.py``).
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ class CudaBackend(DeviceBackend):
         if not cuda.is_available():
             raise DeviceUnavailable(
                 "torch.cuda.is_available() is False (no NVIDIA GPU or driver, or a CPU-only torch build)")
-        self._index = cuda.current_device()
+        self.index = self._index = cuda.current_device()
         self._label = label or f"cuda:{self._index}"
         self._Event = cuda.Event
+        self._Stream = cuda.Stream
+        self._set_device = cuda.set_device
         self._current_stream = cuda.current_stream
         self._anchor_stream = cuda.Stream(device=self._index)
+        self._anchor_streams = {self._index: self._anchor_stream}
         graphs.watch(cuda=cuda)  # no device call while a graph capture is in progress: see graphs.py
 
     def label(self) -> str:
@@ -53,10 +58,25 @@ class CudaBackend(DeviceBackend):
     def record(self, event: Any, stream: Any) -> None:
         event.record(stream)
 
-    def new_event(self) -> Any:
+    def _anchor_on(self, device: int | None) -> Any:
+        if device is None or device == self._index:
+            return self._anchor_stream
+        stream = self._anchor_streams.get(device)
+        if stream is None:
+            stream = self._anchor_streams[device] = self._Stream(device=device)
+        return stream
+
+    def new_event(self, device: int | None = None) -> Any:
         event = self._Event(enable_timing=True)
-        event.record(self._anchor_stream)  # creates the cudaEvent_t now, on this thread, not on the hot path
+        # creates the cudaEvent_t now, on this thread and on that device, not on the hot path
+        event.record(self._anchor_on(device))
         return event
+
+    def use_device(self, index: int) -> None:
+        self._set_device(index)
+
+    def device_label(self, index: int) -> str:
+        return self._label if index == self._index else f"cuda:{index}"
 
     def query(self, event: Any) -> bool:
         return event.query()
@@ -74,7 +94,9 @@ class CudaBackend(DeviceBackend):
         return (stream.device_index, stream.cuda_stream)
 
     def stream_label(self, stream: Any) -> str:
-        return str(getattr(stream, "stream_id", stream.cuda_stream))
+        label = str(getattr(stream, "stream_id", stream.cuda_stream))
+        device = stream.device_index
+        return label if device == self._index else f"cuda:{device}/{label}"  # otel_npu.device names the primary
 
-    def record_anchor(self, event: Any) -> None:
-        event.record(self._anchor_stream)
+    def record_anchor(self, event: Any, device: int | None = None) -> None:
+        event.record(self._anchor_on(device))

@@ -67,11 +67,14 @@ class NpuBackend(DeviceBackend):
             raise DeviceUnavailable("torch_npu.npu.is_available() is False (no NPU visible to this process; "
                                     "check ASCEND_RT_VISIBLE_DEVICES and the driver)")
         self._npu = npu
-        self._index = npu.current_device()
+        self.index = self._index = npu.current_device()
         self._label = label or f"npu:{self._index}"
         self._Event = npu.Event
+        self._Stream = npu.Stream
+        self._set_device = npu.set_device
         self._current_stream = npu.current_stream
         self._anchor_stream = npu.Stream()
+        self._anchor_streams = {self._index: self._anchor_stream}
         graphs.watch(torch_npu=torch_npu)  # no device call while a graph capture is in progress: graphs.py
         self._use_recorded_time: bool | None = None  # decided by the first timing read (resolver thread)
 
@@ -94,10 +97,24 @@ class NpuBackend(DeviceBackend):
     def record(self, event: Any, stream: Any) -> None:
         event.record(stream)
 
-    def new_event(self) -> Any:
+    def _anchor_on(self, device: int | None) -> Any:
+        if device is None or device == self._index:
+            return self._anchor_stream
+        stream = self._anchor_streams.get(device)
+        if stream is None:
+            stream = self._anchor_streams[device] = self._Stream(device=device)
+        return stream
+
+    def new_event(self, device: int | None = None) -> Any:
         event = self._Event(enable_timing=True)
-        event.record(self._anchor_stream)  # creates the device event here, not on the hot path
+        event.record(self._anchor_on(device))  # creates the device event here, not on the hot path
         return event
+
+    def use_device(self, index: int) -> None:
+        self._set_device(index)  # ACL contexts are per thread: reads of another device's events need its own
+
+    def device_label(self, index: int) -> str:
+        return self._label if index == self._index else f"npu:{index}"
 
     def query(self, event: Any) -> bool:
         return event.query()
@@ -122,7 +139,9 @@ class NpuBackend(DeviceBackend):
         return (getattr(stream, "device_index", self._index), getattr(stream, "npu_stream", id(stream)))
 
     def stream_label(self, stream: Any) -> str:
-        return str(getattr(stream, "stream_id", getattr(stream, "npu_stream", stream)))
+        label = str(getattr(stream, "stream_id", getattr(stream, "npu_stream", stream)))
+        device = getattr(stream, "device_index", self._index)
+        return label if device == self._index else f"npu:{device}/{label}"  # otel_npu.device names the primary
 
-    def record_anchor(self, event: Any) -> None:
-        event.record(self._anchor_stream)
+    def record_anchor(self, event: Any, device: int | None = None) -> None:
+        event.record(self._anchor_on(device))

@@ -1,0 +1,85 @@
+"""Several devices in one process (``device_map="auto"``, a thread per device): events, pools and clock
+anchors are per device, on the strict simulated device (records on another device's stream raise there, as
+on CUDA and torch_npu; each simulated device's clock has an epoch of its own)."""
+
+from __future__ import annotations
+
+import threading
+
+import otel_npu
+from otel_npu.spans import ATTR_STREAM
+from otel_npu.testing import SimDevice
+
+from .conftest import TIME_BOUND_NS, enable, wall_of
+
+
+def truth(c) -> tuple[int, int]:
+    return wall_of(c.start.exec_mono_ns), wall_of(c.end.exec_mono_ns)
+
+
+def assert_close(span, t) -> None:
+    assert abs(span.start_time - t[0]) <= TIME_BOUND_NS and abs(span.end_time - t[1]) <= TIME_BOUND_NS, (
+        span.name, span.start_time - t[0], span.end_time - t[1])
+
+
+def test_a_capture_on_a_stream_of_a_second_device_is_timed_by_that_device(provider, spans):
+    """Saw it fail before the fix: every record on device 1 raised 'Event device 0 does not match recording
+    stream's device 1' (record_failed), so no span."""
+    sim = SimDevice(device_count=2)
+    try:
+        enable(provider, device=sim, poll_interval_s=0.005)
+        s0, s1 = sim.current_stream(), sim.new_stream("on device 1", device=1)
+        with otel_npu.capture("device 0") as c0:
+            s0.launch(0.002)
+        with sim.stream(s1), otel_npu.capture("device 1, first"):  # the resolver prepares device 1 now
+            s1.launch(0.001)
+        assert otel_npu.flush(5.0)
+        truths = {"device 0": truth(c0)}
+        for i in range(3):
+            with sim.stream(s1):
+                with otel_npu.capture(f"device 1 #{i}") as c:
+                    s1.launch(0.002)
+            truths[f"device 1 #{i}"] = truth(c)
+        assert otel_npu.flush(5.0)
+        for name, t in truths.items():
+            assert_close(spans.one(name), t)
+        assert spans.one("device 1 #0").attributes[ATTR_STREAM].startswith("cuda:1/")
+        assert not spans.one("device 0").attributes[ATTR_STREAM].startswith("cuda:")
+        dropped = otel_npu.stats()["dropped"]
+        assert dropped.get("device_starting") == 1 and "record_failed" not in dropped
+    finally:
+        sim.close()
+
+
+def test_threads_on_two_devices_capture_at_once(provider, spans):
+    """Saw it fail before the fix: the thread whose current device is 1 had every capture dropped."""
+    sim = SimDevice(device_count=2)
+    try:
+        enable(provider, device=sim, poll_interval_s=0.005)
+        with otel_npu.capture("warm-up"):
+            pass
+        truths: dict[str, tuple[int, int]] = {}
+
+        def worker(device: int) -> None:
+            sim.set_device(device)
+            stream = sim.current_stream()
+            with otel_npu.capture(f"prepare {device}"):
+                stream.launch(0.001)
+            otel_npu.flush(5.0)
+            for i in range(5):
+                with otel_npu.capture(f"d{device} step {i}") as c:
+                    stream.launch(0.001 + 0.0005 * device)
+                if c.start.__class__ is sim.Event().__class__:  # timed (an untimed capture has no events)
+                    truths[f"d{device} step {i}"] = truth(c)
+
+        threads = [threading.Thread(target=worker, args=(d,)) for d in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert otel_npu.flush(5.0)
+        assert len(truths) == 10
+        for name, t in truths.items():
+            assert_close(spans.one(name), t)
+    finally:
+        sim.close()
