@@ -50,7 +50,7 @@ export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export OTEL_NPU_GPU_CHECK_OUT=$OUT OTEL_METRICS_EXPORTER=none OTEL_TRACES_EXPORTER=none PYTHONUNBUFFERED=1
 
 # 1. environment
-part "environment" 30 "$OUT/env.txt" bash -c "
+part "environment" 60 "$OUT/env.txt" bash -c "
     date -u; uname -m; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -4
     \"$PY\" -c 'import sys, torch, opentelemetry.sdk, otel_npu; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__,
 \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available(),

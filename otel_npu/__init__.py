@@ -111,6 +111,9 @@ def stats() -> dict[str, Any]:
     out.update(running=True, device=rt.backend.label(), pipeline=rt.pipeline.description,
                metrics=rt.pipeline.metrics_description,
                pending=len(rt.pending), resolver_alive=rt.resolver.alive)
+    reads = getattr(rt.backend, "timing_read_stats", None)
+    if reads is not None:
+        out["timing_reads"] = reads()
     if rt.clock is not None and rt.clock.anchors:
         out["clock_anchor_bound_ns"] = rt.clock.anchors[-1].bound_ns
         out["clock_rate"] = rt.clock.rate

@@ -228,8 +228,10 @@ class DeviceClock:
         rate = self.rate
         begin = anchor.mono_ns + int(offset * rate)
         finish = begin + int(duration * rate)
-        # anchor + drift over the distance covered + float32 ms rounding + the timer's 0.5 µs resolution
-        error = anchor.bound_ns + int((abs(offset) + abs(duration)) * (self.rate_error + 6e-8)) + 500
+        # anchor + drift over the distance covered + float32 ms rounding + the timer's resolution (CUDA
+        # 0.5 µs; NPU timestamps are whole µs)
+        error = (anchor.bound_ns + int((abs(offset) + abs(duration)) * (self.rate_error + 6e-8))
+                 + self._backend.timer_resolution_ns)
         # Causality: the anchor may be off by its bound, the measured duration is not. Shift the whole
         # span (keeping its duration) into [enqueued, seen complete]; clamp only if it cannot fit.
         late = max(host_start - begin, host_end - finish)

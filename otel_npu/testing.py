@@ -624,6 +624,9 @@ class SimDevice:
         event = self._handles.get(handle)
         if event is None:
             raise RuntimeError(f"aclrtEventGetTimestamp: invalid event handle {handle:#x} (error 107000)")
+        if event.device_index != self.current_device():  # ACL contexts are per thread and per device
+            raise RuntimeError(f"aclrtEventGetTimestamp: the event is on device {event.device_index}, the "
+                               f"calling thread's context on device {self.current_device()} (error 107002)")
         completed = event._complete()
         self.timing_calls.append(TimingCall("aclrtEventGetTimestamp", threading.get_ident(), completed))
         if event.records == 0 or not completed:
@@ -681,4 +684,6 @@ def _npu_module(device: SimDevice) -> types.ModuleType:
     module.__doc__ = "otel_npu.testing stand-in for torch_npu, over a SimDevice"
     module.npu = _cuda_api(device)
     module.__version__ = "7.0.0.sim"
+    # what otel-npu's NPU backend loads from libascendcl.so through ctypes on a real host
+    module.otel_npu_acl_event_get_timestamp = device.acl_event_get_timestamp
     return module

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import sys
 import textwrap
 import threading
@@ -11,7 +12,7 @@ import pytest
 import otel_npu
 from otel_npu import devices
 from otel_npu.devices.npu import import_torch_npu
-from otel_npu.spans import ATTR_DEVICE
+from otel_npu.spans import ATTR_CLOCK_ERROR, ATTR_DEVICE
 from otel_npu.testing import SimDevice
 
 from .conftest import TIME_BOUND_NS, enable, wall_of
@@ -38,7 +39,7 @@ def run_decode_steps(stream, n: int = 5) -> list[tuple[int, int]]:
     return truths
 
 
-def test_npu_backend_uses_recorded_time_only_off_the_capturing_thread(provider, spans, npu_sim):
+def test_npu_backend_reads_event_times_only_off_the_capturing_thread(provider, spans, npu_sim):
     enable(provider, device="npu")
     truths = run_decode_steps(npu_sim.current_stream())
     assert otel_npu.flush(5.0)
@@ -47,11 +48,58 @@ def test_npu_backend_uses_recorded_time_only_off_the_capturing_thread(provider, 
     for span, (start, end) in zip(forwards, truths):
         assert span.attributes[ATTR_DEVICE] == "npu:0"
         assert abs(span.start_time - start) <= TIME_BOUND_NS and abs(span.end_time - end) <= TIME_BOUND_NS
-    reads = npu_sim.timing_reads()
-    assert {r.method for r in reads} == {"recorded_time"}
-    # torch_npu's timing reads block and hold the GIL: never on the capturing thread, never unfinished.
+    # Timing reads: never on the capturing thread, never of an unfinished event.
     assert npu_sim.timing_reads(on_thread=threading.get_ident()) == []
     assert npu_sim.timing_reads(incomplete=True) == []
+
+
+def test_npu_reads_completed_events_without_torch_npus_drain_and_gil_hold(provider, spans):
+    """torch_npu's recorded_time()/elapsed_time() wait for every stream's host task queue and hold the GIL;
+    CANN's aclrtEventGetTimestamp on the event's handle does neither. recorded_time() is called once, to
+    check that both agree. Saw it fail before the fix (every read went through recorded_time())."""
+    sim = SimDevice(api="npu", task_queue_us=20, read_gil_hold_us=500)
+    saved = sys.modules.get("torch_npu")
+    sys.modules["torch_npu"] = sim.torch_npu
+    try:
+        enable(provider, device="npu", poll_interval_s=0.005)
+        stream, captures = sim.current_stream(), []
+        for _ in range(5):
+            with otel_npu.step("Decode"):
+                with otel_npu.capture("forward") as c:
+                    stream.launch(0.004)
+                captures.append(c)  # times known once the task queue issued the records: read after flush
+                with otel_npu.capture("post process"):
+                    stream.launch(0.001)
+        assert otel_npu.flush(5.0)
+        for span, c in zip(spans.named("forward"), captures, strict=True):
+            start, end = wall_of(c.start.exec_mono_ns), wall_of(c.end.exec_mono_ns)
+            # the task queue widens the anchors' windows: the span's own stated bound is what must hold
+            bound = span.attributes[ATTR_CLOCK_ERROR] * 1000 + 2_000  # + the test's own wall_of sampling
+            assert abs(span.start_time - start) <= bound and abs(span.end_time - end) <= bound, (
+                span.start_time - start, span.end_time - end, bound)
+        methods = collections.Counter(r.method for r in sim.timing_reads())
+        assert methods["recorded_time"] == 1 and methods["elapsed_time"] == 0, methods
+        assert methods["aclrtEventGetTimestamp"] >= 2 * 10
+        reads = otel_npu.stats()["timing_reads"]
+        assert reads["method"] == "acl" and reads["reads"] >= 20 and reads["mean_us"] is not None
+    finally:
+        otel_npu.shutdown(5.0)
+        if saved is None:
+            sys.modules.pop("torch_npu", None)
+        else:
+            sys.modules["torch_npu"] = saved
+        sim.close()
+
+
+def test_npu_falls_back_to_recorded_time_when_the_direct_read_disagrees(provider, spans, npu_sim, caplog_otel):
+    npu_sim.torch_npu.otel_npu_acl_event_get_timestamp = lambda handle: 12345  # a wrong answer
+    enable(provider, device="npu")
+    truths = run_decode_steps(npu_sim.current_stream(), 2)
+    assert otel_npu.flush(5.0)
+    for span, (start, end) in zip(spans.named("forward"), truths, strict=True):
+        assert abs(span.start_time - start) <= TIME_BOUND_NS and abs(span.end_time - end) <= TIME_BOUND_NS
+    assert otel_npu.stats()["timing_reads"]["method"] == "recorded_time"
+    assert "aclrtEventGetTimestamp gave 12345" in caplog_otel.text
 
 
 def test_npu_backend_falls_back_to_elapsed_time_without_recorded_time(provider, spans, npu_sim, monkeypatch):

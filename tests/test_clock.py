@@ -74,3 +74,30 @@ def test_host_clock_offset_is_tight():
     import time
 
     assert abs(host.to_wall(time.perf_counter_ns()) - time.time_ns()) < 1_000_000
+
+
+@pytest.mark.parametrize("api", ["cuda", "npu"])
+def test_the_stated_bound_covers_the_timers_resolution(api):
+    """NPU timestamps are whole µs: an event placed from them can be up to 1 µs off even from a perfect
+    anchor. Saw it fail before the fix (the bound allowed 0.5 µs, CUDA's resolution, for both)."""
+    vclock = VirtualClock(tick_ns=37)
+    sim = SimDevice(api=api, mono=vclock, launch_latency_us=0.0, device_epoch_s=4242.0004567)
+    backend = sim.otel_npu_backend()
+    pool = [backend.new_event() for _ in range(8)]
+    clock = DeviceClock(backend, lambda: pool.pop() if pool else backend.new_event(), pool.append, mono=vclock)
+    clock.calibrate()
+    worst = 0.0
+    for i in range(200):
+        vclock.advance(1_000 + 97 * i)  # events at every sub-µs phase
+        begin, end = sim.Event(), sim.Event()
+        host_start = vclock()
+        begin.record(sim.default_stream)
+        sim.default_stream.launch(1e-6 * (1 + i % 7) + 3.1e-7)
+        host_end = vclock()
+        end.record(sim.default_stream)
+        vclock.advance(20_000)
+        start_ns, end_ns, bound = clock.place(begin, end, host_start, host_end, vclock())
+        error = max(abs(start_ns - begin.exec_mono_ns), abs(end_ns - end.exec_mono_ns))
+        worst = max(worst, error / bound)
+        assert error <= bound, (i, error, bound)
+    sim.close()

@@ -39,6 +39,9 @@ class DeviceBackend(abc.ABC):
     #: ``"submit"`` (right after the record call returned: true where an idle stream executes a record at
     #: once, as CUDA does) or ``"midpoint"`` (the middle of the window: where the record is queued first).
     anchor_estimate: str = "midpoint"
+    #: The device timer's resolution as read (CUDA ``elapsed_time``: ≈ 0.5 µs; NPU: whole µs): part of every
+    #: span's stated error bound.
+    timer_resolution_ns: int = 500
 
     @abc.abstractmethod
     def label(self) -> str:
@@ -123,6 +126,7 @@ class _DeviceView(DeviceBackend):
         self.kind = backend.kind
         self.host_timed = backend.host_timed
         self.anchor_estimate = backend.anchor_estimate
+        self.timer_resolution_ns = backend.timer_resolution_ns
         self.query = backend.query
         self.reference = backend.reference
         self.offset_ns = backend.offset_ns
