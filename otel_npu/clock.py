@@ -21,9 +21,17 @@ Error budget of a placed event: the anchor's bound + ``|offset| x rate uncertain
 resolution (CUDA: 0.5 µs, and float32 ms loses ≈ 6e-8 of the offset: ≈ 0.13 µs at 2 s, ≈ 1 µs at 10 s, ≈ 8 µs
 at 100 s, ≈ 250 µs at an hour). So anchors are taken for as long as otel-npu runs, and each capture uses the
 newest anchor seen complete *before* the capture was entered (its offset is positive and short). How often:
-often enough that the drift still unknown cannot move an event by more than ``DRIFT_ERROR_NS`` between two
-anchors — every 0.1 s at start (the drift is only assumed to be within ``ASSUMED_DRIFT``), every
-``ANCHOR_INTERVAL_S`` (2 s) once it is measured. Causality tightens it further: an event cannot have run
+often enough that the drift still unknown cannot move an event by more than ``DRIFT_ERROR_NS`` (or the
+anchor's own bound, if wider) between two anchors — every 0.1 s at start (the drift is only assumed to be
+within ``ASSUMED_DRIFT``; NPU without ``aclrtEventGetTimestamp``: every 0.5 s, since each read then
+drains the task queue holding the GIL), every ``ANCHOR_INTERVAL_S`` (2 s)
+once it is measured.
+
+On a busy device whose streams share one queue (``CUDA_DEVICE_MAX_CONNECTIONS=1``; the NPU host task queue)
+an anchor waits behind the queued work: its window, hence its bound, includes that wait, so the stated bound
+still holds (the "submit" estimate is then off by up to the wait, which the bound covers). The resolver
+does not wait for such an anchor (``calibrate(wait_s=...)``: a try not complete after ``ANCHOR_SPIN_NS`` is
+looked at again next pass), and an anchor much wider than the one in use is not taken. Causality tightens it further: an event cannot have run
 before the host enqueued it nor after the resolver saw it complete; estimates outside are moved inside.
 ``benchmarks/clock_accuracy.py`` measures the result over an hour of simulated time.
 
@@ -49,6 +57,11 @@ DRIFT_ERROR_NS = 5_000
 MIN_DRIFT_BASELINE_S = 1.0
 #: A calibration attempt that has not seen its event complete after this long is abandoned.
 ANCHOR_WAIT_S = 1.0
+#: How long the resolver waits (spinning on query()) for an anchor event in one pass (see ``calibrate``).
+ANCHOR_SPIN_NS = 200_000
+#: A new anchor this many times wider than the one in use is not taken (a busy device): it would only make
+#: the bounds of the spans placed from it worse. The drift keeps being tracked from the anchors kept.
+BUSY_ANCHOR_FACTOR = 4
 #: Until drift is measured, the bound assumes the device and host oscillators differ by up to this much
 #: (crystal oscillators are specified at ±50-100 ppm).
 ASSUMED_DRIFT = 100e-6
@@ -113,62 +126,114 @@ class DeviceClock:
         self.anchors: collections.deque[Anchor] = collections.deque()
         self.rate = 1.0                   # host ns per device ns
         self.rate_error = ASSUMED_DRIFT   # bound on |rate - truth|, until measured
+        self._pending: tuple[Any, int, int] | None = None  # an anchor try still waiting for its event
+        self._last_try_ns = 0             # when a try last ended without a new anchor (see due())
+
 
     # -- calibration ----------------------------------------------------------------------------------
-    def _sample(self) -> tuple[Any, int, int, int]:
+    def _sample(self, wait_ns: int) -> tuple[Any, int, int, int] | None:
+        """Record an anchor event and wait up to ``wait_ns`` (query() only) for it: ``(event, t0, t1, t2)``,
+        or ``None`` when it has not completed by then (it is then kept in ``self._pending`` and looked at
+        again by the next ``calibrate``)."""
         backend, mono = self._backend, self._mono
         event = self._take()
         t0 = mono()
         backend.record_anchor(event)
         t1 = mono()
+        return self._wait(event, t0, t1, wait_ns)
+
+    def _wait(self, event: Any, t0: int, t1: int, wait_ns: int) -> tuple[Any, int, int, int] | None:
+        backend, mono = self._backend, self._mono
         # Spin briefly without sleeping: a sleep would widen the window (and the bound) by the timer slack.
-        deadline_spin = t1 + 200_000
+        deadline_spin = mono() + min(wait_ns, ANCHOR_SPIN_NS)
+        deadline = mono() + wait_ns
         while not backend.query(event):
             if _graphs.active:  # a graph capture waits to begin: no more device calls (devices/graphs.py)
                 raise CalibrationError("a graph capture began while an anchor was being taken")
             now = mono()
+            if now - t0 > ANCHOR_WAIT_S * 1e9:
+                self._pending = None
+                raise CalibrationError(f"an anchor event on {backend.label()} did not complete within "
+                                       f"{ANCHOR_WAIT_S:.0f} s")  # abandoned: the event may still run
+            if now > deadline:
+                self._pending = (event, t0, t1)
+                return None
             if now > deadline_spin:
-                if now - t0 > ANCHOR_WAIT_S * 1e9:
-                    self._give(event)
-                    raise CalibrationError(f"an anchor event on {backend.label()} did not complete within "
-                                           f"{ANCHOR_WAIT_S:.0f} s")
                 time.sleep(50e-6)
-        t2 = mono()
-        return event, t0, t1, t2
+        self._pending = None
+        return event, t0, t1, mono()
 
     def calibrate(self, tries: int = 3, good_ns: int = 10_000, max_tries: int = 8, *,
-                  read_now: bool = True) -> Anchor:
-        """Take a new anchor. Blocks ≈ tens of µs (≤ ~1 s if the device stalls): it waits, with ``query()``
-        only, for an event on the backend's own idle stream.
+                  read_now: bool = True, wait_s: float = ANCHOR_WAIT_S) -> Anchor | None:
+        """Take a new anchor: wait, with ``query()`` only, for an event on the backend's own idle stream.
 
         Keeps the narrowest of ``tries`` windows, trying up to ``max_tries`` times while none is under
         ``good_ns`` (a preempted sample has a wide window; a later one usually does not). With
         ``read_now=False`` the anchor's device time is read later, by ``place`` on the resolver thread:
         at start-up the first anchor is taken on the capturing thread, which must not do timing reads
         (torch_npu's block and drain every stream's queue).
+
+        ``wait_s``: how long one try may wait for its event. At start-up, up to ``ANCHOR_WAIT_S``. The
+        resolver passes ``ANCHOR_SPIN_NS``: on a busy device whose streams share one queue
+        (``CUDA_DEVICE_MAX_CONNECTIONS=1``, the NPU task queue) an anchor waits behind the queued work, and
+        waiting for it would stall the resolver (no captures resolved, the event pool running dry). An event
+        not complete by then stays pending and the next call looks at it again (its window, and bound, then
+        includes the wait: it is kept only if it is the best there is). Returns the new anchor, or ``None``
+        while the try is pending. Raises ``CalibrationError`` when an anchor has not completed after
+        ``ANCHOR_WAIT_S``.
         """
+        wait_ns = int(wait_s * 1e9)
         best = None
         attempt = 0
+        if self._pending is not None:
+            done = self._wait(*self._pending, wait_ns=0)
+            if done is None:
+                return None
+            best = self._candidate(done, best)
+            attempt = tries  # a busy device: this one sample is all we take now
         while attempt < tries or (attempt < max_tries and best[2] > good_ns):
             attempt += 1
-            event, t0, t1, t2 = self._sample()
-            if self._backend.anchor_estimate == "submit":
-                estimate, bound = t1, max(t1 - t0, t2 - t1)
-            else:
-                estimate, bound = (t0 + t2) // 2, (t2 - t0 + 1) // 2
-            if best is None or bound < best[2]:
-                if best is not None:
-                    self._give(best[0])
-                best = (event, estimate, bound, t2)
-            else:
-                self._give(event)
+            sample = self._sample(wait_ns)
+            if sample is None:
+                if best is None:
+                    return None
+                break
+            best = self._candidate(sample, best)
         event, estimate, bound, seen = best
+        if self.anchors and bound > BUSY_ANCHOR_FACTOR * max(self._error_now(seen), good_ns):
+            # much wider than the anchor in use (a busy device): not worth replacing it; try again later
+            self._give(event)
+            self._last_try_ns = seen
+            return None
         anchor = Anchor(event, None, estimate, bound, seen, 0.0)
         self.anchors.append(anchor)
         if read_now:
             self._read(anchor)
         self._retire(seen)
         return anchor
+
+    @property
+    def min_interval_s(self) -> float:
+        """Shortest time between anchors for this backend (NPU without direct reads: 0.5 s)."""
+        return getattr(self._backend, "min_anchor_interval_s", MIN_ANCHOR_INTERVAL_S)
+
+    def _error_now(self, now: int) -> float:
+        """The error bound of the newest anchor, carried to ``now`` (its bound + the drift uncertainty)."""
+        newest = self.anchors[-1]
+        return newest.bound_ns + (now - newest.seen_ns) * self.rate_error
+
+    def _candidate(self, sample: tuple[Any, int, int, int], best: tuple | None) -> tuple:
+        event, t0, t1, t2 = sample
+        if self._backend.anchor_estimate == "submit":
+            estimate, bound = t1, max(t1 - t0, t2 - t1)
+        else:
+            estimate, bound = (t0 + t2) // 2, (t2 - t0 + 1) // 2
+        if best is None or bound < best[2]:
+            if best is not None:
+                self._give(best[0])
+            return (event, estimate, bound, t2)
+        self._give(event)
+        return best
 
     def _read(self, anchor: Anchor) -> None:
         """Read the anchor's device time (resolver thread) and chain it to the one before for drift."""
@@ -200,12 +265,19 @@ class DeviceClock:
             self._give(anchors.popleft().event)
 
     def interval_ns(self) -> int:
-        """Time to the next anchor: short while the drift is uncertain, ANCHOR_INTERVAL_S once it is known."""
-        seconds = DRIFT_ERROR_NS / 1e9 / max(self.rate_error, 1e-12)
-        return int(min(ANCHOR_INTERVAL_S, max(MIN_ANCHOR_INTERVAL_S, seconds)) * 1e9)
+        """Time to the next anchor: short while the drift is uncertain, ANCHOR_INTERVAL_S once it is known.
+
+        Often enough that the unknown drift moves an event by no more than ``DRIFT_ERROR_NS`` or the anchor's
+        own bound, whichever is larger (wide anchors, as on NPU, gain nothing from frequent re-anchoring),
+        and never more often than the backend's ``min_anchor_interval_s``."""
+        budget = max(DRIFT_ERROR_NS, self.anchors[-1].bound_ns if self.anchors else 0)
+        seconds = budget / 1e9 / max(self.rate_error, 1e-12)
+        return int(min(ANCHOR_INTERVAL_S, max(self.min_interval_s, seconds)) * 1e9)
 
     def due(self, now: int) -> bool:
-        return not self.anchors or now - self.anchors[-1].seen_ns >= self.interval_ns()
+        if not self.anchors or self._pending is not None:
+            return True
+        return now - max(self.anchors[-1].seen_ns, self._last_try_ns) >= self.interval_ns()
 
     # -- placing events -------------------------------------------------------------------------------
     def anchor_for(self, host_ns: int) -> Anchor:

@@ -38,7 +38,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from .clock import CalibrationError, DeviceClock, HostClock
+from .clock import ANCHOR_SPIN_NS, CalibrationError, DeviceClock, HostClock
 from .devices import graphs as _graphs
 from .devices.base import DeviceBackend, EventPool
 
@@ -369,7 +369,7 @@ class Resolver:
         if not _graphs.active and clock.due(now):
             self._use_device(index)
             try:
-                clock.calibrate()
+                clock.calibrate(wait_s=ANCHOR_SPIN_NS / 1e9)  # never stalls the resolver: see DeviceClock
             except CalibrationError as exc:
                 if not _graphs.active:  # cut short by a graph capture beginning: not a failure
                     self._stats.drop("calibration_failed", exc)

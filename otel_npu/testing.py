@@ -242,9 +242,16 @@ class SimStream:
     def _submit(self, kind: str, arg: Any) -> None:
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
-        now = self.device.mono()
+        dev = self.device
+        now = dev.mono()
+        planned = None
         with self._cond:
-            start = None if self._tail is None else max(now + self.device.launch_latency_ns, self._tail)
+            start = None if self._tail is None else max(now + dev.launch_latency_ns, self._tail)
+            if start is not None and dev.shared_queue:  # one hardware queue for all streams of the device
+                with dev._queue_lock:
+                    start = max(start, dev._queue_tail.get(self.device_index, 0))
+                    if kind in ("record", "kernel"):
+                        dev._queue_tail[self.device_index] = start + (arg if kind == "kernel" else 0)
             if kind == "record":
                 arg.exec_mono_ns = start  # None: decided when the stream thread gets there
                 arg.issued = True
@@ -254,10 +261,10 @@ class SimStream:
                     self._tail = start
                     return
             elif kind == "kernel" and start is not None:
-                self._tail = start + arg
+                self._tail = planned = start + arg
             else:
                 self._tail = None
-            self._ops.append((kind, arg, now))
+            self._ops.append((kind, arg, now, planned))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"sim-{self.name}", daemon=True)
                 self._thread.start()
@@ -272,11 +279,11 @@ class SimStream:
                     if self._closed:
                         return
                     self._cond.wait()
-                kind, arg, submitted = self._ops.popleft()
+                kind, arg, submitted, planned = self._ops.popleft()
                 self._busy = 1
             start = max(submitted + latency, end)
             if kind == "kernel":
-                end = start + arg
+                end = planned if planned is not None else start + arg
                 _sleep_until(mono, end)
             elif kind == "record":
                 if arg.exec_mono_ns is None:  # behind a call(): its time is known only now
@@ -421,14 +428,17 @@ class SimDevice:
     (through its NPU backend, with ``recorded_time``). ``index``: the device current on every thread at
     first; ``device_count``: how many devices (indices ``0 .. device_count-1``). ``drift_ppm``: how much faster
     the device clocks run than the host's. ``launch_latency_us``: how long after submission an op can start
-    at the earliest. NPU style (see the module docstring): ``task_queue_us`` (``None``: no host task queue)
-    and ``read_gil_hold_us``.
+    at the earliest. ``shared_queue``: all streams of a device go through one hardware queue, so work on one
+    stream waits for what was submitted earlier on any other (``CUDA_DEVICE_MAX_CONNECTIONS=1``; kernels and
+    records). NPU style (see the module docstring): ``task_queue_us`` (``None``: no host task queue) and
+    ``read_gil_hold_us``.
     """
 
     def __init__(self, *, api: str = "cuda", index: int = 0, drift_ppm: float = 0.0,
                  launch_latency_us: float = 5.0, device_epoch_s: float = 4242.0,
                  mono: Callable[[], int] = time.perf_counter_ns, device_count: int = 1,
-                 task_queue_us: float | None = None, read_gil_hold_us: float = 0.0) -> None:
+                 task_queue_us: float | None = None, read_gil_hold_us: float = 0.0,
+                 shared_queue: bool = False) -> None:
         if api not in ("cuda", "npu"):
             raise ValueError(f"SimDevice(api={api!r}): expected 'cuda' or 'npu'")
         if isinstance(device_count, bool) or not isinstance(device_count, int) or device_count < 1:
@@ -442,6 +452,9 @@ class SimDevice:
         self.launch_latency_ns = int(launch_latency_us * 1000)
         self.task_queue_ns = None if task_queue_us is None else int(task_queue_us * 1000)
         self.read_gil_hold_s = read_gil_hold_us / 1e6
+        self.shared_queue = shared_queue
+        self._queue_lock = threading.Lock()
+        self._queue_tail: dict[int, int] = {}
         self._rate = 1.0 + drift_ppm * 1e-6
         self._origin = mono()
         self._epoch_ns = int(device_epoch_s * 1e9)

@@ -161,6 +161,10 @@ class _DeviceView(DeviceBackend):
     def use_device(self, index: int) -> None:
         self._backend.use_device(index)
 
+    @property
+    def min_anchor_interval_s(self) -> float:
+        return getattr(self._backend, "min_anchor_interval_s", 0.1)
+
 
 class EventPool:
     """Pre-created timing events, so that the hot path never allocates one.
