@@ -2,8 +2,9 @@
 
 What a capture costs the capturing thread, and nothing more:
 
-* **disabled**: one call returning a shared do-nothing object (a dict lookup by name; no allocation), and
-  an empty ``__enter__``/``__exit__``: about a ``contextlib.nullcontext()``. No events, no threads, no
+* **disabled**: one call returning a shared do-nothing object (a dict lookup by name, after one attribute
+  read for torch.compile tracing; no allocation), and an empty ``__enter__``/``__exit__``: about a
+  ``contextlib.nullcontext()``. No events, no threads, no
   environment reads;
 * **enabled, CPU backend**: two ``perf_counter_ns()`` reads, a context-variable get/set/reset (nesting), one
   OpenTelemetry context read (only for an outermost capture: its parent is the span current at entry), and a
