@@ -5,7 +5,9 @@
 prints a table of every figure against its target, and writes ``results.json`` and ``chart.png`` to
 ``--out``. Sections (``--only`` picks some): ``hotpath`` (per-capture host cost), ``cpu`` (total CPU per
 capture across all threads), ``decode`` (serving-loop throughput), ``capacity`` (resolver), ``clock``
-(clock accuracy on the simulated device). Targets are printed, never asserted: a miss is reported.
+(clock accuracy on the simulated device), ``sampling`` (issue 12: background CPU per exported / sampled-out /
+file-written capture, 2 ms decode steps, per-layer detail budgets, span volume; run with OMP_NUM_THREADS=1).
+Targets are printed, never asserted: a miss is reported.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import clock_accuracy
+from . import clock_accuracy, sampling
 from .alternatives import Device, SeedProfiler, SyncTimer, otel_tracer
 from .common import Report, collector, interleaved, machine_info, median, percentile, process_cpu
 from .workloads import LlamaDecode, SyntheticDecode, no_timer
@@ -500,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench-out", help="folder for results.json and chart.png")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--only", default="hotpath,cpu,decode,capacity,clock",
+    parser.add_argument("--only", default="hotpath,cpu,decode,capacity,sampling,clock",
                         help="comma-separated sections (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisier)")
     parser.add_argument("--llama", action="store_true", help="also run the decode loop on a small Llama "
@@ -532,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
                     decode(report, device, endpoint, model, "small Llama (transformers)", steps, rounds)
         if "capacity" in sections:
             capacity(report, device, args.quick)
+        if "sampling" in sections:
+            sampling.run(report, device, args.out, args.quick)
     if "clock" in sections:
         clock_accuracy.run(report, quick=args.quick)
     print("\n" + report.table())

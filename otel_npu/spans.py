@@ -18,6 +18,7 @@ produces no span (it still resolves, feeds the compat pop, the log line and the 
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import logging
 import os
@@ -151,6 +152,36 @@ def kept_attributes(kept: tuple[str, float | None]) -> dict[str, Any]:
     return out
 
 
+class _LazyAttributes(collections.abc.Mapping):
+    """The attributes shown to the sampler, built only if the sampler reads them: the SDK's ratio and
+    parent-based samplers never do, and building them costs ≈ 2 µs per step on the sampled-out path."""
+
+    __slots__ = ("_make", "_r", "_data")
+
+    def __init__(self, make: Callable[[Any], dict], r: Any) -> None:
+        self._make = make
+        self._r = r
+        self._data: dict | None = None
+
+    def _get(self) -> dict:
+        data = self._data
+        if data is None:
+            data = self._data = self._make(self._r)
+        return data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._get()[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __repr__(self) -> str:
+        return repr(self._get())
+
+
 def _root_context(r: Any) -> Any:
     """The OTel context current when the outermost capture of ``r``'s chain (dropped ones included) began."""
     while r.parent is not None:
@@ -221,7 +252,7 @@ class SpanFactory:
             # As the SDK's Tracer.start_span asks: the span's attributes (those known at its start) and its
             # links as Link objects.
             result = self._sampler.should_sample(ctx, r.trace_id, r.name, SpanKind.INTERNAL,
-                                                 self.start_attributes(r), self.sampler_links(r))
+                                                 _LazyAttributes(self.start_attributes, r), self.sampler_links(r))
             sampled = result.decision.is_sampled()
             r.trace_state = result.trace_state
         r.span_id = self._new_span_id()

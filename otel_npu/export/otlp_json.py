@@ -55,6 +55,18 @@ def key_values(attrs: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list:
     return [{"key": k, "value": any_value(v)} for k, v in items]
 
 
+def _number(value: float) -> str:
+    """One of the two timing doubles (whole ns in µs: three decimals are exact) as OTLP/JSON writes it: a JSON
+    number, or "NaN"/"Infinity"/"-Infinity" as strings."""
+    if math.isfinite(value):
+        return "%.3f" % value
+    return _dumps(_double(value))
+
+
+_TIMING = (',{"key":"' + _spans.ATTR_HOST_LEAD + '","value":{"doubleValue":%s}}'
+           ',{"key":"' + _spans.ATTR_CLOCK_ERROR + '","value":{"doubleValue":%s}}')
+
+
 class JsonSpanEncoder:
     """``encode(r)`` -> one span as OTLP/JSON text; ``request(spans)`` -> one line (an export request)."""
 
@@ -63,6 +75,8 @@ class JsonSpanEncoder:
     def __init__(self, factory: "_spans.SpanFactory", resource: Any, scope_name: str, scope_version: str) -> None:
         self._f = factory
         self._templates: dict[tuple, str] = {}
+        self._names: dict[str, str] = {}
+        self._consts: dict[tuple, str] = {}
         resource_json: dict[str, Any] = {}
         attrs = getattr(resource, "attributes", {}) or {}
         if attrs:
@@ -89,11 +103,14 @@ class JsonSpanEncoder:
         if template is None:
             template = self._template(key, r)
         start_ns = r.start_ns
+        # The two doubles are whole nanoseconds in µs: three decimals are exact (and 2-3x cheaper than repr).
         lead = (start_ns - self._f.host_offset() - r.host_start) / 1000.0
         error = r.clock_error_ns / 1000.0
         if parent:
-            return template % (r.trace_id, r.span_id, parent, start_ns, r.end_ns, lead, error)
-        return template % (r.trace_id, r.span_id, start_ns, r.end_ns, lead, error)
+            return template % (r.trace_id.to_bytes(16, "big").hex(), r.span_id.to_bytes(8, "big").hex(),
+                               parent.to_bytes(8, "big").hex(), start_ns, r.end_ns, lead, error)
+        return template % (r.trace_id.to_bytes(16, "big").hex(), r.span_id.to_bytes(8, "big").hex(), start_ns,
+                           r.end_ns, lead, error)
 
     def _template(self, key: tuple, r: Any) -> str:
         name, _, step_name, root, remote = key
@@ -106,57 +123,73 @@ class JsonSpanEncoder:
         if step_name is not None:
             const.append({"key": _spans.ATTR_STEP, "value": any_value(step_name)})
         const_text = esc(_dumps(const)[1:-1])
-        template = ('{"traceId":"%032x","spanId":"%016x",' + ("" if root else '"parentSpanId":"%016x",')
+        template = ('{"traceId":"%s","spanId":"%s",' + ("" if root else '"parentSpanId":"%s",')
                     + '"name":' + esc(_dumps(name)) + ',"kind":1,"startTimeUnixNano":"%d","endTimeUnixNano":"%d",'
                     + '"attributes":[' + const_text
-                    + ',{"key":"' + _spans.ATTR_HOST_LEAD + '","value":{"doubleValue":%r}}'
-                    + ',{"key":"' + _spans.ATTR_CLOCK_ERROR + '","value":{"doubleValue":%r}}],'
+                    + ',{"key":"' + _spans.ATTR_HOST_LEAD + '","value":{"doubleValue":%.3f}}'
+                    + ',{"key":"' + _spans.ATTR_CLOCK_ERROR + '","value":{"doubleValue":%.3f}}],'
                     + '"status":{},"flags":' + str(_FLAGS_REMOTE if remote else _FLAGS_LOCAL) + "}")
         if len(self._templates) < self._CACHE_LIMIT:
             self._templates[key] = template
         return template
 
     def _encode_general(self, r: Any) -> str:
+        """Any span: constant pieces cached (per name, and per stream and step), JSON work only for the
+        parts a span has of its own (user attributes, links, an error)."""
         f = self._f
-        span: dict[str, Any] = {"traceId": f"{r.trace_id:032x}", "spanId": f"{r.span_id:016x}"}
+        parts = ['{"traceId":"%s","spanId":"%s"' % (r.trace_id.to_bytes(16, "big").hex(),
+                                                     r.span_id.to_bytes(8, "big").hex())]
         if r.trace_state:
-            span["traceState"] = r.trace_state.to_header()
+            parts.append(',"traceState":' + _dumps(r.trace_state.to_header()))
         if r.parent_span_id:
-            span["parentSpanId"] = f"{r.parent_span_id:016x}"
-        span["name"] = r.name
-        span["kind"] = 1
-        span["startTimeUnixNano"] = str(r.start_ns)
-        span["endTimeUnixNano"] = str(r.end_ns)
-        attrs = [{"key": k, "value": any_value(v)} for k, v in f.const_attributes.items()]
-        attrs.append({"key": _spans.ATTR_STREAM, "value": any_value(f.stream_label(r.stream))})
-        if r.step is not None:
-            attrs.append({"key": _spans.ATTR_STEP, "value": any_value(r.step.name)})
-        attrs.append({"key": _spans.ATTR_HOST_LEAD,
-                      "value": {"doubleValue": _double((r.start_ns - f.host_offset() - r.host_start) / 1000.0)}})
-        attrs.append({"key": _spans.ATTR_CLOCK_ERROR, "value": {"doubleValue": _double(r.clock_error_ns / 1000.0)}})
+            parts.append(',"parentSpanId":"%s"' % r.parent_span_id.to_bytes(8, "big").hex())
+        name = self._names.get(r.name)
+        if name is None:
+            name = ',"name":' + _dumps(r.name) + ',"kind":1'
+            if len(self._names) < self._CACHE_LIMIT:
+                self._names[r.name] = name
+        step = r.step
+        key = (r.stream, None if step is None else step.name)
+        const = self._consts.get(key)
+        if const is None:
+            entries = key_values(f.const_attributes)
+            entries.append({"key": _spans.ATTR_STREAM, "value": any_value(f.stream_label(r.stream))})
+            if step is not None:
+                entries.append({"key": _spans.ATTR_STEP, "value": any_value(step.name)})
+            const = _dumps(entries)[1:-1]
+            if len(self._consts) < self._CACHE_LIMIT:
+                self._consts[key] = const
+        parts.append(name)
+        parts.append(',"startTimeUnixNano":"%d","endTimeUnixNano":"%d","attributes":[' % (r.start_ns, r.end_ns))
+        parts.append(const)
+        parts.append(_TIMING % (_number((r.start_ns - f.host_offset() - r.host_start) / 1000.0),
+                                _number(r.clock_error_ns / 1000.0)))
+        own: list = []
         dropped = 0
         if r.attributes:
             clean = f.user_attributes(r)
-            attrs += key_values(clean)
+            own += key_values(clean)
             dropped = getattr(clean, "dropped", 0)
         if r.timed_out:
-            attrs.append({"key": _spans.ATTR_TIMED_OUT, "value": {"boolValue": True}})
+            own.append({"key": _spans.ATTR_TIMED_OUT, "value": {"boolValue": True}})
         if r.error is not None:
-            attrs.append({"key": _spans.ATTR_ERROR_TYPE, "value": {"stringValue": r.error[0]}})
+            own.append({"key": _spans.ATTR_ERROR_TYPE, "value": {"stringValue": r.error[0]}})
         links = None
         if r.is_step:
             links = f.links(r)
-            attrs.append({"key": _spans.ATTR_KIND, "value": {"stringValue": "step"}})
-            attrs.append({"key": _spans.ATTR_LINKS, "value": {"intValue": str(links.total)}})
+            own.append({"key": _spans.ATTR_KIND, "value": {"stringValue": "step"}})
+            own.append({"key": _spans.ATTR_LINKS, "value": {"intValue": str(links.total)}})
             kept = getattr(r, "kept", None)
             if kept is not None:
-                attrs += key_values(_spans.kept_attributes(kept))
-        span["attributes"] = attrs
+                own += key_values(_spans.kept_attributes(kept))
+        if own:
+            parts.append("," + _dumps(own)[1:-1])
+        parts.append("]")
         if dropped:
-            span["droppedAttributesCount"] = dropped
+            parts.append(',"droppedAttributesCount":%d' % dropped)
         if r.error is not None:
-            span["events"] = [{"timeUnixNano": str(r.end_ns), "name": "exception",
-                               "attributes": key_values(f.exception_attributes(r))}]
+            parts.append(',"events":' + _dumps([{"timeUnixNano": str(r.end_ns), "name": "exception",
+                                                 "attributes": key_values(f.exception_attributes(r))}]))
         if links:
             out = []
             for link in links:
@@ -170,18 +203,18 @@ class JsonSpanEncoder:
                         item["droppedAttributesCount"] = link.attributes.dropped
                 item["flags"] = _FLAGS_REMOTE if ctx.is_remote else _FLAGS_LOCAL
                 out.append(item)
-            span["links"] = out
+            parts.append(',"links":' + _dumps(out))
         if links is not None and links.dropped:
-            span["droppedLinksCount"] = links.dropped
-        status: dict[str, Any] = {}
+            parts.append(',"droppedLinksCount":%d' % links.dropped)
         if r.timed_out or r.error is not None:
             code, description = f.status(r)
-            if description:
-                status["message"] = description
+            status: dict[str, Any] = {"message": description} if description else {}
             status["code"] = code.value
-        span["status"] = status
-        span["flags"] = _FLAGS_REMOTE if r.parent_remote else _FLAGS_LOCAL
-        return _dumps(span)
+            parts.append(',"status":' + _dumps(status))
+        else:
+            parts.append(',"status":{}')
+        parts.append(',"flags":%d}' % (_FLAGS_REMOTE if r.parent_remote else _FLAGS_LOCAL))
+        return "".join(parts)
 
     def request(self, encoded_spans: Iterable[str]) -> str:
         """One OTLP/JSON line (an ``ExportTraceServiceRequest``) holding ``encoded_spans``."""

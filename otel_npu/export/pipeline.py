@@ -33,6 +33,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from .. import config
+from ..resolver import DROPPED as _DROPPED
 from ..spans import Limits, SpanFactory
 from .. import sampling as step_sampling
 from . import metrics as _metrics
@@ -73,6 +74,7 @@ class Pipeline:
                  metrics: Any = None, slow: Any = None, detail_every: int = 1,
                  metrics_description: str = "none") -> None:
         self.factory = factory
+        self._identify = factory.identify
         self.sinks = sinks
         self._stats = stats
         self.description = description
@@ -92,7 +94,16 @@ class Pipeline:
 
     def emit(self, r: Any) -> None:
         """Resolver thread, once per resolved capture."""
-        sampled = self.factory.identify(r) if self.sinks else False
+        if self.sinks:
+            sampled = r.sampled
+            if sampled is None:
+                parent = r.parent
+                if parent is not None and parent.sampled is False and parent.start is not _DROPPED:
+                    r.sampled = sampled = False  # identify()'s answer, without its call: most captures here
+                else:
+                    sampled = self._identify(r)
+        else:
+            sampled = False
         # Metrics for every resolved capture: sampling decides about spans only.
         record = self._record
         if record is not None:
@@ -111,17 +122,17 @@ class Pipeline:
             self._step_dropped(r)
         else:
             step = r.step
+            held = self._held.get(step)
+            if held is not None:  # the common case: the step's first capture opened its list
+                held.append(r)
             # Only a step that begins a trace can be kept (else its parent, not exported, would be missing),
             # and only until it is done (a capture resolved after its step follows the step's decision).
-            if step is None or getattr(step, "done", False) or not _begins_trace(step) or (
-                    step not in self._held and len(self._held) >= self.MAX_HELD_STEPS):
+            elif step is None or getattr(step, "done", False) or not _begins_trace(step) or (
+                    len(self._held) >= self.MAX_HELD_STEPS):
                 self._stats.spans_unsampled += 1
                 self._unexported((r,))
             else:
-                held = self._held.get(step)
-                if held is None:
-                    held = self._held[step] = []
-                held.append(r)
+                self._held[step] = [r]
 
     def _step_dropped(self, r: Any) -> None:
         """A step the sampler dropped is finished: export it with its held captures if it must be kept."""
