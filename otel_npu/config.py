@@ -36,6 +36,7 @@ ENV_DETAIL_EVERY = "OTEL_NPU_DETAIL_EVERY"
 DEVICES = ("auto", "npu", "cuda", "cpu")
 PIPELINES = ("auto", "app", "own")
 _TRUE = ("1", "true")
+_STAYS_OFF = "otel-npu stays disabled unless the program enables it (otel_npu.configure(enabled=True))"
 _FALSE = ("0", "false")
 
 
@@ -117,9 +118,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     # value of whichever is used warns and leaves otel-npu off.
     via_alias = False
     if env.get(ENV_ENABLED, "").strip():
-        enabled = _env_bool(env, ENV_ENABLED, False, "otel-npu stays disabled")
+        enabled = _env_bool(env, ENV_ENABLED, False, _STAYS_OFF)
     else:
-        enabled = _env_bool(env, ENV_ENABLED_ALIAS, False, "otel-npu stays disabled")
+        enabled = _env_bool(env, ENV_ENABLED_ALIAS, False, _STAYS_OFF)
         via_alias = bool(enabled)
     # The seed printed its duration lines whenever its variable was set: keep that for people migrating.
     log_durations = _env_bool(env, ENV_LOG_DURATIONS, via_alias, "duration lines stay off")

@@ -23,6 +23,9 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="otel-npu", description="Device-measured stage timings as "
                                      "OpenTelemetry spans: tools.")
+    from otel_npu import __version__
+
+    parser.add_argument("--version", action="version", version=f"otel-npu {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         try:

@@ -55,10 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
     return value
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 @dataclasses.dataclass
@@ -154,6 +161,21 @@ def _log_through(write: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     env = os.environ
     started = time.monotonic()
+    try:  # the demo extra: said plainly, before anything is set up or written
+        import tqdm as _tqdm  # noqa: F401
+        import transformers as _transformers  # noqa: F401
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        print(f"otel-npu demo needs the demo extra ({missing} is missing): pip install 'otel-npu[demo]' "
+              "(from a checkout: pip install -e '.[demo]')", file=sys.stderr)
+        return 2
+    from otel_npu.export import pipeline as _pipeline
+
+    if env.get("OTEL_TRACES_EXPORTER", "").strip() and not _known_exporters(env, _pipeline.EXPORTERS):
+        # Named, but nothing otel-npu knows: rather than lose the traces, the demo's own default (a file).
+        print(f"otel-npu demo: OTEL_TRACES_EXPORTER={env['OTEL_TRACES_EXPORTER']!r} names no exporter otel-npu "
+              f"knows ({', '.join(_pipeline.EXPORTERS)}); the traces go to a file instead", file=sys.stderr)
+        del env["OTEL_TRACES_EXPORTER"]
     file_path = configure_destination(env)
     env.setdefault("OTEL_SERVICE_NAME", "otel-npu-demo")
 
@@ -199,8 +221,12 @@ def run(args: argparse.Namespace) -> int:
     cache_kw = "cache" if "cache" in _parameters(model.model.forward) else "past_key_values"
 
     print(f"otel-npu demo: Llama-style model ({layers} layers, hidden {hidden}, vocab {vocab}, "
-          f"{params / 1e6:.1f} M parameters, random weights), {args.requests} requests, up to {args.steps} steps, "
-          f"device {device_label}")
+          f"{params / 1e6:.1f} M parameters, random weights), {_plural(args.requests, 'request')}, up to "
+          f"{_plural(args.steps, 'step')}, device {device_label}")
+    switch = next((var for var in ("OTEL_NPU_ENABLED", "VLLM_ASCEND_MODEL_EXECUTE_TIME_OBSERVE")
+                   if env.get(var, "").strip()), None)
+    if switch is not None and env[switch].strip().lower() not in ("1", "true"):
+        print(f"  ({switch}={env[switch]!r}: the demo enables otel-npu itself, whatever that variable says)")
     if kind == "cpu":
         skipped = "; ".join(passed_over)
         print("  CPU backend: stage times are host times (the CPU is the device); on an NPU or GPU they come "
@@ -310,6 +336,11 @@ def run(args: argparse.Namespace) -> int:
               "chrome://tracing")
     print(f"({time.monotonic() - started:.1f} s in all)")
     return 0
+
+
+def _known_exporters(env: Any, accepted: tuple[str, ...]) -> list[str]:
+    """The names in OTEL_TRACES_EXPORTER that otel-npu knows (quietly: the demo says it itself)."""
+    return [n for n in (p.strip().lower() for p in env.get("OTEL_TRACES_EXPORTER", "").split(",")) if n in accepted]
 
 
 def _finish(req: Request, now: int, reason: str) -> None:

@@ -27,8 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--send-test-span", action="store_true",
                         help="send one span (and the stage metrics) through the configured exporters and say "
                              "whether the collector accepted it")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
                         help="how long --send-test-span waits for the collector (default 10)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
 
 
 class _Collect(logging.Handler):
@@ -140,7 +150,7 @@ def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
             sampler = telemetry.sampler_from_env(env)
             lines.append(("sampler", sampler.get_description()))
             metric_exporters = metrics.exporters_from_env(env)
-            lines.append(("metrics exporter", ", ".join(metric_exporters) or "none"))
+            lines.append(("metrics exporter", ", ".join(metric_exporters) or metrics.default_off_reason(env) or "none"))
             if "otlp" in metric_exporters:
                 protocol = telemetry.protocol_from_env(env, "METRICS")
                 lines += [(f"  {k}", v) for k, v in _otlp_details("metrics", protocol, env)]

@@ -195,3 +195,15 @@ class EventPool:
             self.created += 1
             made += 1
         return made
+
+
+def import_torch() -> Any:
+    """``import torch`` for otel-npu's own use (device selection). Without NumPy installed, torch warns at
+    import ("Failed to initialize NumPy"): otel-npu needs no NumPy, and a program that does not import torch
+    itself should not see a warning it did not cause, so that one warning is silenced here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+        import torch
+    return torch

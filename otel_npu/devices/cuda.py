@@ -32,7 +32,9 @@ class CudaBackend(DeviceBackend):
         """Use ``torch.cuda`` (or ``cuda``, an object with the same API: ``otel_npu.testing`` has one)."""
         if cuda is None:
             try:
-                import torch
+                from .base import import_torch
+
+                torch = import_torch()
             except Exception as exc:  # pragma: no cover - torch is a dependency
                 raise DeviceUnavailable(f"CUDA timing needs torch, which failed to import: {exc}") from exc
             cuda = torch.cuda

@@ -77,6 +77,9 @@ def import_torch_npu() -> Any:
     if spec is None:
         raise DeviceUnavailable("torch_npu is not installed (pip install 'otel-npu[npu]' on an Ascend host)")
     try:
+        from .base import import_torch
+
+        import_torch()  # first, without its NumPy warning (see there)
         return importlib.import_module("torch_npu")
     except Exception as exc:
         hint = ""

@@ -375,11 +375,12 @@ class MetricsExport:
                 else:
                     result = d.exporter.export(data, timeout_millis=self._timeout * 1000)
                 if getattr(result, "name", "SUCCESS") != "SUCCESS":
-                    raise _MetricsExportError(last_message() or "the export failed")
+                    raise MetricsExportError(last_message() or "the export failed")
                 self._stats.add("metrics_exported")
             except Exception as exc:
                 ok = False
-                error = _MetricsExportError(redact(f"{d.description}: {type(exc).__name__}: {exc}"))
+                detail = str(exc) if isinstance(exc, MetricsExportError) else f"{type(exc).__name__}: {exc}"
+                error = MetricsExportError(redact(f"{d.description}: {detail}"))
                 self._stats.note_error("metrics_export_failed", error)
                 if not self._warned:
                     self._warned = True  # once: a later success or failure is in stats()
@@ -488,8 +489,8 @@ class SdkInstruments:
         pass
 
 
-class _MetricsExportError(Exception):
-    pass
+class MetricsExportError(Exception):
+    """An export of the stage metrics failed (the name shows in ``stats()`` errors, logs and ``doctor``)."""
 
 
 #: Variables that point the stage metrics at a collector even when OTEL_METRICS_EXPORTER is unset.

@@ -330,7 +330,7 @@ class OtlpSink:
         if ok:
             self._stats.spans_exported += len(batch)
         else:
-            self._stats.drop("export_failed", _ExportError(error or "unknown error"), len(batch))
+            self._stats.drop("export_failed", ExportError(error or "unknown error"), len(batch))
 
     # -- any thread ---------------------------------------------------------------------------------
     def force_flush(self, timeout_s: float) -> bool:
@@ -354,7 +354,7 @@ class OtlpSink:
             self._queue.clear()
             self._cond.notify_all()
         if lost:
-            self._stats.drop("export_failed", _ExportError("not delivered before shutdown"), lost)
+            self._stats.drop("export_failed", ExportError("not delivered before shutdown"), lost)
         shutdown = getattr(self._send, "shutdown", None)
         if shutdown is not None:
             try:
@@ -363,5 +363,5 @@ class OtlpSink:
                 pass
 
 
-class _ExportError(Exception):
-    pass
+class ExportError(Exception):
+    """Spans were not delivered (the name shows in ``stats()`` errors, logs and ``doctor``)."""
