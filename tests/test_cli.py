@@ -82,6 +82,7 @@ def test_demo_with_a_bad_switch_and_an_unknown_exporter_is_consistent(tmp_path):
     assert done.returncode == 0, done.stderr
     out, err = done.stdout, done.stderr
     assert "1 request, up to 1 step," in out, out  # not "1 requests", "1 steps"
+    assert "1 torch thread (the default:" in out, out
     # OTEL_NPU_ENABLED: a warning that does not contradict what happens next
     assert "stays disabled" not in err or "unless" in err, err
     assert "the demo enables otel-npu itself" in out
@@ -90,3 +91,18 @@ def test_demo_with_a_bad_switch_and_an_unknown_exporter_is_consistent(tmp_path):
     assert "went nowhere" not in out
     files = list(tmp_path.glob("otel-npu-traces-*.jsonl"))
     assert len(files) == 1 and f"Traces written to {files[0].name}." in out
+
+
+@pytest.mark.parametrize("flag, env, expected", [
+    (None, {}, (1, "the default")),
+    (None, {"OMP_NUM_THREADS": "2"}, (2, "OMP_NUM_THREADS")),
+    (3, {"OMP_NUM_THREADS": "2"}, (3, "--threads")),
+    (None, {"OMP_NUM_THREADS": "lots"}, (1, "the default")),
+])
+def test_demo_thread_count_is_chosen_deliberately(flag, env, expected):
+    # Issue 11 item 23: torch's default (a thread per core) fought other load on a busy 2-core machine
+    # (28 s instead of under 10 s).
+    from otel_npu.cli import demo
+
+    threads, why = demo.choose_threads(flag, env)
+    assert (threads, why.split(":")[0]) == expected

@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-layer", action="store_true",
                         help="also time every decoder layer and its attention, MLP and norms (instrument_module)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights and the requests (0)")
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="torch CPU threads (default: $OMP_NUM_THREADS if set, else 1: see the README)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -62,6 +64,23 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
     return value
+
+
+def choose_threads(flag: int | None, env: Any) -> tuple[int, str]:
+    """The demo's torch CPU thread count and why: ``--threads``, else ``OMP_NUM_THREADS`` (what torch itself
+    reads), else 1.
+
+    Why 1 and not torch's default (one per core): the demo's model is small (hidden 256, batches of at most 8
+    requests), so a step's operators are too short to gain from splitting across cores, while OpenMP threads
+    that wait on each other lose badly to any other load: on a 2-core machine shared with other work, the
+    64-step loop took 11 s with 2 threads against 1.3 s with one (28 s in all was reported). On an NPU or GPU
+    the host threads matter even less."""
+    if flag is not None:
+        return flag, "--threads"
+    raw = env.get("OMP_NUM_THREADS", "").strip()
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw), "OMP_NUM_THREADS"
+    return 1, "the default: a small model gains nothing from more, and they fight other load; --threads N"
 
 
 def _plural(n: int, word: str) -> str:
@@ -203,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
     from opentelemetry.trace import SpanKind
 
     transformers.logging.set_verbosity_error()
+    threads, threads_why = choose_threads(args.threads, env)
+    torch.set_num_threads(threads)
     layers, hidden, intermediate, heads, kv_heads, vocab = MODEL_SIZES[args.model_size]
 
     provider = telemetry.tracer_provider_from_env()
@@ -222,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"otel-npu demo: Llama-style model ({layers} layers, hidden {hidden}, vocab {vocab}, "
           f"{params / 1e6:.1f} M parameters, random weights), {_plural(args.requests, 'request')}, up to "
-          f"{_plural(args.steps, 'step')}, device {device_label}")
+          f"{_plural(args.steps, 'step')}, device {device_label}, {_plural(threads, 'torch thread')} "
+          f"({threads_why})")
     switch = next((var for var in ("OTEL_NPU_ENABLED", "VLLM_ASCEND_MODEL_EXECUTE_TIME_OBSERVE")
                    if env.get(var, "").strip()), None)
     if switch is not None and env[switch].strip().lower() not in ("1", "true"):
@@ -326,14 +348,14 @@ def run(args: argparse.Namespace) -> int:
               "otel-npu: not everything was delivered within the flush time-out")
     places = describe_destinations(env)
     print("Traces " + (" and ".join(places) if places else "went nowhere (no exporter configured)") + ".")
-    metrics = stats.get("metrics", "none")
-    print("Stage metrics " + ("were not exported (no collector configured; the table above has the same "
-                              "durations)" if metrics.startswith("none") else f"went to {metrics}") + ".")
     target = file_path or env.get("OTEL_NPU_TRACES_FILE", "").strip()
     if target:
         print(f"  otel-npu summary {target}")
         print(f"  otel-npu chrome-trace {target} -o trace.json   # open in https://ui.perfetto.dev or "
               "chrome://tracing")
+    metrics = stats.get("metrics", "none")
+    print("Stage metrics " + ("were not exported (no collector configured; the table above has the same "
+                              "durations)" if metrics.startswith("none") else f"went to {metrics}") + ".")
     print(f"({time.monotonic() - started:.1f} s in all)")
     return 0
 
