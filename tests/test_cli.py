@@ -16,7 +16,8 @@ from .collector import free_port
 
 def cli(*args: str, prelude: str = "", timeout: float = 300, cwd=None, **env: str) -> subprocess.CompletedProcess:
     """``otel-npu ARGS`` in a fresh process with no OTEL_* variables (``prelude``: Python run first)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_ASCEND", "RANK", "LOCAL_RANK"))}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("OTEL_", "VLLM_ASCEND", "RANK", "LOCAL_RANK", "OMP_NUM_THREADS"))}
     clean.update(env)
     code = f"import sys\n{prelude}\nfrom otel_npu.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
