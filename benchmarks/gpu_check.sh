@@ -62,7 +62,7 @@ part "real-CUDA tests" 240 "$OUT/tests.txt" "$PY" -m pytest -q -s -p no:randomly
 
 # 3. the simulated-device rules (graph capture, torch.compile) on this interpreter
 part "simulated-device tests" 90 "$OUT/tests.txt" "$PY" -m pytest -q -p no:randomly -p no:cacheprovider \
-    tests/test_graph_capture.py tests/test_compile.py
+    tests/test_graph_capture.py tests/test_compile.py tests/test_devices.py tests/test_busy_device.py
 
 # 4. the GPU benchmark (within what is left of 8 minutes)
 LEFT=$(( 460 - ($(date +%s) - T_START) ))
