@@ -107,3 +107,14 @@ def test_demo_thread_count_is_chosen_deliberately(flag, env, expected):
 
     threads, why = demo.choose_threads(flag, env)
     assert (threads, why.split(":")[0]) == expected
+
+
+def test_doctor_shows_the_span_limits_and_refuses_invalid_ones():
+    done = cli("doctor", OTEL_NPU_ENABLED="1", OTEL_TRACES_EXPORTER="none", OTEL_SPAN_LINK_COUNT_LIMIT="4",
+               OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT="100")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "span limits:" in done.stdout and "links 4, attributes 128" in done.stdout
+    assert "value length 100" in done.stdout
+    done = cli("doctor", OTEL_NPU_ENABLED="1", OTEL_TRACES_EXPORTER="none", OTEL_SPAN_LINK_COUNT_LIMIT="many")
+    assert done.returncode == 2
+    assert "OTEL_SPAN_LINK_COUNT_LIMIT='many' is not valid" in done.stdout

@@ -149,6 +149,16 @@ def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
                           if traces_file else f"none ({telemetry.TRACES_FILE_ENV} unset)"))
             sampler = telemetry.sampler_from_env(env)
             lines.append(("sampler", sampler.get_description()))
+            from otel_npu.spans import Limits
+
+            limits = Limits.from_env(env)
+
+            def limit(value: Any) -> str:
+                return "none" if value is None else str(value)
+
+            lines.append(("span limits", f"links {limit(limits.links)}, attributes {limit(limits.span_attributes)}, "
+                                         f"link attributes {limit(limits.link_attributes)}, value length "
+                                         f"{limit(limits.span_value_length)} (OTEL_SPAN_*_LIMIT, OTEL_ATTRIBUTE_*)"))
             metric_exporters = metrics.exporters_from_env(env)
             lines.append(("metrics exporter", ", ".join(metric_exporters) or metrics.default_off_reason(env) or "none"))
             if "otlp" in metric_exporters:
