@@ -431,3 +431,45 @@ def test_a_capture_resolved_while_its_step_with_attributes_is_still_open():
     assert otel_npu.stats()["dropped"] == {}
     (name, attrs, _), = sampler.calls
     assert name == "Decode" and attrs["demo.batch_size"] == 2 and attrs["otel_npu.kind"] == "step"
+
+
+def test_a_kept_step_exports_only_captures_it_can_parent(monkeypatch, sim):
+    """With the held-steps bound reached, a step's first capture may not be held while a later one is (on
+    another stream, a child can resolve after its parent): when the step is kept, such a child has no exported
+    parent; it is counted, not sent half-identified (saw it fail: emit_failed, AttributeError on trace_id)."""
+    from otel_npu.export.pipeline import Pipeline
+
+    monkeypatch.setattr(Pipeline, "MAX_HELD_STEPS", 1)
+    tp, exporter = provider_with(ALWAYS_OFF)
+    otel_npu.configure(enabled=True, device=sim, tracer_provider=tp, keep_slow_steps="0.001ms")
+    import threading
+
+    other = sim.new_stream("other")
+    opened, release, closed = threading.Event(), threading.Event(), threading.Event()
+
+    def s0_thread():  # a step held open on another thread
+        with otel_npu.step("S0"):
+            with otel_npu.capture("c0"):
+                sim.current_stream().launch(0.0001)
+            opened.set()
+            release.wait(10)
+        closed.set()
+
+    thread = threading.Thread(target=s0_thread)
+    thread.start()
+    assert opened.wait(10)
+    assert otel_npu.flush(5.0)  # c0 held for S0, which is still open: the one held step
+    with otel_npu.step("S1"):
+        with otel_npu.capture("outer"):
+            with otel_npu.capture("inner", stream=other):
+                other.launch(0.05)
+        assert otel_npu.flush(0.02) is False  # "outer" resolved (not held: the bound), "inner" still running
+        release.set()
+        assert closed.wait(10)
+        thread.join()
+        assert otel_npu.flush(5.0)  # S0 kept and released; "inner" resolved now: held for S1
+    assert otel_npu.flush(5.0)
+    names = sorted(s.name for s in exporter.get_finished_spans())
+    stats = otel_npu.stats()
+    assert names == ["S0", "S1", "c0"], repr(stats)
+    assert stats["dropped"] == {} and stats["spans_unsampled"] == 2  # outer and inner

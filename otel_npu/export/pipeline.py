@@ -156,7 +156,10 @@ class Pipeline:
         r.sampled = True
         self.factory.rekey(held)
         for child in held:
-            self._send(child)
+            if child.sampled:
+                self._send(child)
+            else:  # under a capture that was not held (the MAX_HELD_STEPS bound): no parent to hang it on
+                self._stats.spans_unsampled += 1
         self._send(r)
         self._stats.add(f"steps_kept_{kept}")
 
