@@ -11,6 +11,7 @@
 #      graph replay, a graph capture with the resolver running, torch.compile(fullgraph=True) with
 #      instrument_module, clock accuracy against torch.cuda.Event)         -> $OUT/tests.txt, $OUT/clock.json
 #   3. the simulated-device tests of the same rules, on this machine's python (a sanity check of the install)
+#   3b. the CUDA calls of the hot path one by one (benchmarks/cuda_breakdown.py) -> $OUT/bench.txt
 #   4. the GPU benchmark: per-capture host cost, and the small Llama's decode throughput with capture on/off
 #      and with synchronize-based timing                                   -> $OUT/bench.txt, $OUT/bench/
 # Results go under $OUT (at most 8 files, 2 folder levels) and to stdout, the summary last.
@@ -64,6 +65,11 @@ part "real-CUDA tests" 240 "$OUT/tests.txt" "$PY" -m pytest -q -s -p no:randomly
 part "simulated-device tests" 90 "$OUT/tests.txt" "$PY" -m pytest -q -p no:randomly -p no:cacheprovider \
     tests/test_graph_capture.py tests/test_compile.py tests/test_devices.py tests/test_busy_device.py
 
+# 3b. where the enabled capture's host time goes (the CUDA calls one by one)
+if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    part "CUDA hot-path breakdown" 60 "$OUT/bench.txt" "$PY" -m benchmarks.cuda_breakdown
+fi
+
 # 4. the GPU benchmark (within what is left of 8 minutes)
 LEFT=$(( 460 - ($(date +%s) - T_START) ))
 if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
@@ -88,7 +94,7 @@ echo "-- tests:"
 grep -E "^(FAILED|ERROR)|passed|failed|skipped|clock accuracy" "$OUT/tests.txt" 2>/dev/null | tail -12
 if [ -f "$OUT/bench.txt" ]; then
     echo "-- benchmark (targets printed, never asserted):"
-    grep -E "^\|" "$OUT/bench.txt" | tail -24
+    grep -E "^\||^  [a-zA-Z(].*[0-9]$|^Host cost" "$OUT/bench.txt" | grep -v "^  variant" | tail -40
 fi
 echo "-- files under \$OUT:"
 (cd "$OUT" && find . -type f | sort)

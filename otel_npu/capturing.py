@@ -579,10 +579,12 @@ def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: A
     ``OTEL_NPU_DETAIL_EVERY=N`` it is taken only inside one step in N of each step name, and elsewhere is the
     shared disabled capture (no device events; see ``sampling.py``). Costs nothing extra when False.
     """
-    if name.__class__ is not str or not name:
-        _bad_name("capture", name)
+    # The compile check comes first: Dynamo (torch 2.11) does not see a str constant's __class__ as str, so the
+    # name check would raise inside a fullgraph compile; the check does nothing there anyway.
     if _compiler._is_compiling_flag:  # torch.compile is tracing this: do nothing (see the module's docstring)
         return _COMPILING
+    if name.__class__ is not str or not name:
+        _bad_name("capture", name)
     cls = _capture_cls
     if cls is None:  # disabled: a shared do-nothing object for the common call
         if attributes is None and stream is None:
@@ -626,10 +628,10 @@ def step(name: str, *, links: Iterable[Any] = (), attributes: Mapping[str, Any] 
     request's trace finds the steps that served it. The step span starts at its first device event and ends
     at its last (its own and its captures'). Costs what a capture costs, plus copying ``links`` to a tuple.
     """
+    if _compiler._is_compiling_flag:  # first: see capture()
+        return _COMPILING
     if name.__class__ is not str or not name:
         _bad_name("step", name)
-    if _compiler._is_compiling_flag:
-        return _COMPILING
     cls = _step_cls
     if cls is _LAZY:
         cls = _start()[1]

@@ -43,6 +43,10 @@ def test_several_streams_are_device_timed_and_agree_with_cuda_events(provider, s
     started(provider, poll_interval_s=0.01)
     streams = [torch.cuda.Stream() for _ in range(2)]
     x = torch.randn(1024, 1024, device="cuda")
+    for stream in streams:  # cuBLAS initialises per stream on its first matmul (~0.1 s, seen on an H200)
+        with torch.cuda.stream(stream):
+            x @ x
+            torch.cuda._sleep(1000)
     torch.cuda.synchronize()
     truths = {}
     t0 = time.perf_counter()
@@ -158,43 +162,59 @@ def test_fullgraph_compile_with_instrument_module_on_cuda(provider, spans):
 
 
 def test_clock_accuracy_against_cuda_event_elapsed_times(provider, spans):
-    """Span start offsets from a reference capture vs ``elapsed_time`` between truth events recorded right
-    before each capture on the same stream, over ~8 s (drift is measured after 1 s): within the spans'
-    stated bounds."""
+    """Span start offsets from a reference capture vs ``elapsed_time`` to truth events on the same stream,
+    over ~8 s (drift is measured after 1 s): within the spans' stated bounds.
+
+    The truth is a bracket: one event recorded right before the capture is entered and one as the first
+    thing inside it. The capture's own start event ran between the two. On an idle GPU they are apart by the
+    host's time to enter the capture, which after the 0.2 s sleeps between probes was 80-220 µs on an H200
+    (its first run compared with the "before" event alone and called that the clock's error); behind queued
+    work (every fourth probe) they run back to back."""
     started(provider, poll_interval_s=0.02)
     stream = torch.cuda.current_stream()
     probes = []
     for i in range(40):
-        truth = torch.cuda.Event(enable_timing=True)
+        before, inside = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if i % 4 == 1:
             torch.cuda._sleep(SLEEP_CYCLES_PER_MS * 3)  # sometimes the device lags the host
-        truth.record(stream)
+        before.record(stream)
         with otel_npu.capture(f"probe{i}"):
+            inside.record(stream)
             torch.cuda._sleep(SLEEP_CYCLES_PER_MS // 10)
-        probes.append((f"probe{i}", truth))
+        probes.append((f"probe{i}", before, inside))
         time.sleep(0.2)
     assert otel_npu.flush(10.0)
     torch.cuda.synchronize()
-    ref_name, ref_truth = probes[0]
-    ref = spans.one(ref_name)
+    origin = probes[0][1]  # every device time below is an offset from this event
+
+    def start_window(before, inside):  # where the capture's start event ran, in device ns from origin
+        return origin.elapsed_time(before) * 1e6, origin.elapsed_time(inside) * 1e6
+
+    # the span of probe0 is placed from the clock too: its own window bounds where its start really was
+    ref = spans.one(probes[0][0])
+    ref_lo, ref_hi = start_window(*probes[0][1:])
     rows = []
-    for name, truth in probes[1:]:
+    for name, before, inside in probes[1:]:
         span = spans.one(name)
-        device_ns = ref_truth.elapsed_time(truth) * 1e6
-        span_ns = span.start_time - ref.start_time
+        lo, hi = start_window(before, inside)
+        span_ns = span.start_time - ref.start_time  # = (start_k - start_0) as the clock placed them
+        # the true difference lies in [lo - ref_hi, hi - ref_lo]; the error is the distance outside it
+        low, high = lo - ref_hi, hi - ref_lo
+        error_ns = 0.0 if low <= span_ns <= high else (span_ns - high if span_ns > high else span_ns - low)
         bound_ns = (span.attributes[ATTR_CLOCK_ERROR] + ref.attributes[ATTR_CLOCK_ERROR]) * 1000
-        rows.append({"probe": name, "device_offset_us": device_ns / 1000, "error_us": (span_ns - device_ns) / 1000,
-                     "stated_bound_us": bound_ns / 1000})
+        rows.append({"probe": name, "device_offset_us": lo / 1000, "truth_window_us": (high - low) / 1000,
+                     "error_us": error_ns / 1000, "stated_bound_us": bound_ns / 1000})
     worst = max(abs(r["error_us"]) for r in rows)
     summary = {"probes": len(rows), "max_abs_error_us": worst,
                "max_stated_bound_us": max(r["stated_bound_us"] for r in rows),
-               "violations": sum(abs(r["error_us"]) > r["stated_bound_us"] + 5.0 for r in rows),
+               "max_truth_window_us": max(r["truth_window_us"] for r in rows),
+               "violations": sum(abs(r["error_us"]) > r["stated_bound_us"] for r in rows),
                "device": torch.cuda.get_device_name(), "rows": rows}
     out = os.environ.get("OTEL_NPU_GPU_CHECK_OUT")
     if out:
         with open(os.path.join(out, "clock.json"), "w") as f:
             json.dump(summary, f, indent=1)
-    print(f"\nclock accuracy on {summary['device']}: max |error| {worst:.2f} µs over {len(rows)} probes, "
+    print(f"\nclock accuracy on {summary['device']}: max |error| {worst:.2f} µs outside the truth window "
+          f"(up to {summary['max_truth_window_us']:.1f} µs wide) over {len(rows)} probes, "
           f"stated bounds up to {summary['max_stated_bound_us']:.2f} µs, {summary['violations']} outside")
-    # 5 µs slack: the truth event is recorded a moment (host time) before the capture's own start event
     assert summary["violations"] == 0, rows
