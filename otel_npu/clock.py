@@ -57,6 +57,8 @@ DRIFT_ERROR_NS = 5_000
 MIN_DRIFT_BASELINE_S = 1.0
 #: A calibration attempt that has not seen its event complete after this long is abandoned.
 ANCHOR_WAIT_S = 1.0
+#: Anchors wider than this do not slow re-anchoring down further (a narrower one is wanted soon).
+WIDE_ANCHOR_NS = 50_000
 #: How long the resolver waits (spinning on query()) for an anchor event in one pass (see ``calibrate``).
 ANCHOR_SPIN_NS = 200_000
 #: A new anchor this many times wider than the one in use is not taken (a busy device): it would only make
@@ -270,7 +272,7 @@ class DeviceClock:
         Often enough that the unknown drift moves an event by no more than ``DRIFT_ERROR_NS`` or the anchor's
         own bound, whichever is larger (wide anchors, as on NPU, gain nothing from frequent re-anchoring),
         and never more often than the backend's ``min_anchor_interval_s``."""
-        budget = max(DRIFT_ERROR_NS, self.anchors[-1].bound_ns if self.anchors else 0)
+        budget = max(DRIFT_ERROR_NS, min(self.anchors[-1].bound_ns if self.anchors else 0, WIDE_ANCHOR_NS))
         seconds = budget / 1e9 / max(self.rate_error, 1e-12)
         return int(min(ANCHOR_INTERVAL_S, max(self.min_interval_s, seconds)) * 1e9)
 

@@ -173,18 +173,19 @@ class Resolver:
                  emit: Callable[[Any], None], on_step: Callable[[Any, list], None] | None,
                  poll_interval_s: float, event_timeout_s: float, pools: dict | None = None,
                  clocks: dict | None = None, wanted_devices: set | None = None,
-                 add_device: Callable[[int], None] | None = None) -> None:
+                 make_device: Callable[[int], tuple[EventPool, DeviceClock]] | None = None) -> None:
         self._pending = pending
         self._backend = backend
         self._query = backend.query
         self._pool = pool
         self._clock = clock
-        # per device (devices/base.py): the primary's are ``pool``/``clock``; others are added by add_device
+        # per device (devices/base.py): the primary's are ``pool``/``clock``; others are made by make_device
         self._primary = getattr(backend, "index", 0)
         self._pools = pools if pools is not None else ({} if pool is None else {self._primary: pool})
         self._clocks = clocks if clocks is not None else ({} if clock is None else {self._primary: clock})
         self._wanted = wanted_devices if wanted_devices is not None else set()
-        self._add_device = add_device
+        self._make_device = make_device
+        self._preparing: dict[int, tuple[EventPool, DeviceClock]] = {}  # made, waiting for a first anchor
         self._device: int | None = None  # the resolver thread's current device, as last set by use_device
         self._host = host_clock
         self._mono = host_clock.mono
@@ -252,7 +253,7 @@ class Resolver:
             while not self._stopping:
                 if self._waiters:
                     timeout = URGENT_POLL_S
-                elif self._pending or self._queues or self._steps:
+                elif self._pending or self._queues or self._steps or self._preparing:
                     timeout = self._interval
                 else:  # nothing in flight: wake up less (each wake-up can preempt a busy torch thread)
                     timeout = max(self._interval, IDLE_POLL_S)
@@ -285,7 +286,7 @@ class Resolver:
         # which stops early once one is waiting (``_graphs.active`` is set first): see the docstring.
         if _graphs.enter_device_calls():
             try:
-                if self._wanted:
+                if self._wanted or self._preparing:
                     self._add_wanted_devices()
                 self._calibrate(now)
                 self._resolve_ready(now)
@@ -346,17 +347,37 @@ class Resolver:
                 self._stats.note_error("use_device_failed", exc)
 
     def _add_wanted_devices(self) -> None:
-        while self._wanted and not _graphs.active:
-            index = min(self._wanted)
-            if index not in self._pools and self._add_device is not None:
-                self._use_device(index)
-                try:
-                    self._add_device(index)
-                except Exception as exc:  # captures on it stay untimed (device_starting), counted
-                    self._stats.note_error("add_device_failed", exc)
-                    if self._stats.counts["add_device_failed"] == 1:
-                        _log.exception("otel-npu: preparing device %s failed", index)
+        """Make the events and clock of each device a capture asked for; publish them once the clock has a
+        first anchor (taken without waiting: a busy device's anchor may take several passes)."""
+        for index in sorted(self._wanted):
             self._wanted.discard(index)
+            if index in self._pools or index in self._preparing or self._make_device is None:
+                continue
+            self._use_device(index)
+            try:
+                self._preparing[index] = self._make_device(index)
+            except Exception as exc:  # captures on it stay untimed (device_starting); tried again on the next
+                self._device_failed(index, exc)
+        for index, (pool, clock) in list(self._preparing.items()):
+            if _graphs.active:
+                return
+            self._use_device(index)
+            try:
+                clock.calibrate(wait_s=ANCHOR_SPIN_NS / 1e9)
+            except Exception as exc:
+                del self._preparing[index]
+                self._device_failed(index, exc)
+                continue
+            if clock.anchors:
+                del self._preparing[index]
+                self._clocks[index] = clock
+                self._pools[index] = pool  # published last: the hot path looks here
+
+    def _device_failed(self, index: int, exc: Exception) -> None:
+        self._stats.note_error("add_device_failed", exc)
+        if self._stats.counts["add_device_failed"] == 1:
+            _log.warning("otel-npu: preparing device %s failed (captures on it are not timed; retried): %s: %s",
+                         index, type(exc).__name__, exc)
 
     def _calibrate(self, now: int) -> None:
         if now - self._last_host_refresh > 2e9:

@@ -73,7 +73,8 @@ class Runtime:
             durations.ensure_visible()
         self.resolver = Resolver(
             pending=self.pending, backend=self.backend, pool=self.pool, clock=self.clock,
-            pools=self.pools, clocks=self.clocks, wanted_devices=self.wanted_devices, add_device=self.add_device,
+            pools=self.pools, clocks=self.clocks, wanted_devices=self.wanted_devices,
+            make_device=self._device_parts,
             host_clock=self.host_clock, stats=self.stats, emit=self.pipeline.emit,
             on_step=durations.log_step if settings.log_durations else None,
             poll_interval_s=settings.poll_interval_s, event_timeout_s=settings.event_timeout_s)
@@ -100,12 +101,6 @@ class Runtime:
         else:
             self.stats.drop("device_starting")
 
-    def add_device(self, index: int) -> None:
-        """Resolver thread: make device ``index``'s events and first clock anchor, then let captures use them."""
-        pool, clock = self._device_parts(index)
-        clock.calibrate()
-        self.clocks[index] = clock
-        self.pools[index] = pool  # published last: the hot path looks here
 
     def describe(self) -> str:
         return (f"device {self.backend.label()}, spans to {self.pipeline.description}, "

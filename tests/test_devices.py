@@ -5,9 +5,10 @@ on CUDA and torch_npu; each simulated device's clock has an epoch of its own).""
 from __future__ import annotations
 
 import threading
+import time
 
 import otel_npu
-from otel_npu.spans import ATTR_STREAM
+from otel_npu.spans import ATTR_CLOCK_ERROR, ATTR_STREAM
 from otel_npu.testing import SimDevice
 
 from .conftest import TIME_BOUND_NS, enable, wall_of
@@ -81,5 +82,39 @@ def test_threads_on_two_devices_capture_at_once(provider, spans):
         assert len(truths) == 10
         for name, t in truths.items():
             assert_close(spans.one(name), t)
+    finally:
+        sim.close()
+
+
+def test_preparing_a_busy_second_device_does_not_hold_up_the_first(provider, spans):
+    """Saw it fail before the fix: the resolver waited for device 1's first anchor, stuck behind 0.8 s of
+    queued work there, and device 0's completed captures waited as long for their spans."""
+    sim = SimDevice(device_count=2, shared_queue=True)
+    try:
+        enable(provider, device=sim, poll_interval_s=0.005)
+        with otel_npu.capture("warm-up"):
+            pass
+        assert otel_npu.flush(5.0)
+        s1 = sim.new_stream("device 1", device=1)
+        s1.launch(0.8)  # device 1 is busy: its first anchor waits behind this
+        with sim.stream(s1), otel_npu.capture("device 1, first"):  # asks the resolver to prepare device 1
+            s1.launch(0.001)
+        time.sleep(0.05)
+        with otel_npu.capture("device 0") as c:
+            sim.current_stream().launch(0.001)
+        expected = truth(c)
+        t0 = time.perf_counter()
+        assert otel_npu.flush(5.0)
+        waited = time.perf_counter() - t0
+        assert waited < 0.3, f"device 0's span waited {waited:.2f} s for device 1's preparation"
+        assert_close(spans.one("device 0"), expected)
+        time.sleep(0.9)  # device 1's work done: its first anchor completes and it is published
+        with sim.stream(s1), otel_npu.capture("device 1, later") as c1:
+            s1.launch(0.001)
+        later = truth(c1)
+        assert otel_npu.flush(5.0)
+        span = spans.one("device 1, later")  # placed from device 1's own anchor, within its stated bound
+        bound = span.attributes[ATTR_CLOCK_ERROR] * 1000 + 2_000
+        assert abs(span.start_time - later[0]) <= bound and abs(span.end_time - later[1]) <= bound
     finally:
         sim.close()
