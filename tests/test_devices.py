@@ -49,6 +49,7 @@ def test_a_capture_on_a_stream_of_a_second_device_is_timed_by_that_device(provid
         dropped = otel_npu.stats()["dropped"]
         assert dropped.get("device_starting") == 1 and "record_failed" not in dropped
     finally:
+        otel_npu.shutdown(5.0)  # before the device goes: no anchor on a closed stream
         sim.close()
 
 
@@ -83,6 +84,7 @@ def test_threads_on_two_devices_capture_at_once(provider, spans):
         for name, t in truths.items():
             assert_close(spans.one(name), t)
     finally:
+        otel_npu.shutdown(5.0)  # before the device goes: no anchor on a closed stream
         sim.close()
 
 
@@ -117,4 +119,5 @@ def test_preparing_a_busy_second_device_does_not_hold_up_the_first(provider, spa
         bound = span.attributes[ATTR_CLOCK_ERROR] * 1000 + 2_000
         assert abs(span.start_time - later[0]) <= bound and abs(span.end_time - later[1]) <= bound
     finally:
+        otel_npu.shutdown(5.0)  # before the device goes: no anchor on a closed stream
         sim.close()
