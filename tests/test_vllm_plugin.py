@@ -126,3 +126,39 @@ def test_stage_metrics_follow_vllms_traces_endpoint_unless_one_is_set(env, expec
     given = dict(env)
     plugin._metrics_to_vllm_collector(given)
     assert {k: v for k, v in given.items() if k not in env} == expected
+
+
+def test_runner_scopes_become_stages_inside_a_step_and_vllms_own_scopes_still_run(provider, spans):
+    enable(provider)
+    entered = []
+
+    class Range:  # what torch's record_function is to vLLM (VLLM_CUSTOM_SCOPES_FOR_PROFILING=1)
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            entered.append(self.name)
+
+        def __exit__(self, *exc):
+            entered.append("/" + self.name)
+
+    scope = plugin._scopes(Range)
+    names = ["gpu_model_runner: preprocess", "schedule: allocate_slots", "gpu_model_runner: ModelRunnerOutput",
+             "EPLB update", "sample_token"]
+    with scope(names[0]):  # no step open: vLLM's range only
+        pass
+    worker = plugin._worker
+    try:
+        worker.begin(scheduler_output(new=[new_request("r1", 3)]))
+        for name in names:
+            with scope(name):
+                pass
+        worker.end()
+    finally:
+        worker.__init__()
+    otel_npu.flush()
+    step = spans.one("Prefill")
+    # the scheduler's scopes and the output packing are not stages; unknown scopes keep their name
+    assert [c.name for c in spans.children_of(step)] == ["prepare input", "EPLB update", "sample"]
+    assert len(spans.all) == 4
+    assert entered == [x for name in [names[0]] + names for x in (name, "/" + name)]

@@ -175,3 +175,21 @@ print('unchanged')
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_"))}
     done = subprocess.run([vllm_python(), "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "unchanged" in done.stdout, done.stderr[-3000:]
+
+
+def test_the_example_serves_and_shows_linked_steps(tmp_path):
+    """examples/vllm_serve_cpu.py, as the README runs it (with the vLLM venv's Python)."""
+    out = tmp_path / "vllm-traces.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_"))}
+    done = subprocess.run([vllm_python(), str(ROOT / "examples" / "vllm_serve_cpu.py"), "--requests", "4",
+                           "--out", str(out)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "SIGTERM -> exit status 0" in done.stdout
+    assert "4 llm_request spans (vLLM's)" in done.stdout
+    assert "steps link to 4 of the 4 requests' traces" in done.stdout
+    from otel_npu.cli import tracefile
+
+    forest = tracefile.Forest(tracefile.read(str(out)))
+    assert forest.steps
+    for step in forest.steps:
+        assert {"prepare input", "forward", "post process", "sample"} <= {kid.name for kid in forest.kids(step)}

@@ -304,10 +304,10 @@ def _hook_sample_tokens(wrapper: Any) -> None:
 
 def _scopes(original: Any) -> Callable[[str], Any]:
     """vLLM's ``_PROFILER_FUNC``: each scope of the runner, while a step is open, is also a capture."""
-    from vllm.v1 import utils
-
     inner = original
     if inner is None:  # resolve vLLM's own choice (nullcontext, torch record_function or nvtx) now, once
+        from vllm.v1 import utils
+
         utils.record_function_or_nullcontext("otel-npu")
         inner = utils._PROFILER_FUNC
     plain = inner is contextlib.nullcontext
