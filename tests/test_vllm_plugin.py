@@ -97,7 +97,8 @@ def test_scheduler_outputs_become_prefill_and_decode_steps_linked_to_their_clien
     steps = sorted((s for s in spans.all if s.attributes.get("otel_npu.kind") == "step"),
                    key=lambda s: s.start_time)
     assert [s.name for s in steps] == ["Prefill", "Prefill", "Decode"]
-    assert [s.attributes["otel_npu.batch_size"] for s in steps] == [2, 2, 2]
+    assert [s.attributes["vllm.batch_size"] for s in steps] == [2, 2, 2]
+    assert [s.attributes["otel_npu.batch_size"] for s in steps] == [1, 1, 1]  # linked: r1 only
     assert [s.attributes["vllm.num_scheduled_tokens"] for s in steps] == [305, 45, 2]
     assert list(steps[0].attributes["vllm.request_ids"]) == ["r1", "r2"]
     for step in steps:  # r1 came with a traceparent, r2 without: one link, to the client's span

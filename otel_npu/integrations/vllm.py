@@ -9,9 +9,10 @@ skipped (fewer stages, no links...), never an error in the engine.
 What the hooks do, per process:
 
 * **worker** (the process that runs the model): ``WorkerWrapperBase.execute_model`` opens a step named
-  ``Prefill`` (some scheduled request has not finished its prompt) or ``Decode``, with ``otel_npu.batch_size``,
+  ``Prefill`` (some scheduled request has not finished its prompt) or ``Decode``, with ``vllm.batch_size``,
   ``vllm.num_scheduled_tokens``, ``vllm.request_ids`` and a span link to the trace context each request came
-  with; the worker's ``sample_tokens`` closes it (or ``execute_model`` itself, when it returned the output).
+  with (``otel_npu.batch_size``: how many were linked); the worker's ``sample_tokens`` closes it (or
+  ``execute_model`` itself, when it returned the output).
   Inside, every ``record_function_or_nullcontext`` scope the model runner opens (``vllm.v1.utils``'s
   ``_PROFILER_FUNC``) is a capture, named by ``STAGES``. The batch's CUDA-graph mode comes from
   ``CudagraphDispatcher.dispatch`` (``vllm.cudagraph_mode``: ``NONE`` = eager, ``PIECEWISE``, ``FULL``).
@@ -68,12 +69,13 @@ STAGES = {
     "async_state_update": "async state update",
 }
 _NOT_STAGES = ("schedule", "llm_engine")
-#: At most this many request ids in a step's ``vllm.request_ids`` (``otel_npu.batch_size`` has the count).
+#: At most this many request ids in a step's ``vllm.request_ids`` (``vllm.batch_size`` has the count).
 MAX_REQUEST_IDS = 32
 #: Requests remembered by a worker (trace context, prompt length) until vLLM says they finished; past it,
 #: the oldest are forgotten (their steps lose the link), so a lost "finished" cannot grow memory.
 MAX_REQUESTS = 65536
 
+ATTR_BATCH = "vllm.batch_size"  # every scheduled request (otel_npu.batch_size: those linked)
 ATTR_TOKENS = "vllm.num_scheduled_tokens"
 ATTR_REQUEST_IDS = "vllm.request_ids"
 ATTR_GRAPH = "vllm.cudagraph_mode"
@@ -153,7 +155,7 @@ class _Worker:
             if known is not None and known[0] is not None:
                 links.append(known[0])
         ids = list(scheduled)
-        attributes = {"otel_npu.batch_size": len(ids), ATTR_TOKENS: so.total_num_scheduled_tokens,
+        attributes = {ATTR_BATCH: len(ids), ATTR_TOKENS: so.total_num_scheduled_tokens,
                       ATTR_REQUEST_IDS: ids[:MAX_REQUEST_IDS]}
         step = otel_npu.step("Prefill" if prefill else "Decode", links=links, attributes=attributes)
         step.__enter__()
