@@ -251,9 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     env = server_env(workdir, plugin=True, keep_otel=True,
                      extra={"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"})
     env.setdefault("OTEL_SERVICE_NAME", "vllm-cpu-example")
-    server = Server(sys.executable, model, workdir, env,
-                    ["--otlp-traces-endpoint", endpoint] + ([] if args.compile else ["--enforce-eager"]))
-    print(f"OTEL_NPU_ENABLED=1 vllm serve ... --otlp-traces-endpoint {endpoint}  (log: {server.log_path})",
+    # --shutdown-timeout: at SIGTERM vLLM lets its engine processes exit (its default, 0, SIGKILLs them), so the
+    # worker sends what it still holds.
+    server = Server(sys.executable, model, workdir, env, ["--otlp-traces-endpoint", endpoint, "--shutdown-timeout",
+                                                          "10"] + ([] if args.compile else ["--enforce-eager"]))
+    print(f"OTEL_NPU_ENABLED=1 vllm serve ... --otlp-traces-endpoint {endpoint} --shutdown-timeout 10  "
+          f"(log: {server.log_path})",
           flush=True)
     try:
         print(f"ready in {server.wait_ready():.0f} s; sending {args.requests} requests, 3 at a time", flush=True)

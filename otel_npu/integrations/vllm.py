@@ -33,6 +33,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import re
 import threading
 import time
 from typing import Any, Callable
@@ -93,15 +94,9 @@ class Hook:
 
 
 def _parse_version(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit()) if not piece.isdigit() else piece
-        if not digits:
-            break
-        parts.append(int(digits))
-        if not piece.isdigit():
-            break
-    return tuple(parts)
+    """``"0.32.0+cpu"`` -> ``(0, 32)``; ``()`` when it does not start with major.minor."""
+    found = re.match(r"(\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else ()
 
 
 # -- the worker's state ----------------------------------------------------------------------------------------
@@ -465,7 +460,8 @@ def register() -> None:
         version = str(getattr(vllm, "__version__", "0"))
     except Exception:  # pragma: no cover - vLLM calls us, so it imports
         return
-    if _parse_version(version) < MIN_VLLM:
+    parsed = _parse_version(version)
+    if parsed and parsed < MIN_VLLM:  # unparsable (a source build's): the targets are checked one by one anyway
         _warn_once("version", "otel-npu: vLLM %s is older than the versions its plugin was written for (%s+); "
                    "not hooking it", version, ".".join(map(str, MIN_VLLM)))
         return
