@@ -206,13 +206,22 @@ class _Off:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         return False
 
+    detail = False
+
     def __call__(self, fn: F) -> F:
-        return _decorate(self.is_step, self.name, self.attributes, self.extra, fn)
+        return _decorate(self.is_step, self.name, self.attributes, self.extra, fn, self.detail)
 
 
 class _OffStep(_Off):
     __slots__ = ()
     is_step = True
+
+
+class _OffDetail(_Off):
+    """A disabled ``capture(..., detail=True)``: remembers ``detail`` for a decorator made with it."""
+
+    __slots__ = ()
+    detail = True
 
 
 _OFF_CACHE: dict[str, _Off] = {}
@@ -246,6 +255,7 @@ class Capture:
     __slots__ = (
         "name", "attributes", "stream", "parent", "otel_ctx", "host_start", "host_end", "start", "end",
         "error", "_token", "origin", "auto_stream",
+        "detail",  # capture(detail=True): True (read only to decorate); a step: its detail budget (0, 1, 2)
         # resolver-owned
         "step", "trace_id", "span_id", "parent_span_id", "sampled", "trace_state", "start_ns", "end_ns",
         "clock_error_ns", "timed_out", "done", "intake", "parent_remote", "compat", "graph_ns",
@@ -261,7 +271,8 @@ class Capture:
         self.sampled = None  # read by spans.identify: set here, reading an unset slot would raise (slow)
 
     def __call__(self, fn: F) -> F:
-        return _decorate(self.is_step, self.name, self.attributes, self._extra(), fn)
+        return _decorate(self.is_step, self.name, self.attributes, self._extra(), fn,
+                         not self.is_step and getattr(self, "detail", False) is True)
 
     def _extra(self) -> Any:
         """The ``stream`` given to ``capture()`` (not the one the first use filled in: each use has its own)."""
@@ -439,11 +450,11 @@ class _StepMixin:
 
 
 class _HostStep(_StepMixin, _HostCapture):
-    __slots__ = ("links", "detail", "kept")
+    __slots__ = ("links", "kept")
 
 
 class _EventStep(_StepMixin, _EventCapture):
-    __slots__ = ("links", "detail", "kept")
+    __slots__ = ("links", "kept")
 
 
 def _enter_again(cm: Capture) -> Capture:
@@ -518,14 +529,14 @@ def _bad_links(links: Any) -> None:
                     f"Links, got {type(links).__name__} {links!r}")
 
 
-def _decorate(is_step: bool, name: str, attributes: Any, extra: Any, fn: F) -> F:
+def _decorate(is_step: bool, name: str, attributes: Any, extra: Any, fn: F, detail: bool = False) -> F:
     """Wrap ``fn`` so that each call runs inside a fresh capture (or step) made with the current settings."""
     if is_step:
         def make() -> Any:
             return step(name, links=extra, attributes=attributes)
     else:
         def make() -> Any:
-            return capture(name, attributes=attributes, stream=extra)
+            return capture(name, attributes=attributes, stream=extra, detail=detail)
 
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
         kind = "an async generator" if inspect.isasyncgenfunction(fn) else "a generator"
@@ -587,17 +598,17 @@ def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: A
         _bad_name("capture", name)
     cls = _capture_cls
     if cls is None:  # disabled: a shared do-nothing object for the common call
-        if attributes is None and stream is None:
+        if attributes is None and stream is None and not detail:
             cm = _OFF_CACHE.get(name)
             if cm is not None:
                 return cm
-        return _off_capture(name, attributes, stream)
+        return _OffDetail(name, attributes, stream) if detail else _off_capture(name, attributes, stream)
     if cls is _LAZY:
         cls = _start()[0]
         if cls is None or cls is _LAZY:
             return _off_capture(name, attributes, stream)
-    if detail and _detail_budget is not None and not _detail_allowed():
-        return _off_capture(name, None, stream)  # the shared do-nothing object of this name: no allocation
+    if detail:
+        return _detail_capture(cls, name, attributes, stream)
     # Capture.__init__, inlined: one Python frame less on the hot path.
     cm = _new(cls)
     cm.name = name
@@ -605,6 +616,21 @@ def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: A
     cm.stream = stream
     cm.start = None
     cm.sampled = None
+    return cm
+
+
+def _detail_capture(cls: Any, name: str, attributes: Any, stream: Any) -> Any:
+    """``capture(..., detail=True)`` while enabled: a capture if the enclosing step's budget allows it, else
+    the shared do-nothing object of this name (no allocation, no device events)."""
+    if _detail_budget is not None and not _detail_allowed():
+        return _off_capture(name, None, stream)
+    cm = _new(cls)
+    cm.name = name
+    cm.attributes = attributes
+    cm.stream = stream
+    cm.start = None
+    cm.sampled = None
+    cm.detail = True
     return cm
 
 

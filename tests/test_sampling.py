@@ -308,6 +308,26 @@ class TestDetailBudget:
         spans = self.run(sim, 4, 1, sampler=ALWAYS_OFF, keep_slow_steps="off")
         assert spans == ()  or list(spans) == []
 
+    @pytest.mark.parametrize("made_while", ["enabled", "disabled"])
+    def test_a_detail_capture_used_as_a_decorator_stays_a_detail_capture(self, sim, made_while):
+        """Saw it fail: the decorator made ordinary captures, taken in every step."""
+        tp, exporter = provider_with(TraceIdRatioBased(1.0))
+        if made_while == "enabled":
+            otel_npu.configure(enabled=True, device=sim, tracer_provider=tp, detail_every=3)
+
+        @otel_npu.capture("layer", detail=True)
+        def layer():
+            sim.current_stream().launch(0.00002)
+
+        if made_while == "disabled":
+            otel_npu.configure(enabled=True, device=sim, tracer_provider=tp, detail_every=3)
+        for _ in range(6):
+            with otel_npu.step("Decode"):
+                layer()
+        assert otel_npu.flush(10.0)
+        names = [s.name for s in exporter.get_finished_spans()]
+        assert names.count("Decode") == 6 and names.count("layer") == 2
+
     def test_instrument_module_hooks_are_detail_captures(self, sim):
         torch = pytest.importorskip("torch")
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
