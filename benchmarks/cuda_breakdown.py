@@ -22,6 +22,12 @@ def per_call_us(fn, calls: int = 2000, rounds: int = 15) -> float:
     return statistics.median(means)
 
 
+def _backend_current_stream():
+    from otel_npu.devices.cuda import CudaBackend
+
+    return CudaBackend().current_stream
+
+
 def main() -> None:
     import torch
 
@@ -40,6 +46,7 @@ def main() -> None:
     rows = [
         ("python call of a no-op lambda", per_call_us(lambda: None)),
         ("torch.cuda.current_stream()", per_call_us(torch.cuda.current_stream)),
+        ("otel-npu's cached current stream", per_call_us(_backend_current_stream())),
         ("Event(enable_timing=True).record(stream)", per_call_us(lambda: events[0].record(stream))),
         ("Event(enable_timing=False).record(stream)", per_call_us(lambda: plain.record(stream))),
         ("Event.query() (completed)", per_call_us(events[1].query)),

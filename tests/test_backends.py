@@ -206,3 +206,71 @@ def test_real_cuda_stages_are_device_timed(provider, spans):
     assert forward.attributes[ATTR_DEVICE].startswith("cuda:")
     assert forward.end_time - forward.start_time > 20_000_000  # the GPU's time, not the host's
     assert spans.one("Decode").end_time >= spans.one("post process").end_time
+
+
+class _FakeStream:
+    """A value like torch.cuda.Stream: equal when its triple is equal."""
+
+    def __init__(self, stream_id=0, device_index=0, device_type=1):
+        self.triple = (stream_id, device_index, device_type)
+        self.cuda_stream = 1000 + stream_id
+
+    def __eq__(self, other):
+        return isinstance(other, _FakeStream) and other.triple == self.triple
+
+    __hash__ = None
+
+
+class _FakeC:
+    def __init__(self):
+        self.device = 0
+        self.stream_of = {0: 7, 1: 9}
+
+    def _cuda_getDevice(self):
+        return self.device
+
+    def _cuda_getCurrentStream(self, device):
+        return (self.stream_of[device], device, 1)
+
+
+def test_cached_current_stream_follows_the_current_device_and_stream_and_builds_each_stream_once():
+    from otel_npu.devices.cuda import cached_current_stream
+
+    c = _FakeC()
+    built = []
+
+    class Cuda:
+        @staticmethod
+        def Stream(**kw):
+            built.append(kw)
+            return _FakeStream(**kw)
+
+        @staticmethod
+        def current_stream():
+            return _FakeStream(*c._cuda_getCurrentStream(c._cuda_getDevice()))
+
+    current = cached_current_stream(Cuda, c)
+    assert current is not None
+    first = current()
+    assert first == _FakeStream(7, 0, 1) and current() is first  # the same object again: nothing built
+    c.stream_of[0] = 8  # `with torch.cuda.stream(other)` on this thread
+    assert current() == _FakeStream(8, 0, 1)
+    c.device = 1  # torch.cuda.set_device(1)
+    assert current() == _FakeStream(9, 1, 1)
+    c.device, c.stream_of[0] = 0, 7
+    assert current() is first
+    assert len(built) == 3  # one per distinct stream (the first built by the self-check, kept)
+
+
+def test_cached_current_stream_is_not_used_when_torch_lacks_the_calls_or_disagrees():
+    from otel_npu.devices.cuda import cached_current_stream
+
+    class Cuda:
+        Stream = _FakeStream
+
+        @staticmethod
+        def current_stream():
+            return _FakeStream(5, 0, 1)  # not what the private calls say
+
+    assert cached_current_stream(Cuda, object()) is None
+    assert cached_current_stream(Cuda, _FakeC()) is None

@@ -224,7 +224,10 @@ def test_clock_accuracy_against_cuda_event_elapsed_times(provider, spans):
         mx = sum(x for x, _ in drift_rows) / len(drift_rows)
         my = sum(y for _, y in drift_rows) / len(drift_rows)
         sxx = sum((x - mx) ** 2 for x, _ in drift_rows)
-        summary["host_minus_device_rate_ppm"] = sum((x - mx) * (y - my) for x, y in drift_rows) / sxx * 1e6
+        slope = sum((x - mx) * (y - my) for x, y in drift_rows) / sxx
+        summary["host_minus_device_rate_ppm"] = slope * 1e6
+        # what is left once the oscillators' rate difference is taken out: the placement's own error
+        summary["max_residual_after_rate_us"] = max(abs(y - my - slope * (x - mx)) for x, y in drift_rows) / 1000
     out = os.environ.get("OTEL_NPU_GPU_CHECK_OUT")
     if out:
         with open(os.path.join(out, "clock.json"), "w") as f:
@@ -232,5 +235,29 @@ def test_clock_accuracy_against_cuda_event_elapsed_times(provider, spans):
     print(f"\nclock accuracy on {summary['device']}: max |error| {worst:.2f} µs outside the truth window "
           f"(up to {summary['max_truth_window_us']:.1f} µs wide) over {len(rows)} probes, "
           f"stated bounds up to {summary['max_stated_bound_us']:.2f} µs, {summary['violations']} outside; "
-          f"host vs device clock rate {summary.get('host_minus_device_rate_ppm', float('nan')):+.2f} ppm")
+          f"host vs device clock rate {summary.get('host_minus_device_rate_ppm', float('nan')):+.2f} ppm, "
+          f"residual {summary.get('max_residual_after_rate_us', float('nan')):.2f} µs")
     assert summary["violations"] == 0, rows
+
+
+def test_the_backends_current_stream_is_torchs_on_every_thread_and_device():
+    from otel_npu.devices.cuda import CudaBackend
+
+    backend = CudaBackend()
+    assert backend.current_stream is not torch.cuda.current_stream  # the cached path is in use here
+    assert backend.current_stream() == torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert backend.current_stream() == side and backend.current_stream().cuda_stream == side.cuda_stream
+    assert backend.current_stream() == torch.cuda.current_stream()
+    seen = []
+    import threading
+
+    def other():
+        with torch.cuda.stream(torch.cuda.Stream()):
+            seen.append((backend.current_stream(), torch.cuda.current_stream()))
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen[0][0] == seen[0][1]
