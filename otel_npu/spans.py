@@ -189,6 +189,10 @@ def _root_context(r: Any) -> Any:
     return r.otel_ctx
 
 
+#: Stream labels remembered at most (the CPU backend's streams are threads, which may come and go).
+LABEL_CACHE_LIMIT = 1024
+
+
 class SpanFactory:
     """The decisions that make a span of a resolved capture, shared by every sink of one pipeline."""
 
@@ -297,7 +301,10 @@ class SpanFactory:
     def stream_label(self, stream: Any) -> str:
         label = self._labels.get(stream)
         if label is None:
-            label = self._labels[stream] = self._stream_label(stream)
+            labels = self._labels
+            if len(labels) >= LABEL_CACHE_LIMIT:  # streams come and go (a thread per request): start over
+                labels.clear()
+            label = labels[stream] = self._stream_label(stream)
         return label
 
     def own_keys(self, r: Any) -> list[str]:
