@@ -101,12 +101,17 @@ def shutdown(timeout_s: float = 5.0) -> bool:
 
 
 def stats() -> dict[str, Any]:
-    """Counters of the running runtime: resolved, timed out, spans emitted/unsampled/exported, drops by
-    reason (every capture or span lost is counted here), metrics exports, the device and where spans and
-    metrics go."""
+    """Counters of this process (kept across ``configure()`` and after ``shutdown()``): resolved, timed out,
+    spans emitted/unsampled/exported, drops by reason (every capture or span lost is counted here), metrics
+    exports; while running, also the device and where spans and metrics go."""
     rt = _runtime.current()
     if rt is None:
-        return {"running": False}
+        counted = _runtime.stats_if_started()
+        if counted is None:
+            return {"running": False}
+        out = counted.snapshot()  # what this process counted before otel-npu was shut down
+        out["running"] = False
+        return out
     out = rt.stats.snapshot()
     out.update(running=True, device=rt.backend.label(), pipeline=rt.pipeline.description,
                metrics=rt.pipeline.metrics_description,

@@ -701,6 +701,8 @@ def _install(rt: Any) -> None:
     _pending_len = rt.pending.__len__
     _pending_append = rt.pending.append
     _max_pending = rt.settings.max_pending
+    rt.on_room = functools.partial(_set_room, rt)
+    rt.on_detach = functools.partial(_detach, rt)
     if rt.backend.host_timed:
         _capture_cls, _step_cls = _HostCapture, _HostStep
     else:
@@ -708,6 +710,25 @@ def _install(rt: Any) -> None:
         _record = rt.backend.record
         _current_stream = rt.backend.current_stream
         _capture_cls, _step_cls = _EventCapture, _EventStep
+
+
+def _set_room(rt: Any, n: int) -> None:
+    """The resolver's word on how many captures may wait in ``pending`` now (the limit less those it holds)."""
+    global _max_pending
+    if _rt is rt:
+        _max_pending = n
+
+
+def _detach(rt: Any) -> None:
+    """``rt`` is shutting down: a capture that ends from now on is counted as lost, not queued where nothing
+    will take it (a capture open across ``shutdown()``/``configure()``)."""
+    global _pending_append
+    if _rt is rt:
+        _pending_append = _late
+
+
+def _late(item: Any) -> None:
+    _runtime_mod.process_stats().drop("resolver_stopped")
 
 
 def set_mode(enabled: bool) -> None:

@@ -70,7 +70,10 @@ DROP_REASONS = {
                                   "events"),
     "event_pool_empty": ("captures", "no pre-created timing event was free (the resolver is behind the device)"),
     "record_failed": ("captures", "recording a device event raised"),
-    "resolver_stopped": ("captures", "captured while otel-npu was shutting down"),
+    "resolver_stopped": ("captures", "captured while otel-npu was shutting down, or ended after it shut down"),
+    "device_unfinished": ("captures", "their device work had not finished when otel-npu shut down"),
+    "shutdown_timeout": ("captures", "still waiting to be turned into spans when the shutdown bound ran out (the "
+                                     "resolver was held up, e.g. by an exporter that does not answer)"),
     "emit_failed": ("spans", "turning a resolved capture into a span raised"),
     "export_queue_full": ("spans", "the export queue (OTEL_BSP_MAX_QUEUE_SIZE) was full: the collector is slow "
                                    "or unreachable"),
@@ -155,6 +158,24 @@ class _StepState:
         self.ready = False
 
 
+class _LateStep:
+    """Stands for the state of a step already resolved when a capture inside it is taken in (an asyncio task
+    that inherited the step and outlived it): counted nowhere, kept nowhere."""
+
+    __slots__ = ()
+
+    @property
+    def unresolved(self) -> int:
+        return 0
+
+    @unresolved.setter
+    def unresolved(self, value: int) -> None:
+        pass
+
+
+_LATE = _LateStep()
+
+
 class _FlushMarker:
     """Put in ``pending`` by ``wait()``: done once everything taken in before it is resolved."""
 
@@ -173,7 +194,8 @@ class Resolver:
                  emit: Callable[[Any], None], on_step: Callable[[Any, list], None] | None,
                  poll_interval_s: float, event_timeout_s: float, pools: dict | None = None,
                  clocks: dict | None = None, wanted_devices: set | None = None,
-                 make_device: Callable[[int], tuple[EventPool, DeviceClock]] | None = None) -> None:
+                 make_device: Callable[[int], tuple[EventPool, DeviceClock]] | None = None,
+                 max_pending: int | None = None, on_room: Callable[[int], None] | None = None) -> None:
         self._pending = pending
         self._backend = backend
         self._query = backend.query
@@ -204,6 +226,14 @@ class Resolver:
         self._stopping = False
         self._last_host_refresh = 0
         self._graph_ns = 0  # graphs.capturing_ns() at the start of the current pass
+        # The pending limit covers every capture not yet turned into a span: those in ``pending`` and those
+        # taken in (``_in_flight``). Intake takes only what fits, and ``on_room`` tells the hot path how many
+        # may wait in ``pending`` now (its limit), so that the sum stays within ``max_pending``.
+        self._max_pending = max_pending
+        self._on_room = on_room
+        self._room = max_pending
+        self._in_flight = 0
+        self._abandoned = False
         self.thread = threading.Thread(target=self._run, name="otel-npu-resolver", daemon=True)
         self.alive = False
 
@@ -240,17 +270,34 @@ class Resolver:
                 self._waiters -= 1
 
     def stop(self, timeout_s: float) -> None:
+        """Stop the thread (waiting at most ``timeout_s``) and count every capture it did not turn into a span:
+        ``device_unfinished`` (its device work was still running), ``resolver_stopped`` (never taken in), or,
+        when the thread is held up (in an exporter that does not answer, say), ``shutdown_timeout`` for all of
+        them; such a thread then emits nothing more (what it held was counted as lost)."""
         self._stopping = True
         self._wake.set()
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(max(0.0, timeout_s))
+        waiting = sum(1 for item in list(self._pending) if item.__class__ is not _FlushMarker)
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self._abandoned = True
+            lost = waiting + self._in_flight
+            if lost:
+                self._stats.drop("shutdown_timeout", n=lost)
+        else:
+            if self._in_flight:
+                self._stats.drop("device_unfinished", n=self._in_flight)
+            if waiting:
+                self._stats.drop("resolver_stopped", n=waiting)
+        self._in_flight = 0
+        self._pending.clear()
 
     # -- the thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
         if not self._backend.host_timed:
             self._use_device(self._primary)  # this thread's current device starts as device 0
         try:
-            while not self._stopping:
+            while not self._stopping and not self._abandoned:
                 if self._waiters:
                     timeout = URGENT_POLL_S
                 elif self._pending or self._queues or self._steps or self._preparing:
@@ -260,7 +307,8 @@ class Resolver:
                 self._wake.wait(timeout)
                 self._wake.clear()
                 self._guarded_pass()
-            self._guarded_pass()
+            if not self._abandoned:
+                self._guarded_pass()
         except BaseException:  # a bug here must not go unnoticed, nor take the program down
             _log.exception("otel-npu: the resolver thread failed; captures will no longer be resolved")
         finally:
@@ -294,6 +342,8 @@ class Resolver:
                     self._refill_pool(taken)
             finally:
                 _graphs.exit_device_calls()
+        if self._max_pending is not None:
+            self._set_room(self._max_pending - self._in_flight)
         self._stats.report(time.monotonic())
         if self._markers:
             self._settle_markers()
@@ -301,13 +351,28 @@ class Resolver:
             with self._cond:
                 self._cond.notify_all()
 
+    def _set_room(self, room: int) -> None:
+        """Tell the hot path how many captures may wait in ``pending`` now."""
+        room = max(0, room)
+        if room != self._room and self._on_room is not None:
+            self._room = room
+            self._on_room(room)
+
     def _take_in(self) -> int:
         pending, queues, steps = self._pending, self._queues, self._steps
         stream_key = None if type(self._backend).stream_key is DeviceBackend.stream_key else self._backend.stream_key
         seq = self._intake_seq
         popleft = pending.popleft
         taken = 0
-        while pending:
+        # What is there now, and no more than fits under the limit: producers refilling ``pending`` meanwhile
+        # wait for the next pass (a loop that kept taking would hold ever more, and resolve nothing).
+        budget = len(pending)
+        if self._max_pending is not None:
+            budget = min(budget, self._max_pending - self._in_flight)
+            # Room for new captures counted as if all of these were taken in already: set first, so that
+            # producers refilling ``pending`` during the loop below cannot push the sum past the limit.
+            self._set_room(self._max_pending - self._in_flight - budget)
+        while budget > 0 and pending and not self._abandoned:
             item = popleft()
             if item.__class__ is _FlushMarker:
                 item.floor = seq
@@ -326,7 +391,10 @@ class Resolver:
             if step is not None:
                 state = steps.get(step)
                 if state is None:
-                    state = steps[step] = _StepState()
+                    if getattr(step, "done", False):  # resolved already (a task outlived it): nothing to wait for
+                        state = _LATE
+                    else:
+                        state = steps[step] = _StepState()
                 state.unresolved += 1
             key = item.stream if stream_key is None else stream_key(item.stream)
             queue = queues.get(key)
@@ -334,7 +402,9 @@ class Resolver:
                 queue = queues[key] = collections.deque()
             queue.append(item)
             taken += 1
+            budget -= 1
         self._intake_seq = seq
+        self._in_flight += taken
         return taken
 
     def _use_device(self, index: int) -> None:
@@ -495,15 +565,20 @@ class Resolver:
     def _complete(self, r: Any) -> None:
         """``r`` has its final times: emit it, and count it as done in its step."""
         r.done = True
+        if self._abandoned:  # stop() gave up on this thread and counted what it held as lost
+            return
         try:
             self._emit(r)
         except Exception as exc:
             self._stats.drop("emit_failed", exc)
             if self._stats.drops["emit_failed"] == 1:
                 _log.exception("otel-npu: turning capture %r into a span failed", r.name)
+        self._in_flight -= 1
         step = r.step
         if step is not None:
-            state = self._steps[step]
+            state = self._steps.get(step)
+            if state is None:  # the step was resolved before this capture was taken in
+                return
             state.unresolved -= 1
             if self._on_step is not None:  # the children are only needed for the duration log line
                 state.children.append(r)

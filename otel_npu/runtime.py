@@ -39,6 +39,28 @@ _runtime: "Runtime | None" = None
 _lock = threading.Lock()
 _atexit_registered = False
 _fork_hooks: list[Callable[[], None]] = []
+#: The process's counters: shared by every runtime it starts (configure() restarts one), kept after shutdown.
+_stats: Stats | None = None
+
+
+def process_stats() -> Stats:
+    """The counters of this process (since it started, or was forked): every loss is counted here."""
+    global _stats
+    stats = _stats
+    if stats is None:
+        stats = _stats = Stats()
+    return stats
+
+
+def stats_if_started() -> Stats | None:
+    """The process's counters, or ``None`` when no runtime has started in this process yet."""
+    return _stats
+
+
+def reset_stats() -> None:
+    """Forget the counters (for tests: each starts from zero)."""
+    global _stats
+    _stats = None
 
 
 class Runtime:
@@ -47,7 +69,11 @@ class Runtime:
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
         self.backend, self.passed_over = devices.select(settings.device)
-        self.stats = Stats()
+        self.stats = process_stats()
+        #: Set by the capture module: ``on_room(n)`` gives the hot path its pending limit (see resolver.py),
+        #: ``on_detach()`` makes captures that end after shutdown count as lost instead of waiting forever.
+        self.on_room: Callable[[int], None] | None = None
+        self.on_detach: Callable[[], None] | None = None
         #: Read by capturing._install: which steps may take detail captures (None: all).
         self.detail_budget = DetailBudget(settings.detail_every) if settings.detail_every > 1 else None
         self.pending: collections.deque = collections.deque()
@@ -77,7 +103,8 @@ class Runtime:
             make_device=self._device_parts,
             host_clock=self.host_clock, stats=self.stats, emit=self.pipeline.emit,
             on_step=durations.log_step if settings.log_durations else None,
-            poll_interval_s=settings.poll_interval_s, event_timeout_s=settings.event_timeout_s)
+            poll_interval_s=settings.poll_interval_s, event_timeout_s=settings.event_timeout_s,
+            max_pending=settings.max_pending, on_room=self._room)
         self.resolver.start()
         self.pid = os.getpid()
 
@@ -102,6 +129,11 @@ class Runtime:
             self.stats.drop("device_starting")
 
 
+    def _room(self, n: int) -> None:
+        hook = self.on_room
+        if hook is not None:
+            hook(n)
+
     def describe(self) -> str:
         return (f"device {self.backend.label()}, spans to {self.pipeline.description}, "
                 f"max {self.settings.max_pending} pending, event timeout {self.settings.event_timeout_s:g} s")
@@ -116,13 +148,15 @@ class Runtime:
         return resolved and exported
 
     def shutdown(self, timeout_s: float) -> bool:
+        """Flush, then stop within ``timeout_s`` in all; every capture not delivered is counted (resolver.py)."""
         deadline = time.monotonic() + timeout_s
-        ok = self.flush(timeout_s, report=False)  # one loss report at the end, not two
+        # One loss report at the end, not two; a tenth of the bound is kept for stopping the resolver, so that
+        # what it could not resolve is told apart from what it was held up on.
+        ok = self.flush(timeout_s * 0.9, report=False)
+        if self.on_detach is not None:
+            self.on_detach()  # from here on, a capture that ends is counted (resolver_stopped), not queued
         self.resolver.stop(max(0.0, deadline - time.monotonic()))
         self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
-        left = len(self.pending)
-        if left:
-            self.stats.drop("resolver_stopped", n=left)
         self.stats.report(time.monotonic(), force=True)
         self.backend.close()
         return ok
@@ -189,8 +223,9 @@ def on_fork_child(hook: Callable[[], None]) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _runtime, _lock
+    global _runtime, _lock, _stats
     _lock = threading.Lock()  # replaced, not released: another thread may have held it at fork time
+    _stats = None  # the child's own counters
     abandoned, _runtime = _runtime, None
     if abandoned is not None:
         _log.debug("otel-npu: forked child drops %d captures pending in the parent", len(abandoned.pending))

@@ -73,6 +73,7 @@ def clean_otel_npu(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
     otel_npu.shutdown(5.0)
     runtime.set_settings(config.Settings())
+    runtime.reset_stats()  # the process's counters outlive shutdown(): each test counts from zero
     yield
     otel_npu.shutdown(5.0)
     runtime.set_settings(config.Settings())

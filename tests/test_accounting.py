@@ -1,0 +1,254 @@
+"""Nothing is lost silently: after any sequence of calls, every capture is exported or counted in
+``stats()["dropped"]``; the pending limit bounds memory with busy producers; nothing leaks per thread or task."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import threading
+import time
+import weakref
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import otel_npu
+from otel_npu import capturing, runtime, spans as spans_mod
+
+from .conftest import enable
+
+CAPTURE_REASONS = ("pending_limit", "event_pool_empty", "record_failed", "resolver_stopped", "device_unfinished",
+                   "shutdown_timeout", "emit_failed")
+
+
+def captures_dropped() -> int:
+    dropped = otel_npu.stats().get("dropped", {})
+    return sum(n for reason, n in dropped.items() if reason in CAPTURE_REASONS)
+
+
+def test_stats_keep_counting_after_shutdown_and_across_configure(provider, spans):
+    enable(provider, device="cpu")
+    with otel_npu.capture("one"):
+        pass
+    assert otel_npu.shutdown(5.0)
+    after = otel_npu.stats()
+    assert after["running"] is False and after["resolved"] == 1 and after["dropped_total"] == 0
+    enable(provider, device="cpu")
+    with otel_npu.capture("two"):
+        pass
+    assert otel_npu.flush()
+    assert otel_npu.stats()["resolved"] == 2
+
+
+def test_a_capture_open_while_shutdown_runs_is_counted(provider, spans):
+    enable(provider, device="cpu")
+    cm = otel_npu.capture("open across shutdown")
+    cm.__enter__()
+    assert otel_npu.shutdown(5.0)
+    cm.__exit__(None, None, None)
+    assert spans.named("open across shutdown") == []
+    assert otel_npu.stats()["dropped"].get("resolver_stopped") == 1
+
+
+def test_a_capture_open_while_configure_runs_is_exported_or_counted(provider, spans):
+    enable(provider, device="cpu")
+    cm = otel_npu.capture("open across configure")
+    cm.__enter__()
+    enable(provider, device="cpu", poll_interval_s=0.05)  # restarts otel-npu
+    cm.__exit__(None, None, None)
+    with otel_npu.capture("after"):
+        pass
+    assert otel_npu.flush()
+    exported = len(spans.named("open across configure"))
+    assert exported + otel_npu.stats()["dropped"].get("resolver_stopped", 0) == 1
+    assert len(spans.named("after")) == 1
+
+
+class HungExporter(SpanExporter):
+    """A collector that never answers: export blocks until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def export(self, spans):
+        self.calls += 1
+        self.release.wait(30.0)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.release.set()
+
+
+def test_spans_held_by_an_apps_simple_processor_to_a_hung_collector_are_counted(caplog_otel):
+    exporter = HungExporter()
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    otel_npu.configure(enabled=True, tracer_provider=tp, device="cpu", poll_interval_s=0.01)
+    try:
+        for _ in range(5):
+            with otel_npu.capture("forward"):
+                pass
+        deadline = time.monotonic() + 5
+        while exporter.calls == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert exporter.calls == 1  # the resolver thread is now stuck in the application's exporter
+        assert not otel_npu.shutdown(0.5)
+        stats = otel_npu.stats()
+        assert captures_dropped() == 5, stats  # the one stuck in export included: it may never arrive
+        assert "5 captures" in caplog_otel.text and "1 capture " not in caplog_otel.text
+    finally:
+        exporter.release.set()
+    time.sleep(0.2)
+    assert exporter.calls == 1, "captures counted as lost must not be exported later"
+
+
+def test_captures_whose_device_work_is_still_running_at_shutdown_are_counted(provider, spans, sim):
+    enable(provider, device=sim, event_timeout_s=60.0)
+    stream = sim.current_stream()
+    with otel_npu.capture("finished"):
+        pass
+    assert otel_npu.flush(5.0)
+    with otel_npu.capture("still running"):
+        stream.launch(30.0)  # the device stays busy well past the shutdown
+    assert not otel_npu.shutdown(0.5)
+    assert [s.name for s in spans.all] == ["finished"]
+    assert otel_npu.stats()["dropped"].get("device_unfinished") == 1
+
+
+def test_configure_racing_from_threads_loses_nothing_uncounted():
+    exporter = InMemorySpanExporter()
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    stop = threading.Event()
+    made = [0] * 4
+    errors: list[BaseException] = []
+
+    def capturer(n: int) -> None:
+        try:
+            while not stop.is_set():
+                cm = otel_npu.capture(f"c{n}")
+                with cm:
+                    with otel_npu.capture(f"c{n}-inner") as inner:
+                        pass
+                made[n] += (cm.__class__ is not capturing._Off) + (inner.__class__ is not capturing._Off)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def configurer(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while not stop.is_set():
+                otel_npu.configure(enabled=rng.random() < 0.8, tracer_provider=tp, device="cpu",
+                                   poll_interval_s=rng.choice([0.001, 0.05]))
+                time.sleep(rng.random() * 0.01)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=capturer, args=(n,)) for n in range(2)]
+    threads += [threading.Thread(target=configurer, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    otel_npu.configure(enabled=True, tracer_provider=tp, device="cpu")
+    otel_npu.flush(5.0)
+    otel_npu.shutdown(5.0)
+    exported = len(exporter.get_finished_spans())
+    assert sum(made) > 0
+    assert exported + captures_dropped() == sum(made), otel_npu.stats()
+
+
+def test_the_pending_limit_bounds_memory_with_busy_producer_threads(provider, spans):
+    limit = 500
+    enable(provider, device="cpu", max_pending=limit, poll_interval_s=0.001)
+    with otel_npu.capture("start"):
+        pass
+    rt = runtime.current()
+    stop = threading.Event()
+    held: list[int] = []
+    resolved_during: list[int] = []
+
+    def producer() -> None:
+        while not stop.is_set():
+            for _ in range(200):
+                with otel_npu.capture("busy"):
+                    pass
+
+    def in_flight() -> int:
+        for _ in range(100):
+            try:
+                return len(rt.pending) + sum(len(q) for q in list(rt.resolver._queues.values()))
+            except RuntimeError:  # the resolver changed the dict meanwhile: look again
+                continue
+        return 0
+
+    threads = [threading.Thread(target=producer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        t_end = time.monotonic() + 2.0
+        while time.monotonic() < t_end:
+            held.append(in_flight())
+            resolved_during.append(otel_npu.stats()["resolved"])
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert otel_npu.flush(30.0)
+    # The limit plus the captures open when it filled (one per producer thread).
+    assert max(held) <= limit + 4, f"held up to {max(held)} captures with a limit of {limit}"
+    assert resolved_during[-1] > resolved_during[len(resolved_during) // 4], "captures were being resolved"
+
+
+def test_the_cpu_label_cache_does_not_keep_dead_threads(provider, spans, monkeypatch):
+    monkeypatch.setattr(spans_mod, "LABEL_CACHE_LIMIT", 8)
+    enable(provider, device="cpu")
+    refs = []
+
+    def work() -> None:
+        with otel_npu.capture("per request thread"):
+            pass
+
+    for n in range(40):
+        t = threading.Thread(target=work, name=f"req-{n}")
+        t.start()
+        t.join()
+        refs.append(weakref.ref(t))
+        del t
+    assert otel_npu.flush()
+    gc.collect()
+    alive = sum(ref() is not None for ref in refs)
+    assert alive <= 8 + 1, f"{alive} dead threads are still referenced"
+    assert spans.named("per request thread")[0].attributes["otel_npu.stream"] == "thread:req-0"
+
+
+def test_a_capture_inherited_by_a_task_that_ends_after_its_step_leaves_nothing_behind(provider, spans):
+    enable(provider, device="cpu", poll_interval_s=0.01)
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def late() -> None:
+            await gate.wait()
+            with otel_npu.capture("late"):
+                pass
+
+        with otel_npu.step("Decode"):
+            task = asyncio.create_task(late())  # inherits the step as its current capture
+            await asyncio.sleep(0)
+        assert otel_npu.flush()  # the step is resolved and exported
+        gate.set()
+        await task
+
+    asyncio.run(main())
+    assert otel_npu.flush()
+    assert {s.name for s in spans.all} == {"Decode", "late"}
+    assert runtime.current().resolver._steps == {}, "the finished step's bookkeeping was left behind"
