@@ -754,9 +754,10 @@ def current() -> Capture | None:
 def _after_fork_in_child() -> None:
     # The parent's runtime (threads, queue, events) does not exist in the child: start afresh on the next
     # capture. Locks are replaced, not released: a lock held by another thread at fork time stays held.
-    global _state_lock, _rt
+    global _state_lock, _rt, _pending_append
     _state_lock = threading.Lock()
     _rt = None
+    _pending_append = _late  # a capture open across fork ends in the child: counted there, not left in a copy
     set_mode(_capture_cls is not None)
 
 
