@@ -95,20 +95,52 @@ def _env_bool(env: Mapping[str, str], name: str, default: bool, consequence: str
     return parsed
 
 
-def _env_number(env: Mapping[str, str], name: str, default: float, convert: Callable[[str], float],
-                 what: str, scale: float = 1.0) -> float:
+#: Accepted ranges of the numeric settings (above the low end, up to the high end). The high ends keep every
+#: value one that threads, timers and exporters accept (a wait longer than threading.TIMEOUT_MAX raises
+#: OverflowError in a background thread) and one that makes sense.
+MAX_PENDING_MAX = 10_000_000
+EVENT_TIMEOUT_MAX_S = 86_400.0  # a day
+POLL_INTERVAL_MAX_S = 60.0
+SHUTDOWN_TIMEOUT_MAX_S = 3_600.0
+OTLP_TIMEOUT_MAX_S = 3_600.0
+OTLP_TIMEOUT_DEFAULT_S = 10.0
+
+
+def env_number(env: Mapping[str, str], name: str, default: float, high: float, what: str, *,
+               integer: bool = False, scale: float = 1.0) -> float:
+    """``name`` read from ``env``: a number above 0 and at most ``high`` (a whole number if ``integer``), times
+    ``scale``; else ``default`` after one warning naming the variable, the value and the accepted range."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
-        value = convert(raw.strip())
-    except ValueError:
+        value: float | None = int(raw.strip(), 10) if integer else float(raw.strip())
+    except (ValueError, OverflowError):
         value = None
-    if value is None or not value > 0 or value != value or value == float("inf"):
-        _log.warning("%s=%r is not valid: accepted values are %s; using the default %s",
-                     name, raw, what, default / scale if scale != 1.0 else default)
+    if value is None or not 0 < value <= high:  # NaN fails both comparisons
+        low = "1" if integer else "above 0"
+        _log.warning("%s=%r is not valid: accepted values are %s from %s to %s; using the default %s",
+                     name, raw, what, low, f"{high:g}" if not integer else high,
+                     f"{default / scale:g}" if scale != 1.0 else f"{default:g}")
         return default
     return value * scale
+
+
+def _env_number(env: Mapping[str, str], name: str, default: float, convert: Callable[[str], float],
+                 what: str, scale: float = 1.0, high: float = float("inf")) -> float:
+    return env_number(env, name, default, high, what, integer=convert is _strict_int, scale=scale)
+
+
+def otlp_timeout_s(env: Mapping[str, str] | None, signal: str) -> float | None:
+    """``OTEL_EXPORTER_OTLP_{signal}_TIMEOUT``, else ``OTEL_EXPORTER_OTLP_TIMEOUT`` (seconds, as the Python SDK
+    reads them), validated: ``None`` when neither is set (the exporter's own default), the default 10 s after
+    one warning when the value is not a number above 0 up to an hour (0, -1, nan, inf, 1e23 made every
+    export fail at once, or never time out)."""
+    env = os.environ if env is None else env
+    for var in (f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
+        if env.get(var, "").strip():
+            return env_number(env, var, OTLP_TIMEOUT_DEFAULT_S, OTLP_TIMEOUT_MAX_S, "a number of seconds")
+    return None
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -143,15 +175,15 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         enabled=bool(enabled),
         device=device,
-        max_pending=int(_env_number(env, ENV_MAX_PENDING, defaults.max_pending, _strict_int,
-                                    "a positive whole number")),
-        event_timeout_s=_env_number(env, ENV_EVENT_TIMEOUT, defaults.event_timeout_s, float,
-                                    "a positive number of seconds"),
+        max_pending=int(env_number(env, ENV_MAX_PENDING, defaults.max_pending, MAX_PENDING_MAX,
+                                   "whole numbers", integer=True)),
+        event_timeout_s=env_number(env, ENV_EVENT_TIMEOUT, defaults.event_timeout_s, EVENT_TIMEOUT_MAX_S,
+                                   "a number of seconds"),
         log_durations=bool(log_durations),
-        poll_interval_s=_env_number(env, ENV_POLL_INTERVAL, defaults.poll_interval_s, float,
-                                    "a positive number of milliseconds", scale=1e-3),
-        shutdown_timeout_s=_env_number(env, ENV_SHUTDOWN_TIMEOUT, defaults.shutdown_timeout_s, float,
-                                       "a positive number of seconds"),
+        poll_interval_s=env_number(env, ENV_POLL_INTERVAL, defaults.poll_interval_s, POLL_INTERVAL_MAX_S * 1e3,
+                                   "a number of milliseconds", scale=1e-3),
+        shutdown_timeout_s=env_number(env, ENV_SHUTDOWN_TIMEOUT, defaults.shutdown_timeout_s,
+                                      SHUTDOWN_TIMEOUT_MAX_S, "a number of seconds"),
         pipeline=pipeline,
         keep_slow_steps=keep_slow,
         detail_every=detail_every,
@@ -184,11 +216,15 @@ _ARG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "enabled": (lambda v: isinstance(v, bool), "True or False"),
     "device": (lambda v: (isinstance(v, str) and v in DEVICES) or _is_backend(v),
                "'auto', 'npu', 'cuda', 'cpu' or a DeviceBackend (e.g. otel_npu.testing.SimDevice)"),
-    "max_pending": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive int"),
-    "event_timeout_s": (lambda v: _positive_number(v), "a positive number of seconds"),
+    "max_pending": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_PENDING_MAX,
+                    f"an int from 1 to {MAX_PENDING_MAX}"),
+    "event_timeout_s": (lambda v: _positive_number(v, EVENT_TIMEOUT_MAX_S),
+                        f"a number of seconds above 0 to {EVENT_TIMEOUT_MAX_S:g}"),
     "log_durations": (lambda v: isinstance(v, bool), "True or False"),
-    "poll_interval_s": (lambda v: _positive_number(v), "a positive number of seconds"),
-    "shutdown_timeout_s": (lambda v: _positive_number(v), "a positive number of seconds"),
+    "poll_interval_s": (lambda v: _positive_number(v, POLL_INTERVAL_MAX_S),
+                        f"a number of seconds above 0 to {POLL_INTERVAL_MAX_S:g}"),
+    "shutdown_timeout_s": (lambda v: _positive_number(v, SHUTDOWN_TIMEOUT_MAX_S),
+                           f"a number of seconds above 0 to {SHUTDOWN_TIMEOUT_MAX_S:g}"),
     "pipeline": (lambda v: v in PIPELINES, "'auto', 'app' or 'own'"),
     "tracer_provider": (lambda v: hasattr(v, "get_tracer"), "an OpenTelemetry SDK TracerProvider"),
     "keep_slow_steps": (lambda v: _valid_keep(v), "'off', 'p99', 'p999' or a duration such as '25ms'"),
@@ -207,8 +243,8 @@ def _valid_keep(v: Any) -> bool:
     return True
 
 
-def _positive_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and v != float("inf")
+def _positive_number(v: Any, high: float = float("inf")) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= high and v != float("inf")
 
 
 def _is_backend(v: Any) -> bool:

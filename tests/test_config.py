@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
 import pytest
 
 import otel_npu
-from otel_npu import config
+from otel_npu import config, runtime
+from otel_npu.export import metrics, pipeline
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -73,7 +75,7 @@ def test_valid_values_are_taken():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"device": "tpu"}, r"configure\(device='tpu'\) is not valid: expected 'auto', 'npu', 'cuda', 'cpu'"),
-    ({"max_pending": 0}, r"configure\(max_pending=0\) is not valid: expected a positive int"),
+    ({"max_pending": 0}, r"configure\(max_pending=0\) is not valid: expected an int from 1 to 10000000"),
     ({"enabled": "yes"}, r"configure\(enabled='yes'\) is not valid: expected True or False"),
     ({"event_timeout_s": -1}, r"configure\(event_timeout_s=-1\)"),
     ({"pipeline": "sdk"}, r"configure\(pipeline='sdk'\) is not valid: expected 'auto', 'app' or 'own'"),
@@ -104,3 +106,56 @@ def test_environment_is_read_once_at_import_and_a_bad_value_never_crashes_the_pr
                          env={"OTEL_NPU_ENABLED": "perhaps", "PATH": "/usr/bin:/bin"})
     assert bad.returncode == 0 and "ran False" in bad.stdout
     assert bad.stderr.count("OTEL_NPU_ENABLED='perhaps' is not valid") == 1
+
+
+# -- out-of-range numbers (issue 11 item 10): one warning naming variable, value and range, then the default --
+@pytest.mark.parametrize("var, raw, field, default", [
+    ("OTEL_NPU_POLL_INTERVAL_MS", "1e16", "poll_interval_s", 0.1),
+    ("OTEL_NPU_POLL_INTERVAL_MS", "inf", "poll_interval_s", 0.1),
+    ("OTEL_NPU_EVENT_TIMEOUT_S", "1e300", "event_timeout_s", 60.0),
+    ("OTEL_NPU_SHUTDOWN_TIMEOUT_S", "1e12", "shutdown_timeout_s", 5.0),
+    ("OTEL_NPU_MAX_PENDING", "99999999999999999999999", "max_pending", 100_000),
+])
+def test_out_of_range_values_fall_back_with_a_warning_naming_the_range(var, raw, field, default, caplog):
+    settings = config.from_env({"OTEL_NPU_ENABLED": "1", var: raw})
+    assert getattr(settings, field) == default
+    (message,) = warnings_of(caplog)
+    assert var in message and repr(raw) in message and " to " in message and "default" in message
+
+
+@pytest.mark.parametrize("var, raw, read", [
+    ("OTEL_BSP_SCHEDULE_DELAY", "99999999999999999999999",
+     lambda env: pipeline._bsp_setting(env, "OTEL_BSP_SCHEDULE_DELAY", 5000)),
+    ("OTEL_BSP_MAX_QUEUE_SIZE", "1e3", lambda env: pipeline._bsp_setting(env, "OTEL_BSP_MAX_QUEUE_SIZE", 8192)),
+    ("OTEL_METRIC_EXPORT_INTERVAL", "1e23", lambda env: metrics._env_ms(env, "OTEL_METRIC_EXPORT_INTERVAL", 60000)),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "0", lambda env: config.otlp_timeout_s(env, "TRACES")),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "-1", lambda env: config.otlp_timeout_s(env, "TRACES")),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "nan", lambda env: config.otlp_timeout_s(env, "TRACES")),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "inf", lambda env: config.otlp_timeout_s(env, "METRICS")),
+    ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1e23", lambda env: config.otlp_timeout_s(env, "TRACES")),
+])
+def test_out_of_range_otel_variables_fall_back_with_one_warning(var, raw, read, caplog):
+    value = read({var: raw})
+    assert 0 < value < 1e7  # the default, which threading and the exporters accept
+    (message,) = warnings_of(caplog)
+    assert var in message and repr(raw) in message and " to " in message and "default" in message
+
+
+def test_an_out_of_range_poll_interval_does_not_kill_the_resolver(monkeypatch, caplog):
+    monkeypatch.setenv("OTEL_NPU_POLL_INTERVAL_MS", "1e16")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "99999999999999999999999")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    runtime.set_settings(config.from_env({**os.environ, "OTEL_NPU_ENABLED": "1"}))
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    with otel_npu.capture("x"):
+        pass
+    assert otel_npu.flush(5.0)
+    assert otel_npu.stats()["resolved"] == 1 and otel_npu.stats()["resolver_alive"]
+
+
+@pytest.mark.parametrize("kwargs", [{"poll_interval_s": 1e13}, {"event_timeout_s": 1e300},
+                                    {"shutdown_timeout_s": 1e12}, {"max_pending": 10**20}])
+def test_configure_refuses_out_of_range_numbers_naming_the_range(kwargs):
+    (key, value), = kwargs.items()
+    with pytest.raises(ValueError, match=rf"configure\({key}=.*\) is not valid: expected .* to "):
+        otel_npu.configure(**kwargs)

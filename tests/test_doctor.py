@@ -98,3 +98,16 @@ def test_test_span_refused_says_why_and_exits_1(protocol):
     assert result.returncode == 1, result.stdout + result.stderr
     line = [l for l in result.stdout.splitlines() if l.startswith("test span:")][0]
     assert "NOT accepted" in line and ("refused" in line.lower() or "unavailable" in line.lower()), line
+
+
+@pytest.mark.parametrize("var, raw", [("OTEL_EXPORTER_OTLP_TIMEOUT", "0"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "nan"),
+                                      ("OTEL_EXPORTER_OTLP_TIMEOUT", "1e23"), ("OTEL_NPU_POLL_INTERVAL_MS", "1e16"),
+                                      ("OTEL_BSP_SCHEDULE_DELAY", "99999999999999999999999"),
+                                      ("OTEL_METRIC_EXPORT_INTERVAL", "1e23")])
+def test_out_of_range_numbers_are_configuration_problems(var, raw):
+    result = doctor(OTEL_NPU_ENABLED="1", OTEL_METRICS_EXPORTER="otlp", **{var: raw})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "configuration: valid" not in result.stdout
+    problems = result.stdout.split("configuration problems")[1]
+    assert f"{var}={raw!r} is not valid" in problems and " to " in problems
+    assert problems.count(f"{var}=") == 1, "one problem, said once"

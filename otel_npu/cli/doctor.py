@@ -51,7 +51,9 @@ class _Collect(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from otel_npu.export.redact import redact
 
-        self.problems.append(redact(record.getMessage()))
+        problem = redact(record.getMessage())
+        if problem not in self.problems:  # a variable read for traces and for metrics is one problem
+            self.problems.append(problem)
 
 
 def _enabled_reason(env: Any, settings: Any) -> str:
@@ -78,12 +80,15 @@ def _otlp_details(signal: str, protocol: str, env: Any) -> list[tuple[str, str]]
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as Exporter
         else:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as Exporter
-    exporter = Exporter()
+    from otel_npu import config
+
+    upper = signal.upper()
+    timeout = config.otlp_timeout_s(env, upper)  # an out-of-range value is a problem (warned), 10 s is used
+    exporter = Exporter(**({} if timeout is None else {"timeout": timeout}))
     try:
         endpoint = str(getattr(exporter, "_endpoint", "?"))
     finally:
         exporter.shutdown()
-    upper = signal.upper()
 
     def var(name: str) -> str:
         specific = env.get(f"OTEL_EXPORTER_OTLP_{upper}_{name}", "").strip()
@@ -93,7 +98,8 @@ def _otlp_details(signal: str, protocol: str, env: Any) -> list[tuple[str, str]]
     certificate = var("CERTIFICATE")
     out = [("endpoint", endpoint), ("protocol", protocol),
            ("headers", ", ".join(names) + " (values hidden)" if names else "none"),
-           ("timeout", f"{var('TIMEOUT') or '10'} s"), ("compression", var("COMPRESSION") or "none")]
+           ("timeout", f"{config.OTLP_TIMEOUT_DEFAULT_S if timeout is None else timeout:g} s"),
+           ("compression", var("COMPRESSION") or "none")]
     if certificate:
         state = "" if os.path.isfile(certificate) else "  <- NOT FOUND"
         out.append(("certificate", certificate + state))
@@ -144,6 +150,10 @@ def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
             if "otlp" in trace_exporters:
                 protocol = telemetry.protocol_from_env(env, "TRACES")
                 lines += [(f"  {k}", v) for k, v in _otlp_details("traces", protocol, env)]
+                batching = [telemetry._bsp_setting(env, name, default) for name, default in (
+                    ("OTEL_BSP_MAX_QUEUE_SIZE", 8192), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2048),
+                    ("OTEL_BSP_SCHEDULE_DELAY", 5000))]
+                lines.append(("  batching", "queue {}, batch {}, every {} ms (OTEL_BSP_*)".format(*batching)))
             traces_file = env.get(telemetry.TRACES_FILE_ENV, "").strip()
             lines.append(("traces file", f"{traces_file} ({telemetry.TRACES_FILE_ENV}, OTLP/JSON lines)"
                           if traces_file else f"none ({telemetry.TRACES_FILE_ENV} unset)"))
@@ -166,6 +176,8 @@ def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
                 lines += [(f"  {k}", v) for k, v in _otlp_details("metrics", protocol, env)]
             interval = metrics._env_ms(env, "OTEL_METRIC_EXPORT_INTERVAL", 60000)
             lines.append(("  interval", f"{interval:g} s"))
+            export_timeout = metrics._env_ms(env, "OTEL_METRIC_EXPORT_TIMEOUT", 30000)
+            lines.append(("  export timeout", f"{export_timeout:g} s"))
         resource = telemetry.resource_from_env(process_attributes(label, env))
         lines.append(("resource", ", ".join(f"{k}={v}" for k, v in sorted(resource.attributes.items()))))
     finally:
@@ -184,12 +196,10 @@ def send_test_span(timeout_s: float) -> tuple[bool, str]:
     # within the time given, rather than retry for OTEL_EXPORTER_OTLP_TIMEOUT.
     os.environ["OTEL_TRACES_SAMPLER"] = "always_on"
     for signal in ("TRACES", "METRICS"):
-        configured = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT") or os.environ.get(
-            "OTEL_EXPORTER_OTLP_TIMEOUT") or "10"
-        try:
-            limit = min(float(configured), timeout_s / 2)
-        except ValueError:
-            limit = timeout_s / 2
+        from otel_npu import config
+
+        configured = config.otlp_timeout_s(os.environ, signal) or config.OTLP_TIMEOUT_DEFAULT_S
+        limit = min(configured, timeout_s / 2)
         os.environ[f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT"] = f"{limit:g}"
     # What went wrong is printed below; otel-npu's own warnings would only repeat it.
     logging.getLogger("otel_npu").setLevel(logging.ERROR)

@@ -527,19 +527,15 @@ def exporters_from_env(env: Mapping[str, str]) -> list[str]:
              "then records into it)")
 
 
+#: Accepted ranges (ms) of the metrics export interval and timeout: a day, an hour.
+METRIC_MS_MAX = {"OTEL_METRIC_EXPORT_INTERVAL": 86_400_000, "OTEL_METRIC_EXPORT_TIMEOUT": 3_600_000}
+
+
 def _env_ms(env: Mapping[str, str], name: str, default_ms: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default_ms / 1000.0
-    try:
-        value = float(raw)
-        if not value > 0 or value == float("inf"):
-            raise ValueError
-    except ValueError:
-        _log.warning("%s=%r is not valid: accepted values are a positive number of milliseconds; using %g",
-                     name, raw, default_ms)
-        return default_ms / 1000.0
-    return value / 1000.0
+    from .. import config
+
+    return config.env_number(env, name, default_ms / 1000.0, METRIC_MS_MAX.get(name, 86_400_000),
+                             "a number of milliseconds", scale=1e-3)
 
 
 def own_exporter(name: str, protocol: str) -> tuple[Any, str]:
@@ -550,16 +546,16 @@ def own_exporter(name: str, protocol: str) -> tuple[Any, str]:
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
         return ConsoleMetricExporter(out=sys.stdout), "console"
+    from .sinks import http_session, otlp_timeout_kwargs
+
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     if protocol == "grpc":
-        exporter = OTLPMetricExporter()
+        exporter = OTLPMetricExporter(**otlp_timeout_kwargs("METRICS"))
     else:
-        from .sinks import http_session
-
-        exporter = OTLPMetricExporter(session=http_session("METRICS"))
+        exporter = OTLPMetricExporter(session=http_session("METRICS"), **otlp_timeout_kwargs("METRICS"))
     return exporter, f"otlp {protocol} -> {getattr(exporter, '_endpoint', '?')}"
 
 

@@ -377,11 +377,12 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
         elif protocol_from_env(env) == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(**_sinks.otlp_timeout_kwargs("TRACES"))))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-            provider.add_span_processor(BatchSpanProcessor(HttpExporter(session=_sinks.http_session())))
+            provider.add_span_processor(BatchSpanProcessor(HttpExporter(session=_sinks.http_session(),
+                                                                        **_sinks.otlp_timeout_kwargs("TRACES"))))
     return provider
 
 
@@ -408,18 +409,14 @@ def traces_file_unless_configured(env: Any) -> str | None:
     return path
 
 
+#: Accepted ranges of the OTEL_BSP_* numbers (the queue's memory, and a delay a timer accepts).
+BSP_MAX = {"OTEL_BSP_MAX_QUEUE_SIZE": 10_000_000, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 10_000_000,
+           "OTEL_BSP_SCHEDULE_DELAY": 3_600_000}
+
+
 def _bsp_setting(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-        if value <= 0:
-            raise ValueError
-        return value
-    except ValueError:
-        _log.warning("%s=%r is not valid: accepted values are positive whole numbers; using %d", name, raw, default)
-        return default
+    what = "whole numbers of milliseconds" if name == "OTEL_BSP_SCHEDULE_DELAY" else "whole numbers"
+    return int(config.env_number(env, name, default, BSP_MAX.get(name, 10_000_000), what, integer=True))
 
 
 def _own_sink(name: str, env: Mapping[str, str], factory: SpanFactory, resource: Resource,
@@ -438,11 +435,11 @@ def _own_sink(name: str, env: Mapping[str, str], factory: SpanFactory, resource:
         if protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter()
+            exporter = OTLPSpanExporter(**_sinks.otlp_timeout_kwargs("TRACES"))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter(session=_sinks.http_session())
+            exporter = OTLPSpanExporter(session=_sinks.http_session(), **_sinks.otlp_timeout_kwargs("TRACES"))
         _log.info("otel-npu: this opentelemetry-exporter-otlp has no pre-encoded export path; using the SDK's")
         return _sinks.SdkSink(BatchSpanProcessor(exporter), resource, scope, factory, owned=True), \
             f"otlp {protocol} (SDK encoder)"

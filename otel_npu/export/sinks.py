@@ -27,6 +27,16 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from .redact import last_message, redact
 
+
+def otlp_timeout_kwargs(signal: str) -> dict[str, float]:
+    """``{"timeout": seconds}`` for an SDK OTLP exporter when ``OTEL_EXPORTER_OTLP_[signal_]TIMEOUT`` is set:
+    validated (config.otlp_timeout_s), so that an out-of-range value warns and uses 10 s instead of making every
+    export fail (or never end); ``{}`` when unset (the exporter's own default)."""
+    from ..config import otlp_timeout_s
+
+    timeout = otlp_timeout_s(None, signal)
+    return {} if timeout is None else {"timeout": timeout}
+
 _log = logging.getLogger("otel_npu")
 
 
@@ -126,7 +136,7 @@ def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | Non
             def _count_data(self, data: Any) -> int:
                 return len(data)
 
-        exporter = _PreEncodedGrpcExporter()
+        exporter = _PreEncodedGrpcExporter(**otlp_timeout_kwargs("TRACES"))
 
         def send_grpc(data: bytes, count: int) -> tuple[bool, str | None]:
             last_message()  # forget an older line: the detail must be this export's
@@ -143,7 +153,7 @@ def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | Non
 
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-    exporter = HttpExporter(session=http_session("TRACES"))
+    exporter = HttpExporter(session=http_session("TRACES"), **otlp_timeout_kwargs("TRACES"))
     client = getattr(exporter, "_client", None)
     if client is None or not callable(getattr(client, "export", None)):
         exporter.shutdown()
