@@ -20,6 +20,8 @@ import atexit
 import collections
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -194,6 +196,7 @@ def start() -> Runtime | None:
         if not _atexit_registered:
             atexit.register(_at_exit)
             _atexit_registered = True
+        _arm_exit_paths()
         _log.info("otel-npu started: %s", rt.describe())
         for reason in rt.passed_over:
             _log.info("otel-npu: not using %s", reason)
@@ -208,6 +211,60 @@ def stop(timeout_s: float) -> bool:
     if rt is None:
         return True
     return rt.shutdown(timeout_s)
+
+
+_exit_paths_pid = 0  # the process whose exit paths are armed (a forked child arms its own)
+
+
+def _arm_exit_paths() -> None:
+    """The exits that skip ``atexit``, made to flush within the shutdown bound too:
+
+    * a ``multiprocessing`` child started with ``fork``/``forkserver`` ends with ``os._exit`` after running
+      its ``multiprocessing.util`` finalizers: one of them shuts otel-npu down (registered only when
+      ``multiprocessing`` is already imported; a child started by it always has it);
+    * ``SIGTERM`` with the default disposition ends the process at once: when (and only when) the handler
+      is still ``SIG_DFL``, and only from the main thread, a handler is installed that shuts otel-npu down
+      within the bound, restores ``SIG_DFL`` and sends SIGTERM again, so that the process still ends as it
+      would have (same signal, same exit status). An application's own handler is never replaced, and an
+      application that installs one later replaces this one.
+    """
+    global _exit_paths_pid
+    pid = os.getpid()
+    if _exit_paths_pid == pid:
+        return
+    _exit_paths_pid = pid
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is not None:
+        try:
+            mp_util.Finalize(None, _at_exit, exitpriority=0)
+        except Exception:  # pragma: no cover - a multiprocessing without finalizers: atexit only
+            _log.debug("otel-npu: no multiprocessing finalizer", exc_info=True)
+    try:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError, AttributeError):  # not the main interpreter, or no SIGTERM here
+        pass
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM under the default disposition: deliver what can be delivered within the shutdown bound, then
+    end the process by SIGTERM as the default would have."""
+    bound = _settings.shutdown_timeout_s
+    try:
+        # On a thread of its own: this handler runs between two bytecodes of the main thread, which may hold
+        # a lock the shutdown needs; then the bound runs out and the process ends anyway.
+        worker = threading.Thread(target=_at_exit, name="otel-npu-sigterm", daemon=True)
+        worker.start()
+        worker.join(bound + 0.5)
+        if worker.is_alive():
+            _log.warning("otel-npu: SIGTERM: the final flush did not finish within %g s; what it had not "
+                         "delivered is lost", bound)
+    finally:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _at_exit() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -185,3 +186,85 @@ def test_fork_while_another_thread_is_inside_configure_does_not_deadlock_the_chi
         release.set()
         closer.join()
     assert result["flushed"] and result["names"][-1] == "child"
+
+
+def _traces_in(path) -> int:
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return sum(len(ss["spans"]) for line in f if line.strip()
+                   for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"])
+
+
+def _quiet_env(tmp_path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(OTEL_NPU_ENABLED="1", OTEL_NPU_DEVICE="cpu", OTEL_NPU_PIPELINE="own", OTEL_TRACES_EXPORTER="none",
+               OTEL_METRICS_EXPORTER="none", OTEL_NPU_TRACES_FILE=str(tmp_path / "traces.jsonl"),
+               OTEL_BSP_SCHEDULE_DELAY="600000", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+SIGTERM_SCRIPT = textwrap.dedent("""
+    import signal, sys, time
+    import otel_npu
+    if sys.argv[1] == "own-handler":
+        signal.signal(signal.SIGTERM, lambda *a: (print("own handler", flush=True), sys.exit(3)))
+    for _ in range(10):
+        with otel_npu.capture("work"):
+            pass
+    print("ready", flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("mode", ["default", "own-handler"])
+def test_sigterm_delivers_within_the_bound_and_keeps_the_process_outcome(tmp_path, mode):
+    env = _quiet_env(tmp_path, OTEL_NPU_SHUTDOWN_TIMEOUT_S="3")
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, mode], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if mode == "default":
+        assert proc.returncode == -signal.SIGTERM, err  # still ended by SIGTERM, as without otel-npu
+        assert time.monotonic() - started < 3 + 2.5
+    else:
+        assert "own handler" in out and proc.returncode == 3, err  # the application's handler ran, not ours
+    assert _traces_in(tmp_path / "traces.jsonl") == 10, err
+
+
+MP_SCRIPT = textwrap.dedent("""
+    import multiprocessing, os, sys
+    import otel_npu
+
+    def child():
+        otel_npu.configure(enabled=True)
+        for _ in range(5):
+            with otel_npu.capture("in child"):
+                pass
+
+    if __name__ == "__main__":
+        otel_npu.configure(enabled=False)  # the parent captures nothing: only the children write spans
+        ctx = multiprocessing.get_context(sys.argv[1])
+        p = ctx.Process(target=child)
+        p.start()
+        p.join(60)
+        print("exit", p.exitcode, flush=True)
+""")
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_multiprocessing_children_deliver_their_spans_at_exit(tmp_path, method):
+    script = tmp_path / "mp_child.py"
+    script.write_text(MP_SCRIPT)
+    env = _quiet_env(tmp_path, OTEL_NPU_ENABLED="0")
+    result = subprocess.run([sys.executable, str(script), method], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert "exit 0" in result.stdout, result.stdout + result.stderr
+    assert _traces_in(tmp_path / "traces.jsonl") == 5, result.stderr
