@@ -10,7 +10,8 @@ Instruments (documented in the README):
   not (their times are host times, not device times): they are counted instead.
 * ``otel_npu.captures.resolved``, ``otel_npu.captures.timed_out``, ``otel_npu.captures.dropped``
   (attribute ``otel_npu.reason``: ``pending_limit``, ``event_pool_empty``, ``record_failed``,
-  ``resolver_stopped``, ``graph_capture``, ``device_starting``) and ``otel_npu.captures.spans_lost`` (spans that did not reach the collector;
+  ``resolver_stopped``, ``device_unfinished``, ``shutdown_timeout``, ``graph_capture``, ``device_starting``)
+  and ``otel_npu.captures.spans_lost`` (spans that did not reach the collector;
   ``otel_npu.reason``: ``export_failed``, ``export_queue_full``, ``emit_failed``) — monotonic sums read from
   the runtime's ``Stats`` at export time.
 
@@ -75,8 +76,8 @@ EXEMPLAR_FILTERS = ("trace_based", "always_on", "always_off")
 MAX_SERIES = 1000
 _OVERFLOW = ("\0overflow", None)
 
-CAPTURE_DROP_REASONS = ("pending_limit", "event_pool_empty", "record_failed", "resolver_stopped", "graph_capture",
-                        "device_starting")
+CAPTURE_DROP_REASONS = ("pending_limit", "event_pool_empty", "record_failed", "resolver_stopped", "device_unfinished",
+                        "shutdown_timeout", "graph_capture", "device_starting")
 SPAN_LOSS_REASONS = ("export_failed", "export_queue_full", "emit_failed")
 COUNTERS = {
     # name: (description, how to read it from a Stats snapshot)
