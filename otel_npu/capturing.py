@@ -6,9 +6,11 @@ What a capture costs the capturing thread, and nothing more:
   read for torch.compile tracing; no allocation), and an empty ``__enter__``/``__exit__``: about a
   ``contextlib.nullcontext()``. No events, no threads, no
   environment reads;
-* **enabled, CPU backend**: two ``perf_counter_ns()`` reads, a context-variable get/set/reset (nesting), one
-  OpenTelemetry context read (only for an outermost capture: its parent is the span current at entry), and a
-  ``deque.append``. No locks, no OTel objects, no allocation besides the capture object itself;
+* **enabled, CPU backend**: two ``perf_counter_ns()`` reads, a context-variable get/set at entry and get/reset
+  at exit (nesting; the get at exit checks that the capture ending is the current one), one attribute store
+  that claims the object, one OpenTelemetry context read (only for an outermost capture: its parent is the
+  span current at entry), and a ``deque.append``. No locks, no OTel objects, no allocation besides the
+  capture object itself;
 * **enabled, device backend**: the same, plus the stream's device index, a dict lookup for that device's
   pool of pre-created events, two ``deque.pop`` from it and two ``Event.record(stream)`` calls (≈ 1-2.5 µs
   each on CUDA: the driver's cost, enqueue only). A capture on a device otel-npu has not seen before is not
