@@ -149,8 +149,9 @@ class Pipeline:
             self._slow.observe(r.name, r.end_ns - r.start_ns, r.end_ns, False)
         if kept is None:
             self._stats.spans_unsampled += 1 + len(held)
-            self._unexported(held)
-            self._unexported((r,))
+            if self._exemplar_all is not None:
+                self._unexported(held)
+                self._unexported((r,))
             return
         r.kept = (kept, None if threshold is None else threshold / 1e6)
         r.sampled = True
