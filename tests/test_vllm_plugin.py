@@ -163,3 +163,19 @@ def test_runner_scopes_become_stages_inside_a_step_and_vllms_own_scopes_still_ru
     assert [c.name for c in spans.children_of(step)] == ["prepare input", "EPLB update", "sample"]
     assert len(spans.all) == 4
     assert entered == [x for name in [names[0]] + names for x in (name, "/" + name)]
+
+
+def test_the_worker_exports_with_its_own_pipeline_where_vllm_sends_over_vllms_protocol():
+    from otel_npu import runtime
+
+    wrapper = NS(vllm_config=NS(observability_config=NS(otlp_traces_endpoint="http://c:4317")))
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317"}  # vLLM puts its endpoint there
+    plugin._export_like_vllm(wrapper, env)
+    assert env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "grpc"  # vLLM's convention, not OTLP's http default
+    assert env["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"] == "http://c:4317"
+    assert runtime.settings().pipeline == "own"
+    # a protocol the operator chose stays; so does a pipeline the operator chose
+    env = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf", "OTEL_NPU_PIPELINE": "app"}
+    otel_npu.configure(pipeline="auto")
+    plugin._export_like_vllm(wrapper, env)
+    assert env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf" and runtime.settings().pipeline == "auto"
