@@ -115,6 +115,7 @@ def stats() -> dict[str, Any]:
     out = rt.stats.snapshot()
     out.update(running=True, device=rt.backend.label(), pipeline=rt.pipeline.description,
                metrics=rt.pipeline.metrics_description,
+               sampling=getattr(rt.pipeline, "sampling_description", ""),
                pending=len(rt.pending), resolver_alive=rt.resolver.alive)
     reads = getattr(rt.backend, "timing_read_stats", None)
     if reads is not None:

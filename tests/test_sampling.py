@@ -493,3 +493,14 @@ def test_a_kept_step_exports_only_captures_it_can_parent(monkeypatch, sim):
     stats = otel_npu.stats()
     assert names == ["S0", "S1", "c0"], repr(stats)
     assert stats["dropped"] == {} and stats["spans_unsampled"] == 2  # outer and inner
+
+
+def test_stats_say_how_steps_are_sampled(monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.01")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own", keep_slow_steps="p999", detail_every=10)
+    with otel_npu.capture("x"):
+        pass
+    text = otel_npu.stats()["sampling"]
+    assert "TraceIdRatioBased{0.01}" in text and "p999 of the last 10000" in text and "1 step in 10" in text

@@ -89,6 +89,13 @@ class Pipeline:
         self._detail_forces = detail_every > 1
         self._hold = slow is not None or self._detail_forces
         self._held: dict[Any, list] = {}
+        #: For ``stats()["sampling"]``: the sampler, which steps are kept besides, the detail budget, exemplars.
+        parts = [f"sampler {getattr(factory._sampler, 'get_description', lambda: '?')()}",
+                 slow.describe() if slow is not None else "slow steps not kept",
+                 f"detail in 1 step in {detail_every} per name" if detail_every > 1 else "detail in every step"]
+        if metrics is not None:
+            parts.append(f"exemplars {getattr(metrics, 'exemplar_filter', '?')}")
+        self.sampling_description = "; ".join(parts)
         if metrics is not None:
             metrics.ensure_started()
 
