@@ -4,8 +4,9 @@ Why it looks the way it does (measured, see ``benchmarks/``): the serving loop's
 this one for the GIL, and every wake-up or long stretch of Python here is time the loop may spend waiting.
 So the resolver
 
-* **wakes rarely**: every ``poll_interval_s`` (100 ms) by default while captures are in flight, every
-  ``IDLE_POLL_S`` (1 s) when none are; the hot path never signals it (except on the rare empty-pool path).
+* **wakes rarely**: every ``poll_interval_s`` (100 ms) by default while captures are in flight or were taken
+  in during the last ``IDLE_POLL_S``, every ``IDLE_POLL_S`` (1 s) once none have been for that long; the hot
+  path never signals it (except on the rare empty-pool path).
   It wakes at once, and then polls every millisecond, only while someone waits on it (``flush()``, the
   compat pop);
 * **works in short slices**: it gives the GIL up (``time.sleep(0)``) every ``SLICE`` records, so a waiting
@@ -215,6 +216,7 @@ class Resolver:
         self._emit = emit
         self._on_step = on_step
         self._interval = poll_interval_s
+        self._last_intake_ns = 0  # host monotonic time of the last pass that took captures in
         self._timeout_ns = int(event_timeout_s * 1e9)
         self._queues: dict[Any, collections.deque] = {}
         self._steps: dict[Any, _StepState] = {}
@@ -300,9 +302,12 @@ class Resolver:
             while not self._stopping and not self._abandoned:
                 if self._waiters:
                     timeout = URGENT_POLL_S
-                elif self._pending or self._queues or self._steps or self._preparing:
+                elif (self._pending or self._queues or self._steps or self._preparing
+                      or self._mono() - self._last_intake_ns < IDLE_POLL_S * 1e9):
                     timeout = self._interval
-                else:  # nothing in flight: wake up less (each wake-up can preempt a busy torch thread)
+                else:  # nothing in flight, nor taken in for IDLE_POLL_S: wake up less (each wake-up can
+                    # preempt a busy torch thread). Not sooner: a loop pausing between bursts would find
+                    # the event pool empty before the next wake-up (the hot path signals only then).
                     timeout = max(self._interval, IDLE_POLL_S)
                 self._wake.wait(timeout)
                 self._wake.clear()
@@ -330,6 +335,8 @@ class Resolver:
         now = mono()
         self._graph_ns = _graphs.capturing_ns(now)
         taken = self._take_in()
+        if taken:
+            self._last_intake_ns = now
         # No device call while a graph capture is in progress; one that begins waits for this section,
         # which stops early once one is waiting (``_graphs.active`` is set first): see the docstring.
         if _graphs.enter_device_calls():
