@@ -166,16 +166,16 @@ class _Worker:
 
 
 class _Flusher(threading.Thread):
-    """Sends the worker's spans soon after its steps, off the engine's thread.
+    """Sends the worker's spans as soon as the engine goes idle, off the engine's thread.
 
     vLLM's default shutdown (``--shutdown-timeout 0``) SIGKILLs the EngineCore and its workers as soon as the
     API server gets SIGTERM, so what a worker still holds then is lost; exporters batch for seconds. This
-    thread flushes otel-npu (its resolver and its exporters) once the engine has been idle
-    for ``IDLE_S``, and at least every ``MAX_DELAY_S`` while it is busy.
+    thread flushes otel-npu (its resolver and its exporters) once the engine has been idle for ``IDLE_S``.
+    Not while it is busy: a flush makes the resolver poll every millisecond until it is done, which on a
+    starved machine took the engine's GIL time (and the exporters' batches of ≤ 5 s do that job then).
     """
 
     IDLE_S = 0.05
-    MAX_DELAY_S = 1.0
 
     def __init__(self) -> None:
         super().__init__(name="otel-npu-vllm-flush", daemon=True)
@@ -186,8 +186,7 @@ class _Flusher(threading.Thread):
         while True:
             wake.wait()
             wake.clear()
-            first = time.monotonic()
-            while wake.wait(self.IDLE_S) and time.monotonic() - first < self.MAX_DELAY_S:
+            while wake.wait(self.IDLE_S):
                 wake.clear()
             try:
                 otel_npu.flush(2.0)
