@@ -117,6 +117,48 @@ class DeviceBackend(abc.ABC):
         """Release what the backend holds (threads, streams). Idempotent."""
 
 
+class TorchEventBackend(DeviceBackend):
+    """What the CUDA and NPU backends share: torch-style ``Event``/``Stream`` classes, a ``set_device``, and
+    one anchor stream of otel-npu's own per device. A subclass's ``__init__`` sets ``_index``, ``_label``,
+    ``_Event``, ``_Stream``, ``_set_device``, ``_anchor_stream`` (on the primary device) and
+    ``_anchor_streams`` (device index -> anchor stream, the primary's included)."""
+
+    def label(self) -> str:
+        return self._label
+
+    def device_label(self, index: int) -> str:
+        return self._label if index == self._index else f"{self.kind}:{index}"
+
+    def record(self, event: Any, stream: Any) -> None:
+        event.record(stream)
+
+    def _anchor_on(self, device: int | None) -> Any:
+        if device is None or device == self._index:
+            return self._anchor_stream
+        stream = self._anchor_streams.get(device)
+        if stream is None:
+            stream = self._anchor_streams[device] = self._Stream(device=device)
+        return stream
+
+    def new_event(self, device: int | None = None) -> Any:
+        event = self._Event(enable_timing=True)
+        # creates the device event (cudaEvent_t, aclrtEvent) now, on this thread and on that device: the
+        # first record does, and the hot path must never
+        event.record(self._anchor_on(device))
+        return event
+
+    def use_device(self, index: int) -> None:
+        # current devices (CUDA) and ACL contexts (NPU) are per thread: reads of another device's events
+        # need it current on the reading thread
+        self._set_device(index)
+
+    def query(self, event: Any) -> bool:
+        return event.query()
+
+    def record_anchor(self, event: Any, device: int | None = None) -> None:
+        event.record(self._anchor_on(device))
+
+
 class _DeviceView(DeviceBackend):
     """A backend bound to one of its non-primary devices (see ``DeviceBackend.for_device``)."""
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 from typing import Any, Callable, Hashable
 
 from . import graphs
-from .base import DeviceBackend, DeviceUnavailable
+from .base import DeviceUnavailable, TorchEventBackend
 
 
-class CudaBackend(DeviceBackend):
+class CudaBackend(TorchEventBackend):
     kind = "cuda"
     # An idle CUDA stream executes an event record a few microseconds after the call: "submit".
     anchor_estimate = "submit"
@@ -54,37 +54,8 @@ class CudaBackend(DeviceBackend):
         self._anchor_streams = {self._index: self._anchor_stream}
         graphs.watch(cuda=cuda)  # no device call while a graph capture is in progress: see graphs.py
 
-    def label(self) -> str:
-        return self._label
-
     def current_stream(self) -> Any:  # pragma: no cover - replaced in __init__
         raise NotImplementedError
-
-    def record(self, event: Any, stream: Any) -> None:
-        event.record(stream)
-
-    def _anchor_on(self, device: int | None) -> Any:
-        if device is None or device == self._index:
-            return self._anchor_stream
-        stream = self._anchor_streams.get(device)
-        if stream is None:
-            stream = self._anchor_streams[device] = self._Stream(device=device)
-        return stream
-
-    def new_event(self, device: int | None = None) -> Any:
-        event = self._Event(enable_timing=True)
-        # creates the cudaEvent_t now, on this thread and on that device, not on the hot path
-        event.record(self._anchor_on(device))
-        return event
-
-    def use_device(self, index: int) -> None:
-        self._set_device(index)
-
-    def device_label(self, index: int) -> str:
-        return self._label if index == self._index else f"cuda:{index}"
-
-    def query(self, event: Any) -> bool:
-        return event.query()
 
     def reference(self, event: Any) -> Any:
         return event
@@ -103,8 +74,6 @@ class CudaBackend(DeviceBackend):
         device = stream.device_index
         return label if device == self._index else f"cuda:{device}/{label}"  # otel_npu.device names the primary
 
-    def record_anchor(self, event: Any, device: int | None = None) -> None:
-        event.record(self._anchor_on(device))
 
 
 #: Distinct streams whose Stream objects ``cached_current_stream`` keeps (beyond, each call builds one).

@@ -32,7 +32,7 @@ import time
 from typing import Any, Callable, Hashable
 
 from . import graphs
-from .base import DeviceBackend, DeviceUnavailable
+from .base import DeviceUnavailable, TorchEventBackend
 
 
 _log = logging.getLogger("otel_npu")
@@ -90,7 +90,7 @@ def import_torch_npu() -> Any:
         raise DeviceUnavailable(f"torch_npu is installed but unusable: {type(exc).__name__}: {text}{hint}") from exc
 
 
-class NpuBackend(DeviceBackend):
+class NpuBackend(TorchEventBackend):
     kind = "npu"
     # Records go through torch_npu's task queue before reaching the device: the anchor ran somewhere
     # between the call and the moment we saw it complete.
@@ -181,36 +181,8 @@ class NpuBackend(DeviceBackend):
                 "mean_us": round(self._read_ns / self._reads / 1000, 2) if self._reads else None,
                 "max_us": round(self._read_max_ns / 1000, 2)}
 
-    def label(self) -> str:
-        return self._label
-
     def current_stream(self) -> Any:
         return self._current_stream()
-
-    def record(self, event: Any, stream: Any) -> None:
-        event.record(stream)
-
-    def _anchor_on(self, device: int | None) -> Any:
-        if device is None or device == self._index:
-            return self._anchor_stream
-        stream = self._anchor_streams.get(device)
-        if stream is None:
-            stream = self._anchor_streams[device] = self._Stream(device=device)
-        return stream
-
-    def new_event(self, device: int | None = None) -> Any:
-        event = self._Event(enable_timing=True)
-        event.record(self._anchor_on(device))  # creates the device event here, not on the hot path
-        return event
-
-    def use_device(self, index: int) -> None:
-        self._set_device(index)  # ACL contexts are per thread: reads of another device's events need its own
-
-    def device_label(self, index: int) -> str:
-        return self._label if index == self._index else f"npu:{index}"
-
-    def query(self, event: Any) -> bool:
-        return event.query()
 
     def reference(self, event: Any) -> Any:
         if self._choose(event) != "elapsed_time":
@@ -235,6 +207,3 @@ class NpuBackend(DeviceBackend):
         label = str(getattr(stream, "stream_id", getattr(stream, "npu_stream", stream)))
         device = getattr(stream, "device_index", self._index)
         return label if device == self._index else f"npu:{device}/{label}"  # otel_npu.device names the primary
-
-    def record_anchor(self, event: Any, device: int | None = None) -> None:
-        event.record(self._anchor_on(device))
