@@ -98,6 +98,17 @@ def wall_of(mono_ns: int) -> int:
 
 
 @pytest.fixture
+def receiver() -> Any:
+    """An OTLP/HTTP test receiver; otel-npu is shut down (flushing to it) before it closes."""
+    from .otlp_receiver import HttpReceiver
+
+    r = HttpReceiver()
+    yield r
+    otel_npu.shutdown(5.0)
+    r.close()
+
+
+@pytest.fixture
 def caplog_otel(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.INFO, logger="otel_npu")
     return caplog

@@ -16,16 +16,8 @@ import otel_npu
 from otel_npu.export.metrics import BOUNDARIES_MS
 
 from .conftest import TIME_BOUND_NS
-from .otlp_receiver import HttpReceiver, attributes
+from .otlp_receiver import attributes
 from .test_sim_device import truth
-
-
-@pytest.fixture
-def receiver():
-    r = HttpReceiver()
-    yield r
-    otel_npu.shutdown(5.0)
-    r.close()
 
 
 def own_metrics_env(monkeypatch, receiver, **extra):

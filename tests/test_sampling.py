@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -15,7 +14,7 @@ from opentelemetry.trace import Link
 import otel_npu
 from otel_npu import config, runtime, sampling
 
-from .otlp_receiver import HttpReceiver, attributes
+from .otlp_receiver import attributes
 
 
 class RecordingSampler(Sampler):
@@ -67,14 +66,6 @@ def test_the_sampler_gets_the_spans_attributes_and_links_as_link_objects():
     alone_attrs, alone_links = calls["alone"]
     assert alone_attrs["k"] == "v" and alone_links == []
     request.end()
-
-
-@pytest.fixture
-def receiver():
-    r = HttpReceiver()
-    yield r
-    otel_npu.shutdown(5.0)
-    r.close()
 
 
 STAGES = ("prepare", "forward", "sample")
