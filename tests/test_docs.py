@@ -1,0 +1,82 @@
+"""The README and the documentation site: the README stays short and its links and commands hold; the site
+builds strictly (a broken link, anchor, nav entry or API reference fails); CI runs the README's test command."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def fenced_blocks(text: str, lang: str = "bash") -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.DOTALL)
+
+
+def section(text: str, title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, flags=re.DOTALL | re.MULTILINE)
+    assert match, f"no section {title!r}"
+    return match.group(1)
+
+
+def test_the_readme_is_a_few_screens():
+    lines = README.splitlines()
+    assert len(lines) <= 200, len(lines)
+    assert len(README.encode()) <= 14_000, len(README.encode())
+    # the picture comes before the first section
+    assert README.index("docs/phoenix-trace.png") < README.index("\n## ")
+
+
+def test_every_relative_link_of_the_readme_exists():
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README)
+    missing = [t for t in targets if not re.match(r"[a-z]+://", t) and not (ROOT / t).exists()]
+    assert not missing, missing
+
+
+def test_the_readme_installs_from_a_clone_and_says_the_package_is_not_on_pypi():
+    install = section(README, "Install (from a clone)")
+    assert "git clone" in install and "&& cd otel-npu" in install
+    assert "not published on PyPI" in install
+    assert "pip install otel-npu\n" not in README  # the command that fails
+
+
+def test_ci_runs_the_readme_test_command():
+    (block,) = fenced_blocks(section(README, "Run the tests"))
+    setup, command = block.strip().splitlines()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert command in ci.splitlines(), command
+    for extra in re.search(r'-e "\.\[([a-z,]+)\]"', setup).group(1).split(","):
+        assert re.search(rf'-e "\.\[[a-z,]*\b{extra}\b', ci), extra
+
+
+def test_the_one_demo_command_sets_up_a_venv_and_runs_the_demo():
+    line = fenced_blocks(section(README, "See it work: one command"))[0].strip()
+    assert line.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install")
+    assert line.endswith("&& otel-npu demo")
+
+
+def test_the_release_workflow_builds_and_checks():
+    yaml = pytest.importorskip("yaml")
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "release.yml").read_text())
+    steps = "\n".join(step.get("run", "") for step in workflow["jobs"]["build"]["steps"])
+    assert "python -m build" in steps and "twine check --strict" in steps and "otel-npu demo" in steps
+    assert "download.pytorch.org/whl/cpu" in steps  # never PyPI's CUDA torch by accident
+
+
+def test_the_docs_site_builds_strictly(tmp_path):
+    pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install -e '.[docs]'")
+    pytest.importorskip("mkdocstrings_handlers.python", reason="the docs extra is not installed")
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    reference = (tmp_path / "site" / "reference" / "index.html").read_text()
+    for name in ("capture", "step", "flush", "shutdown", "configure", "enabled", "stats", "instrument_module",
+                 "ProfileExecuteDuration", "testing.SimDevice"):
+        assert f'id="otel_npu.{name}"' in reference, name
