@@ -61,6 +61,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import os
 import sys
 import threading
 import time
@@ -69,9 +70,10 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from opentelemetry import context as _otel_context
 
-from . import runtime as _runtime_mod
+from .accounting import process_stats
 from .devices import graphs as _graphs
-from .resolver import DROPPED as _DROPPED
+from .record import DROPPED as _DROPPED
+from .record import STEP_SLOTS, Record
 
 _log = logging.getLogger("otel_npu")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -96,8 +98,9 @@ _new = object.__new__
 
 _GONE = object()  # ``_token`` of a capture exited elsewhere or out of order: not a parent for later captures
 
-# Bound by _install() from the running Runtime; read as module globals by the hot path (fast LOAD_GLOBAL).
-_rt: Any = None
+# Bound by install() from the running runtime's Parts; read as module globals by the hot path (fast
+# LOAD_GLOBAL).
+_parts: Any = None
 _pending_len: Callable[[], int] = lambda: 0
 _pending_append: Callable[[Any], None] = lambda item: None
 _max_pending = 0
@@ -242,28 +245,12 @@ def _off_capture(name: str, attributes: Any, stream: Any) -> _Off:
     return _Off(name, attributes, stream)
 
 
-class Capture:
-    """A timed region: two device events and what is needed to turn them into a span later.
+class Capture(Record):
+    """A timed region: two device events and what is needed to turn them into a span later. Its fields are
+    the ``Record``'s (``record.py`` says which thread writes each); this class adds the context manager and
+    decorator behaviour of the capturing thread."""
 
-    Fields written on the capturing thread: ``name``, ``attributes``, ``stream``, ``parent`` (the enclosing
-    capture or ``None``), ``otel_ctx`` (the OTel context at entry; set only when ``parent`` is ``None``),
-    ``host_start``/``host_end`` (host monotonic ns just before each record), ``start``/``end`` (the events;
-    host ns on the CPU backend), ``error`` (``None`` or ``(type name, message)``), ``origin`` (set only on a
-    capture made for a re-entry: the object entered again), ``auto_stream`` (the stream, when entry chose it
-    rather than ``capture(stream=...)``). The resolver thread owns
-    every other field (see ``resolver.py``); nothing is read back on the capturing thread.
-    """
-
-    __slots__ = (
-        "name", "attributes", "stream", "parent", "otel_ctx", "host_start", "host_end", "start", "end",
-        "error", "_token", "origin", "auto_stream",
-        "detail",  # capture(detail=True): True (read only to decorate); a step: its detail budget (0, 1, 2)
-        # resolver-owned
-        "step", "trace_id", "span_id", "parent_span_id", "sampled", "trace_state", "start_ns", "end_ns",
-        "clock_error_ns", "timed_out", "done", "intake", "parent_remote", "compat", "graph_ns",
-    )
-    is_step = False
-    links: tuple = ()
+    __slots__ = ()
 
     def __init__(self, name: str, attributes: Mapping[str, Any] | None, stream: Any) -> None:
         self.name = name
@@ -305,7 +292,7 @@ class _HostCapture(Capture):
         self.parent = parent
         self._token = _set_current(self)
         if _pending_len() >= _max_pending or _graphs.active:  # decided at entry: see the module's docstring
-            _rt.stats.drop("graph_capture" if _graphs.active else "pending_limit")
+            _parts.stats.drop("graph_capture" if _graphs.active else "pending_limit")
             return self
         if self.stream is None:  # the CPU's "stream" is the thread (its Thread object, for the name)
             try:
@@ -358,7 +345,7 @@ class _EventCapture(Capture):
         self.parent = parent
         self._token = _set_current(self)
         if _pending_len() >= _max_pending or _graphs.active:  # decided at entry: see the module's docstring
-            _rt.stats.drop("graph_capture" if _graphs.active else "pending_limit")
+            _parts.stats.drop("graph_capture" if _graphs.active else "pending_limit")
             return self
         try:
             stream = self.stream
@@ -366,7 +353,7 @@ class _EventCapture(Capture):
                 stream = self.stream = self.auto_stream = _current_stream()
             pool = _pools.get(stream.device_index)  # events are per device: see devices/base.py
             if pool is None:  # a device not seen before: the resolver prepares it; this capture is not timed
-                _rt.want_device(stream.device_index)
+                _parts.want_device(stream.device_index)
                 return self
             take = pool.take
             start = take()
@@ -379,10 +366,10 @@ class _EventCapture(Capture):
             _record(start, stream)
         except Exception as exc:  # pool empty, or the device refused the record: never into the program
             if isinstance(exc, IndexError):
-                _rt.stats.drop("event_pool_empty")
-                _rt.resolver.wake()  # rare path: have the pool refilled now rather than at the next poll
+                _parts.stats.drop("event_pool_empty")
+                _parts.wake()  # rare path: have the pool refilled now rather than at the next poll
             else:
-                _rt.stats.drop("record_failed", exc)
+                _parts.stats.drop("record_failed", exc)
             return self
         self.start = start
         self.end = end
@@ -400,7 +387,7 @@ class _EventCapture(Capture):
             except Exception as record_exc:
                 timed = False
                 self.start = _DROPPED
-                _rt.stats.drop("record_failed", record_exc)
+                _parts.stats.drop("record_failed", record_exc)
         try:
             _reset_current(self._token)
         except ValueError:  # a copy of the entering context (a task or thread started inside): see there
@@ -420,7 +407,7 @@ class _EventCapture(Capture):
             except Exception as record_exc:
                 self.start = _DROPPED
                 self.error = None
-                _rt.stats.drop("record_failed", record_exc)
+                _parts.stats.drop("record_failed", record_exc)
                 return
             self.error = None if exc_type is None else _describe_error(exc_type, exc, tb)
             _pending_append(self)
@@ -452,11 +439,11 @@ class _StepMixin:
 
 
 class _HostStep(_StepMixin, _HostCapture):
-    __slots__ = ("links", "kept")
+    __slots__ = STEP_SLOTS
 
 
 class _EventStep(_StepMixin, _EventCapture):
-    __slots__ = ("links", "kept")
+    __slots__ = STEP_SLOTS
 
 
 def _enter_again(cm: Capture) -> Capture:
@@ -482,7 +469,7 @@ def _left_behind(cm: Capture) -> None:
     """``cm`` was exited where its entering context cannot be restored: that context still has ``cm`` as its
     current capture. Mark it, so that the next capture entered there skips it; count it."""
     cm._token = _GONE
-    stats = getattr(_rt, "stats", None)
+    stats = getattr(_parts, "stats", None)
     if stats is not None:
         stats.add("misnested_exits")
 
@@ -673,68 +660,101 @@ def step(name: str, *, links: Iterable[Any] = (), attributes: Mapping[str, Any] 
     return cls(name, links, attributes)
 
 
+class Parts:
+    """What the hot path needs of a running otel-npu, handed to ``install()`` by whoever starts it (the
+    runtime builds one; the hot path never imports the runtime). ``pools``/``record``/``current_stream`` are
+    used by device backends only (``host_timed`` False)."""
+
+    __slots__ = ("stats", "pending", "max_pending", "host_timed", "pools", "record", "current_stream",
+                 "want_device", "wake", "detail_budget")
+
+    def __init__(self, *, stats: Any, pending: Any, max_pending: int, host_timed: bool, pools: dict | None = None,
+                 record: Callable[[Any, Any], None] | None = None, current_stream: Callable[[], Any] | None = None,
+                 want_device: Callable[[int], None] | None = None, wake: Callable[[], None] | None = None,
+                 detail_budget: Any = None) -> None:
+        self.stats = stats                  # accounting.Stats: drops counted on the hot path (rare paths)
+        self.pending = pending              # the deque the resolver takes captures from
+        self.max_pending = max_pending      # the pending limit until the resolver says otherwise (set_room)
+        self.host_timed = host_timed
+        self.pools = pools if pools is not None else {}  # device index -> EventPool (devices added later)
+        self.record = record                # backend.record(event, stream)
+        self.current_stream = current_stream
+        self.want_device = want_device      # a capture on a device without events yet (rare)
+        self.wake = wake                    # wake the resolver now (rare: the event pool ran empty)
+        self.detail_budget = detail_budget  # spans.sampling.DetailBudget, or None (every step takes detail)
+
+
+#: Not started yet, try again at the next capture (``Starter``'s answer while a graph capture runs).
+NOT_NOW: Any = object()
+#: Called under ``_state_lock`` by the first capture while enabled: returns ``Parts`` (installed), ``None``
+#: (otel-npu cannot run here: captures stay no-ops until ``set_mode`` again) or ``NOT_NOW``. Bound by the API.
+_starter: Callable[[], Any] = lambda: None
+
+
+def set_starter(starter: Callable[[], Any]) -> None:
+    """Bind what the first enabled capture calls to start otel-npu (``api`` binds the runtime's start)."""
+    global _starter
+    _starter = starter
+
+
 def _start() -> tuple[Any, Any]:
-    """First capture in a process (or after configure()): start the runtime, then capture normally."""
+    """First capture in a process (or after configure()): start otel-npu, then capture normally."""
     global _capture_cls, _step_cls
     with _state_lock:
         if _capture_cls is _LAZY:
-            device = _runtime_mod.settings().device  # a SimDevice brings its own graph API
-            _graphs.watch(cuda=getattr(device, "torch_cuda", None), torch_npu=getattr(device, "torch_npu", None))
-            if _graphs.capture_in_progress(getattr(device, "is_current_stream_capturing", None)):
-                # Starting creates events and streams and waits for an anchor: device calls that would break
-                # (or be captured into) the graph. Captures stay no-ops until a later one starts the runtime.
+            parts = _starter()
+            if parts is NOT_NOW:
                 return _LAZY, _LAZY
-            rt = _runtime_mod.start()
-            if rt is None:
+            if parts is None:
                 _capture_cls = _step_cls = None
             else:
-                _install(rt)
+                install(parts)
     return _capture_cls, _step_cls
 
 
-def _install(rt: Any) -> None:
-    global _rt, _pending_len, _pending_append, _max_pending, _pools, _record, _current_stream
+def install(parts: Parts) -> None:
+    """Bind the hot path to ``parts``: captures from now on are timed and queued there."""
+    global _parts, _pending_len, _pending_append, _max_pending, _pools, _record, _current_stream
     global _capture_cls, _step_cls, _detail_budget
     torch = sys.modules.get("torch")
     if torch is not None:
         _bind_compiler(torch)
-    _rt = rt
-    _detail_budget = getattr(rt, "detail_budget", None)
-    _pending_len = rt.pending.__len__
-    _pending_append = rt.pending.append
-    _max_pending = rt.settings.max_pending
-    rt.on_room = functools.partial(_set_room, rt)
-    rt.on_detach = functools.partial(_detach, rt)
-    if rt.backend.host_timed:
+    _parts = parts
+    _detail_budget = parts.detail_budget
+    _pending_len = parts.pending.__len__
+    _pending_append = parts.pending.append
+    _max_pending = parts.max_pending
+    if parts.host_timed:
         _capture_cls, _step_cls = _HostCapture, _HostStep
     else:
-        _pools = rt.pools
-        _record = rt.backend.record
-        _current_stream = rt.backend.current_stream
+        _pools = parts.pools
+        _record = parts.record
+        _current_stream = parts.current_stream
         _capture_cls, _step_cls = _EventCapture, _EventStep
 
 
-def _set_room(rt: Any, n: int) -> None:
-    """The resolver's word on how many captures may wait in ``pending`` now (the limit less those it holds)."""
+def set_room(parts: Parts, n: int) -> None:
+    """The resolver's word on how many captures may wait in ``pending`` now (the limit less those it holds);
+    ignored unless ``parts`` is the installed one."""
     global _max_pending
-    if _rt is rt:
+    if _parts is parts:
         _max_pending = n
 
 
-def _detach(rt: Any) -> None:
-    """``rt`` is shutting down: a capture that ends from now on is counted as lost, not queued where nothing
-    will take it (a capture open across ``shutdown()``/``configure()``)."""
+def detach(parts: Parts) -> None:
+    """``parts``' runtime is shutting down: a capture that ends from now on is counted as lost, not queued
+    where nothing will take it (a capture open across ``shutdown()``/``configure()``)."""
     global _pending_append
-    if _rt is rt:
+    if _parts is parts:
         _pending_append = _late
 
 
 def _late(item: Any) -> None:
-    _runtime_mod.process_stats().drop("resolver_stopped")
+    process_stats().drop("resolver_stopped")
 
 
 def set_mode(enabled: bool) -> None:
-    """Enabled: the next capture starts the runtime. Disabled: captures do nothing (running ones finish)."""
+    """Enabled: the next capture starts otel-npu. Disabled: captures do nothing (running ones finish)."""
     global _capture_cls, _step_cls
     if enabled:
         _graphs.watch()  # as early as possible: a graph capture begun before we watch is not seen
@@ -756,11 +776,12 @@ def current() -> Capture | None:
 def _after_fork_in_child() -> None:
     # The parent's runtime (threads, queue, events) does not exist in the child: start afresh on the next
     # capture. Locks are replaced, not released: a lock held by another thread at fork time stays held.
-    global _state_lock, _rt, _pending_append
+    global _state_lock, _parts, _pending_append
     _state_lock = threading.Lock()
-    _rt = None
+    _parts = None
     _pending_append = _late  # a capture open across fork ends in the child: counted there, not left in a copy
     set_mode(_capture_cls is not None)
 
 
-_runtime_mod.on_fork_child(_after_fork_in_child)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

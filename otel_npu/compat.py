@@ -21,7 +21,7 @@ from typing import Any
 
 from . import capturing as _capture
 from . import durations, runtime
-from .resolver import DROPPED
+from .record import DROPPED
 
 _log = logging.getLogger("otel_npu")
 

@@ -14,6 +14,8 @@ import sys
 import threading
 from typing import Any, Iterable
 
+from .record import Record
+
 log = logging.getLogger("otel_npu.durations")
 _claim_lock = threading.Lock()
 
@@ -39,7 +41,7 @@ def unique_tags(tags: Iterable[str]) -> list[str]:
     return out
 
 
-def duration_ms(r: Any) -> float:
+def duration_ms(r: Record) -> float:
     return (r.end_ns - r.start_ns) / 1e6
 
 

@@ -28,7 +28,8 @@ with host times and ``timed_out`` set (an ERROR span), and its events are abando
 waits for the captures inside it so that its span covers them all.
 
 Resolved records go to ``emit`` (spans and metrics) and finished steps to ``on_step`` (the duration log
-line). Drops are counted in ``Stats`` and reported by one warning at most every ``REPORT_EVERY_S``.
+line). Drops are counted in ``accounting.Stats`` and reported by one warning at most every
+``accounting.REPORT_EVERY_S``.
 """
 
 from __future__ import annotations
@@ -39,23 +40,19 @@ import threading
 import time
 from typing import Any, Callable
 
+from .accounting import Stats
 from .clock import ANCHOR_SPIN_NS, CalibrationError, DeviceClock, HostClock
 from .devices import graphs as _graphs
 from .devices.base import DeviceBackend, EventPool
+from .record import DROPPED, Record
 
 _log = logging.getLogger("otel_npu")
-
-#: ``Capture.start`` of a capture that could not be timed (event pool empty, record failed). Its children
-#: parent to its nearest timed ancestor.
-DROPPED = object()
 
 _HOST_TIMED = -1  # "seen" of a host-timed capture: nothing to wait for or to place
 _FAILED = -2      # "seen" of a capture whose query() raised: host times, its events abandoned
 
 #: Records resolved between two voluntary GIL releases.
 SLICE = 32
-#: Seconds between two drop/failure warnings (each says how many and why since the last one).
-REPORT_EVERY_S = 60.0
 #: Free timing events kept ready at least (a capture takes two); more when passes take in more.
 POOL_MIN_FREE = 1024
 
@@ -65,95 +62,13 @@ IDLE_POLL_S = 1.0
 #: Poll interval while a flush or a blocking pop waits.
 URGENT_POLL_S = 0.001
 
-#: Why data was lost, and what was lost: every drop is counted under one of these (or an error's name).
-DROP_REASONS = {
-    "pending_limit": ("captures", "entered while OTEL_NPU_MAX_PENDING captures were waiting for their device "
-                                  "events"),
-    "event_pool_empty": ("captures", "no pre-created timing event was free (the resolver is behind the device)"),
-    "record_failed": ("captures", "recording a device event raised"),
-    "resolver_stopped": ("captures", "captured while otel-npu was shutting down, or ended after it shut down"),
-    "device_unfinished": ("captures", "their device work had not finished when otel-npu shut down"),
-    "shutdown_timeout": ("captures", "still waiting to be turned into spans when the shutdown bound ran out (the "
-                                     "resolver was held up, e.g. by an exporter that does not answer)"),
-    "emit_failed": ("spans", "turning a resolved capture into a span raised"),
-    "export_queue_full": ("spans", "the export queue (OTEL_BSP_MAX_QUEUE_SIZE) was full: the collector is slow "
-                                   "or unreachable"),
-    "export_failed": ("spans", "the collector did not accept them"),
-    "calibration_failed": ("clock anchors", "a clock reference event did not complete; older anchors are used"),
-    "graph_capture": ("captures", "entered while a CUDA/ACL graph capture was in progress (time the graph's "
-                                  "replay instead)"),
-    "query_failed": ("device timings", "query() on a capture's event raised; its span carries host times"),
-    "device_starting": ("captures", "made on a device otel-npu had not seen before, while its events and clock "
-                                    "were being prepared"),
-}
-
-
-class Stats:
-    """Counters shared by the hot path (drops only, under a lock: a rare path), the resolver and the sinks.
-
-    The per-capture counters are plain attributes, each written by one thread only (``resolved``,
-    ``timed_out``, ``spans_emitted``, ``spans_unsampled``: the resolver; ``spans_exported``: the exporter
-    thread), so counting costs no lock; readers may see a value a moment old.
-    """
-
-    SINGLE_WRITER = ("resolved", "timed_out", "spans_emitted", "spans_unsampled", "spans_exported")
-
-    def __init__(self) -> None:
-        self.resolved = self.timed_out = self.spans_emitted = self.spans_unsampled = self.spans_exported = 0
-        self._lock = threading.Lock()
-        self.counts: collections.Counter[str] = collections.Counter()
-        self.drops: collections.Counter[str] = collections.Counter()
-        self.first_error: dict[str, str] = {}
-        self._reported: collections.Counter[str] = collections.Counter()
-        self._last_report = float("-inf")
-
-    def drop(self, reason: str, exc: BaseException | None = None, n: int = 1) -> None:
-        with self._lock:
-            self.drops[reason] += n
-            if exc is not None and reason not in self.first_error:
-                self.first_error[reason] = f"{type(exc).__name__}: {exc}"
-
-    def note_error(self, name: str, exc: BaseException) -> None:
-        """Count a failure that lost nothing (the capture still became a span), keeping the first error."""
-        with self._lock:
-            self.counts[name] += 1
-            self.first_error.setdefault(name, f"{type(exc).__name__}: {exc}")
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self.counts[name] += n
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            out: dict[str, Any] = {name: getattr(self, name) for name in self.SINGLE_WRITER}
-            out.update(self.counts)
-            out["dropped"] = dict(self.drops)
-            out["dropped_total"] = sum(self.drops.values())
-            return out
-
-    def report(self, now: float, force: bool = False) -> None:
-        """Warn about drops since the last warning: at most once every REPORT_EVERY_S unless forced."""
-        with self._lock:
-            new = self.drops - self._reported
-            if not new or (not force and now - self._last_report < REPORT_EVERY_S):
-                return
-            self._reported = collections.Counter(self.drops)
-            self._last_report = now
-            errors = dict(self.first_error)
-        parts = []
-        for reason, n in sorted(new.items()):
-            what, why = DROP_REASONS.get(reason, ("items", reason))
-            detail = f" (first error: {errors[reason]})" if reason in errors else ""
-            parts.append(f"{n} {what} ({reason}): {why}{detail}")
-        _log.warning("otel-npu lost data since its last report: %s", "; ".join(parts))
-
 
 class _StepState:
     __slots__ = ("unresolved", "children", "start_ns", "end_ns", "ready")
 
     def __init__(self) -> None:
         self.unresolved = 0
-        self.children: list[Any] = []
+        self.children: list[Record] = []
         self.start_ns = 1 << 63  # earliest start / latest end among the step's captures so far
         self.end_ns = -1
         self.ready = False
@@ -192,7 +107,7 @@ class Resolver:
 
     def __init__(self, *, pending: collections.deque, backend: DeviceBackend, pool: EventPool | None,
                  clock: DeviceClock | None, host_clock: HostClock, stats: Stats,
-                 emit: Callable[[Any], None], on_step: Callable[[Any, list], None] | None,
+                 emit: Callable[[Record], None], on_step: Callable[[Record, list], None] | None,
                  poll_interval_s: float, event_timeout_s: float, pools: dict | None = None,
                  clocks: dict | None = None, wanted_devices: set | None = None,
                  make_device: Callable[[int], tuple[EventPool, DeviceClock]] | None = None,
@@ -219,7 +134,7 @@ class Resolver:
         self._last_intake_ns = 0  # host monotonic time of the last pass that took captures in
         self._timeout_ns = int(event_timeout_s * 1e9)
         self._queues: dict[Any, collections.deque] = {}
-        self._steps: dict[Any, _StepState] = {}
+        self._steps: dict[Record, _StepState] = {}
         self._markers: list[_FlushMarker] = []
         self._intake_seq = 0
         self._wake = threading.Event()
@@ -516,7 +431,7 @@ class Resolver:
         self._stats.resolved += count
         return count
 
-    def _finish(self, r: Any, seen: int | None) -> None:
+    def _finish(self, r: Record, seen: int | None) -> None:
         """Place ``r`` in time (``seen is None``: it timed out), then emit it or hold it for its step."""
         host = self._host
         if seen is None:
@@ -553,7 +468,7 @@ class Resolver:
         else:
             self._complete(r)
 
-    def _finish_step(self, r: Any, state: _StepState | None) -> None:
+    def _finish_step(self, r: Record, state: _StepState | None) -> None:
         children: list = []
         if state is not None:
             del self._steps[r]
@@ -569,7 +484,7 @@ class Resolver:
             except Exception:
                 _log.exception("otel-npu: reporting step %r failed", r.name)
 
-    def _complete(self, r: Any) -> None:
+    def _complete(self, r: Record) -> None:
         """``r`` has its final times: emit it, and count it as done in its step."""
         r.done = True
         if self._abandoned:  # stop() gave up on this thread and counted what it held as lost
@@ -626,5 +541,5 @@ class Resolver:
         self._markers = keep
 
 
-def _by_host_start(r: Any) -> int:
+def _by_host_start(r: Record) -> int:
     return r.host_start

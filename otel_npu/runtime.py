@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
-from . import config, devices, durations
-from .export import pipeline as telemetry
+from . import capturing, config, devices, durations
+from .accounting import process_stats
 from .clock import DeviceClock, HostClock
 from .devices.base import EventPool
-from .resolver import POOL_MIN_FREE, Resolver, Stats
+from .export import pipeline as telemetry
+from .resolver import POOL_MIN_FREE, Resolver
 from .sampling import DetailBudget
 from .spans import process_attributes
 
@@ -40,29 +42,6 @@ _settings = config.from_env()
 _runtime: "Runtime | None" = None
 _lock = threading.Lock()
 _atexit_registered = False
-_fork_hooks: list[Callable[[], None]] = []
-#: The process's counters: shared by every runtime it starts (configure() restarts one), kept after shutdown.
-_stats: Stats | None = None
-
-
-def process_stats() -> Stats:
-    """The counters of this process (since it started, or was forked): every loss is counted here."""
-    global _stats
-    stats = _stats
-    if stats is None:
-        stats = _stats = Stats()
-    return stats
-
-
-def stats_if_started() -> Stats | None:
-    """The process's counters, or ``None`` when no runtime has started in this process yet."""
-    return _stats
-
-
-def reset_stats() -> None:
-    """Forget the counters (for tests: each starts from zero)."""
-    global _stats
-    _stats = None
 
 
 class Runtime:
@@ -72,11 +51,7 @@ class Runtime:
         self.settings = settings
         self.backend, self.passed_over = devices.select(settings.device)
         self.stats = process_stats()
-        #: Set by the capture module: ``on_room(n)`` gives the hot path its pending limit (see resolver.py),
-        #: ``on_detach()`` makes captures that end after shutdown count as lost instead of waiting forever.
-        self.on_room: Callable[[int], None] | None = None
-        self.on_detach: Callable[[], None] | None = None
-        #: Read by capturing._install: which steps may take detail captures (None: all).
+        #: Which steps may take detail captures (None: all); read by the hot path through ``parts``.
         self.detail_budget = DetailBudget(settings.detail_every) if settings.detail_every > 1 else None
         self.pending: collections.deque = collections.deque()
         self.host_clock = HostClock()
@@ -99,6 +74,12 @@ class Runtime:
             stream_label=self.backend.stream_label, to_wall=self.host_clock.to_wall, stats=self.stats)
         if settings.log_durations:
             durations.ensure_visible()
+        #: What the hot path is bound to once this runtime runs (``capturing.install``).
+        self.parts = capturing.Parts(
+            stats=self.stats, pending=self.pending, max_pending=settings.max_pending,
+            host_timed=self.backend.host_timed, pools=self.pools, record=self.backend.record,
+            current_stream=self.backend.current_stream, want_device=self.want_device, wake=self._wake_resolver,
+            detail_budget=self.detail_budget)
         self.resolver = Resolver(
             pending=self.pending, backend=self.backend, pool=self.pool, clock=self.clock,
             pools=self.pools, clocks=self.clocks, wanted_devices=self.wanted_devices,
@@ -106,7 +87,7 @@ class Runtime:
             host_clock=self.host_clock, stats=self.stats, emit=self.pipeline.emit,
             on_step=durations.log_step if settings.log_durations else None,
             poll_interval_s=settings.poll_interval_s, event_timeout_s=settings.event_timeout_s,
-            max_pending=settings.max_pending, on_room=self._room)
+            max_pending=settings.max_pending, on_room=functools.partial(capturing.set_room, self.parts))
         self.resolver.start()
         self.pid = os.getpid()
 
@@ -131,10 +112,8 @@ class Runtime:
             self.stats.drop("device_starting")
 
 
-    def _room(self, n: int) -> None:
-        hook = self.on_room
-        if hook is not None:
-            hook(n)
+    def _wake_resolver(self) -> None:
+        self.resolver.wake()
 
     def describe(self) -> str:
         return (f"device {self.backend.label()}, spans to {self.pipeline.description}, "
@@ -155,8 +134,7 @@ class Runtime:
         # One loss report at the end, not two; a tenth of the bound is kept for stopping the resolver, so that
         # what it could not resolve is told apart from what it was held up on.
         ok = self.flush(timeout_s * 0.9, report=False)
-        if self.on_detach is not None:
-            self.on_detach()  # from here on, a capture that ends is counted (resolver_stopped), not queued
+        capturing.detach(self.parts)  # from here on, a capture that ends is counted (resolver_stopped), not queued
         self.resolver.stop(max(0.0, deadline - time.monotonic()))
         self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
         self.stats.report(time.monotonic(), force=True)
@@ -274,20 +252,12 @@ def _at_exit() -> None:
         _log.debug("otel-npu: shutdown at exit failed", exc_info=True)
 
 
-def on_fork_child(hook: Callable[[], None]) -> None:
-    """Run ``hook`` in a forked child after the runtime was reset (the capture module re-arms itself)."""
-    _fork_hooks.append(hook)
-
-
 def _after_fork_in_child() -> None:
-    global _runtime, _lock, _stats
+    global _runtime, _lock
     _lock = threading.Lock()  # replaced, not released: another thread may have held it at fork time
-    _stats = None  # the child's own counters
     abandoned, _runtime = _runtime, None
     if abandoned is not None:
         _log.debug("otel-npu: forked child drops %d captures pending in the parent", len(abandoned.pending))
-    for hook in _fork_hooks:
-        hook()
 
 
 if hasattr(os, "register_at_fork"):

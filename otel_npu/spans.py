@@ -29,7 +29,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from .resolver import DROPPED
+from .record import DROPPED, Record
 from .sampling import ATTR_KEPT, ATTR_SLOW_THRESHOLD
 
 _log = logging.getLogger("otel_npu")
@@ -158,7 +158,7 @@ class _LazyAttributes(collections.abc.Mapping):
 
     __slots__ = ("_make", "_r", "_data")
 
-    def __init__(self, make: Callable[[Any], dict], r: Any) -> None:
+    def __init__(self, make: Callable[[Any], dict], r: Record) -> None:
         self._make = make
         self._r = r
         self._data: dict | None = None
@@ -182,7 +182,7 @@ class _LazyAttributes(collections.abc.Mapping):
         return repr(self._get())
 
 
-def _root_context(r: Any) -> Any:
+def _root_context(r: Record) -> Any:
     """The OTel context current when the outermost capture of ``r``'s chain (dropped ones included) began."""
     while r.parent is not None:
         r = r.parent
@@ -220,7 +220,7 @@ class SpanFactory:
         self._link_window = 0  # how many over-full steps so far: where the next one's kept window starts
 
     # -- identity -----------------------------------------------------------------------------------
-    def identify(self, r: Any) -> bool:
+    def identify(self, r: Record) -> bool:
         """Decide whether ``r`` is sampled; give a sampled ``r`` (and, lazily, its ancestors) trace/span ids.
 
         A capture under an unsampled parent gets no ids (its span is not made: the cheap path for the
@@ -271,7 +271,7 @@ class SpanFactory:
         for r in records:
             self.identify(r)
 
-    def start_attributes(self, r: Any) -> dict[str, Any]:
+    def start_attributes(self, r: Record) -> dict[str, Any]:
         """What the sampler is shown as the span's attributes: those known when the capture began (the
         process's, stream, step, kind, batch size and the capture's own), as the SDK passes the attributes
         given to ``start_span``."""
@@ -291,7 +291,7 @@ class SpanFactory:
             attrs[ATTR_LINKS] = self.links(r).total
         return attrs
 
-    def sampler_links(self, r: Any) -> Sequence[Link]:
+    def sampler_links(self, r: Record) -> Sequence[Link]:
         """A step's links as ``Link`` objects (as the SDK passes them to the sampler); ``()`` otherwise."""
         if not r.is_step:
             return ()
@@ -307,7 +307,7 @@ class SpanFactory:
             label = labels[stream] = self._stream_label(stream)
         return label
 
-    def own_keys(self, r: Any) -> list[str]:
+    def own_keys(self, r: Record) -> list[str]:
         """The keys of the attributes otel-npu itself sets on ``r``'s span (``attributes()`` order)."""
         keys = list(self.const_attributes)
         keys += (ATTR_STREAM, ATTR_HOST_LEAD, ATTR_CLOCK_ERROR)
@@ -321,7 +321,7 @@ class SpanFactory:
             keys.append(ATTR_ERROR_TYPE)
         return keys
 
-    def user_attributes(self, r: Any) -> CleanAttributes:
+    def user_attributes(self, r: Record) -> CleanAttributes:
         """The capture's own attributes as they go out, checked and limited once (the result replaces
         ``r.attributes``; ``.dropped`` says how many were left out).
 
@@ -396,7 +396,7 @@ class SpanFactory:
                         "must be str/bool/int/float or sequences of one of them")
         return _INVALID
 
-    def attributes(self, r: Any) -> dict[str, Any]:
+    def attributes(self, r: Record) -> dict[str, Any]:
         """Every attribute of ``r``'s span, as a dict (the SDK rendering)."""
         attrs = dict(self.const_attributes)
         attrs[ATTR_STREAM] = self.stream_label(r.stream)
@@ -417,7 +417,7 @@ class SpanFactory:
         attrs.update(self.user_attributes(r))
         return attrs
 
-    def links(self, r: Any) -> LinkList:
+    def links(self, r: Record) -> LinkList:
         """A step's links as ``Link``s (spans, SpanContexts or Links accepted; invalid contexts skipped), with
         their attributes checked and limited, at most ``OTEL_SPAN_LINK_COUNT_LIMIT`` of them.
 
@@ -485,7 +485,7 @@ class SpanFactory:
                 clean[key] = value
         return clean
 
-    def status(self, r: Any) -> tuple[StatusCode, str | None]:
+    def status(self, r: Record) -> tuple[StatusCode, str | None]:
         if r.timed_out:
             return StatusCode.ERROR, self._timeout_text
         if r.error is not None:
@@ -493,7 +493,7 @@ class SpanFactory:
             return StatusCode.ERROR, f"{kind}: {message}" if message else kind
         return StatusCode.UNSET, None
 
-    def to_readable(self, r: Any, resource: Any, scope: Any) -> Any:
+    def to_readable(self, r: Record, resource: Any, scope: Any) -> Any:
         """The SDK rendering: a finished ``ReadableSpan``."""
         from opentelemetry.sdk.trace import Event, ReadableSpan
 
@@ -535,7 +535,7 @@ class SpanFactory:
             instrumentation_scope=scope,
         )
 
-    def exception_attributes(self, r: Any) -> dict[str, str]:
+    def exception_attributes(self, r: Record) -> dict[str, str]:
         """The ``exception`` event's attributes of a capture whose block raised: ``exception.type``,
         ``exception.message`` and, as the semantic conventions recommend, ``exception.stacktrace`` in Python's
         own format — bounded: the innermost ``capturing.STACK_FRAMES`` frames between the capture and the

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_npu
-from otel_npu import config, runtime
+from otel_npu import accounting, config, runtime
 from otel_npu.testing import SimDevice
 
 #: Stated bound on |span time - simulated device time| in these tests, when the device clock does not drift:
@@ -73,7 +73,7 @@ def clean_otel_npu(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
     otel_npu.shutdown(5.0)
     runtime.set_settings(config.Settings())
-    runtime.reset_stats()  # the process's counters outlive shutdown(): each test counts from zero
+    accounting.reset_stats()  # the process's counters outlive shutdown(): each test counts from zero
     yield
     otel_npu.shutdown(5.0)
     runtime.set_settings(config.Settings())

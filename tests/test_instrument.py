@@ -7,6 +7,7 @@ import torch
 from opentelemetry.trace import StatusCode
 
 import otel_npu
+from otel_npu import capturing
 from otel_npu.instrument import MODULE_ATTR
 from otel_npu.spans import ATTR_ERROR_TYPE, ATTR_STEP
 
@@ -127,7 +128,7 @@ def test_module_captures_nest_inside_the_stage_and_step(provider, spans):
             assert parent.start_time <= span.start_time <= span.end_time <= parent.end_time
             assert span.attributes[ATTR_STEP] == "Prefill"
     assert spans.one("layers.0.mlp").attributes[MODULE_ATTR] == "Sequential"
-    assert otel_npu._capture_mod.current() is None
+    assert capturing.current() is None
 
 
 def test_a_module_that_raises_closes_its_captures_with_the_error(provider, spans):
@@ -137,7 +138,7 @@ def test_a_module_that_raises_closes_its_captures_with_the_error(provider, spans
     with otel_npu.capture("forward"):
         with pytest.raises(ValueError, match="bad shape"):
             model(torch.ones(1, 4))
-        assert otel_npu._capture_mod.current().name == "forward"  # nothing of the module left open
+        assert capturing.current().name == "forward"  # nothing of the module left open
     with otel_npu.capture("sample"):
         pass
     assert otel_npu.flush()
@@ -156,7 +157,7 @@ def test_a_capture_left_open_by_a_base_exception_is_closed_by_the_enclosing_modu
     enable(provider, device="cpu")
     otel_npu.instrument_module(model, depth=2)
     model(torch.ones(1, 4))
-    assert otel_npu._capture_mod.current() is None
+    assert capturing.current() is None
     assert otel_npu.flush()
     outer, boom, after = spans.one("0"), spans.one("0.boom"), spans.one("0.after")
     assert boom.parent.span_id == outer.context.span_id

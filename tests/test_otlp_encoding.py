@@ -15,7 +15,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, TraceFlags, TraceState
 
 from otel_npu.export import otlp
-from otel_npu.resolver import Stats
+from otel_npu.accounting import Stats
 from otel_npu.spans import SpanFactory
 
 

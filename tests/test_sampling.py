@@ -184,7 +184,7 @@ def test_a_burst_of_slow_steps_is_bounded_and_counted(sim):
 
 
 def test_percentile_rule_follows_each_step_name():
-    from otel_npu.resolver import Stats
+    from otel_npu.accounting import Stats
 
     rule = sampling.SlowSteps(sampling.parse_keep_slow("p99"), Stats())
     for i in range(1000):  # Decode ≈ 1 ms, Prefill ≈ 50 ms

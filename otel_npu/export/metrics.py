@@ -49,6 +49,8 @@ import time
 from typing import Any, Callable, Mapping
 
 from .. import config
+from ..accounting import CAPTURE_DROP_REASONS, SPAN_LOSS_REASONS
+from ..record import Record
 from .sinks import wait_until
 
 _log = logging.getLogger("otel_npu")
@@ -76,9 +78,6 @@ EXEMPLAR_FILTERS = ("trace_based", "always_on", "always_off")
 MAX_SERIES = 1000
 _OVERFLOW = ("\0overflow", None)
 
-CAPTURE_DROP_REASONS = ("pending_limit", "event_pool_empty", "record_failed", "resolver_stopped", "device_unfinished",
-                        "shutdown_timeout", "graph_capture", "device_starting")
-SPAN_LOSS_REASONS = ("export_failed", "export_queue_full", "emit_failed")
 COUNTERS = {
     # name: (description, how to read it from a Stats snapshot)
     "otel_npu.captures.resolved": "captures whose device times were read (or that timed out)",
@@ -90,7 +89,7 @@ COUNTERS = {
 EXPORTERS = ("otlp", "console", "none")
 
 
-def stage_key(r: Any) -> tuple[str, str | None]:
+def stage_key(r: Record) -> tuple[str, str | None]:
     """The histogram series of a resolved capture: (stage, enclosing step); a step is its own stage."""
     if r.is_step:
         return r.name, r.name
@@ -111,7 +110,7 @@ class StageAggregator:
         self._exemplars: dict[tuple, list] = {}
         self.round_exemplars: dict[tuple, list] = {}
 
-    def exemplar(self, r: Any, with_ids: bool = True) -> None:
+    def exemplar(self, r: Record, with_ids: bool = True) -> None:
         """Offer ``r`` (resolver thread) as an exemplar of its series: kept if it is among the slowest
         ``EXEMPLARS_PER_POINT`` of this interval. ``with_ids``: its span was exported (trace and span ids)."""
         if r.timed_out:
@@ -131,7 +130,7 @@ class StageAggregator:
         if value > held[low][0]:
             held[low] = entry
 
-    def record(self, r: Any) -> None:
+    def record(self, r: Record) -> None:
         """Add ``r``'s device-measured duration (resolver thread only)."""
         if r.timed_out:
             return
@@ -459,7 +458,7 @@ class SdkInstruments:
             meter.create_observable_counter(name, callbacks=[observe(name, reasons)], unit="{capture}",
                                             description=COUNTERS[name])
 
-    def record(self, r: Any) -> None:
+    def record(self, r: Record) -> None:
         if r.timed_out:
             return
         key = stage_key(r)
@@ -474,7 +473,7 @@ class SdkInstruments:
             self._histogram.record((r.end_ns - r.start_ns) / 1e6, attrs)
 
     @staticmethod
-    def _context(r: Any) -> Any:
+    def _context(r: Record) -> Any:
         from opentelemetry import trace
         from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 

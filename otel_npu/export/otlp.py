@@ -16,6 +16,7 @@ import struct
 from typing import Any, Iterable, Mapping
 
 from .. import spans as _spans
+from ..record import Record
 
 _pack_u64 = struct.Struct("<Q").pack
 _pack_u32 = struct.Struct("<I").pack
@@ -126,7 +127,7 @@ class SpanEncoder:
                 cache[key] = encoded
         return encoded
 
-    def encode(self, r: Any) -> bytes:
+    def encode(self, r: Record) -> bytes:
         """One span as a ``ScopeSpans.spans`` field (ready to concatenate). ``r`` must be identified.
 
         Hot for the resolver (once per sampled capture). Most spans differ from the last one of the same
@@ -152,7 +153,7 @@ class SpanEncoder:
             return template % (*ids, parent.to_bytes(8, "big"), *values)
         return template % (*ids, *values)
 
-    def _template(self, key: tuple, r: Any) -> bytes:
+    def _template(self, key: tuple, r: Record) -> bytes:
         """The bytes-format template of ``key``'s spans (see ``encode``): constants escaped, ``%b`` holes."""
         name, _, step_name, root, remote = key
         hole8, hole16 = b"\0" * 8, b"\0" * 16
@@ -174,7 +175,7 @@ class SpanEncoder:
             self._templates[key] = template
         return template
 
-    def _encode_general(self, r: Any) -> bytes:
+    def _encode_general(self, r: Record) -> bytes:
         """Any span, field by field (constant pieces cached)."""
         f = self._f
         start_ns = r.start_ns
@@ -208,7 +209,7 @@ class SpanEncoder:
         body += _FLAGS_REMOTE if r.parent_remote else _FLAGS_LOCAL
         return b"\x12" + _length_prefix(len(body)) + body
 
-    def _uncommon(self, r: Any) -> bytes:
+    def _uncommon(self, r: Record) -> bytes:
         """Trace state, user attributes, error/time-out, status and links: what most spans do not have."""
         f = self._f
         out = []
@@ -244,7 +245,7 @@ class SpanEncoder:
                 out.append(b"\x70" + varint(links.dropped))  # field 14: dropped_links_count
         return b"".join(out)
 
-    def _problem(self, r: Any) -> bytes:
+    def _problem(self, r: Record) -> bytes:
         """Attributes, event and status of a span that timed out or whose block raised."""
         out = []
         if r.timed_out:

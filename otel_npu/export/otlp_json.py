@@ -20,6 +20,7 @@ import math
 from typing import Any, Iterable, Mapping
 
 from .. import spans as _spans
+from ..record import Record
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
@@ -92,7 +93,7 @@ class JsonSpanEncoder:
         cut = text.index('"spans":[]') + len('"spans":[')
         self._prefix, self._suffix = text[:cut], text[cut:] + "\n"
 
-    def encode(self, r: Any) -> str:
+    def encode(self, r: Record) -> str:
         """One span (``r`` identified). The common span from a cached template; others field by field."""
         if r.attributes or r.trace_state or r.timed_out or r.error is not None or r.is_step:
             return self._encode_general(r)
@@ -112,7 +113,7 @@ class JsonSpanEncoder:
         return template % (r.trace_id.to_bytes(16, "big").hex(), r.span_id.to_bytes(8, "big").hex(), start_ns,
                            r.end_ns, lead, error)
 
-    def _template(self, key: tuple, r: Any) -> str:
+    def _template(self, key: tuple, r: Record) -> str:
         name, _, step_name, root, remote = key
 
         def esc(text: str) -> str:
@@ -133,7 +134,7 @@ class JsonSpanEncoder:
             self._templates[key] = template
         return template
 
-    def _encode_general(self, r: Any) -> str:
+    def _encode_general(self, r: Record) -> str:
         """Any span: constant pieces cached (per name, and per stream and step), JSON work only for the
         parts a span has of its own (user attributes, links, an error)."""
         f = self._f

@@ -33,7 +33,9 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from .. import config
-from ..resolver import DROPPED as _DROPPED
+from .._version import __version__
+from ..record import DROPPED as _DROPPED
+from ..record import Record
 from ..spans import Limits, SpanFactory
 from .. import sampling as step_sampling
 from . import metrics as _metrics
@@ -49,12 +51,6 @@ EXPORTERS = ("otlp", "console", "none")
 PROTOCOLS = ("http/protobuf", "grpc")
 SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
             "parentbased_traceidratio")
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 class Pipeline:
@@ -99,7 +95,7 @@ class Pipeline:
         if metrics is not None:
             metrics.ensure_started()
 
-    def emit(self, r: Any) -> None:
+    def emit(self, r: Record) -> None:
         """Resolver thread, once per resolved capture."""
         if self.sinks:
             sampled = r.sampled
@@ -141,7 +137,7 @@ class Pipeline:
             else:
                 self._held[step] = [r]
 
-    def _step_dropped(self, r: Any) -> None:
+    def _step_dropped(self, r: Record) -> None:
         """A step the sampler dropped is finished: export it with its held captures if it must be kept."""
         held = self._held.pop(r, ())
         kept = threshold = None
@@ -171,7 +167,7 @@ class Pipeline:
         self._send(r)
         self._stats.add(f"steps_kept_{kept}")
 
-    def _send(self, r: Any) -> None:
+    def _send(self, r: Record) -> None:
         for sink in self.sinks:
             sink.emit(r)
         self._stats.spans_emitted += 1
@@ -287,13 +283,13 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
     """The pipeline for ``settings`` (never raises for configuration problems: warns and degrades)."""
     env = os.environ if env is None else env
     redact.install_exporter_log_filter()  # before any exporter is built: they log while parsing headers
-    scope = InstrumentationScope(SCOPE_NAME, _version())
+    scope = InstrumentationScope(SCOPE_NAME, __version__)
     common = dict(stream_label=stream_label, to_wall=to_wall, const_attributes=process_attrs, stats=stats,
                   event_timeout_s=settings.event_timeout_s)
 
     provider = app_provider(settings)
     if provider is not None:
-        tracer = provider.get_tracer(SCOPE_NAME, _version())
+        tracer = provider.get_tracer(SCOPE_NAME, __version__)
         if not hasattr(tracer, "span_processor"):  # a provider that is not the SDK's
             _log.warning("otel-npu: the TracerProvider %s is not an OpenTelemetry SDK provider; spans cannot "
                          "be handed to it, using otel-npu's own pipeline", type(provider).__name__)
