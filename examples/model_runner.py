@@ -18,7 +18,8 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract
 
 import otel_npu
-from otel_npu.export.pipeline import tracer_provider_from_env, traces_file_unless_configured
+from otel_npu.config.otel import use_traces_file_unless_configured
+from otel_npu.export.pipeline import tracer_provider_from_env
 
 
 def client_headers(i: int) -> dict[str, str]:
@@ -28,7 +29,7 @@ def client_headers(i: int) -> dict[str, str]:
 
 def main() -> int:
     # Nothing configured: a file, not a collector at localhost:4318 that is probably not there.
-    traces_file_unless_configured(os.environ)
+    use_traces_file_unless_configured()
     provider = tracer_provider_from_env()  # the serving application's provider (vLLM: init_tracer)
     trace.set_tracer_provider(provider)
     otel_npu.configure(enabled=True)

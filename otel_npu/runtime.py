@@ -69,8 +69,9 @@ class Runtime:
             self.clock.calibrate(read_now=False)  # the read happens on the resolver thread
             self.clocks[self.backend.index] = self.clock
             self.pools[self.backend.index] = self.pool
+        otel = config.otel.read()  # the OTEL_* variables, as they are when otel-npu starts
         self.pipeline = telemetry.build(
-            settings, process_attrs=process_attributes(self.backend.label()),
+            settings, otel, process_attrs=process_attributes(self.backend.label(), otel.ranks),
             stream_label=self.backend.stream_label, to_wall=self.host_clock.to_wall, stats=self.stats)
         if settings.log_durations:
             durations.ensure_visible()

@@ -36,14 +36,7 @@ process exports about ``ratio + 1/N`` of its steps (plus the slow ones): with ``
 from __future__ import annotations
 
 import array
-import logging
-import re
-from typing import Any, Mapping
-
-_log = logging.getLogger("otel_npu")
-
-ENV_KEEP_SLOW = "OTEL_NPU_KEEP_SLOW_STEPS"
-ENV_DETAIL_EVERY = "OTEL_NPU_DETAIL_EVERY"
+from typing import Any
 
 #: Span attribute on a step exported although the sampler dropped it: why ("slow", "detail").
 ATTR_KEPT = "otel_npu.kept"
@@ -54,29 +47,9 @@ ATTR_SLOW_THRESHOLD = "otel_npu.slow_threshold_ms"
 BURST = 20
 RATE_PER_S = 2.0
 
-_PERCENTILES = {"p99": 0.99, "p999": 0.999}
+#: The recent durations kept per step name for each percentile rule (``config.parse_keep_slow``): ten steps
+#: above the cut.
 _WINDOWS = {"p99": 1000, "p999": 10000}
-_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|us|µs)?\s*$", re.IGNORECASE)
-_UNIT_NS = {None: 1e6, "ms": 1e6, "s": 1e9, "us": 1e3, "µs": 1e3}
-
-ACCEPTED_KEEP = "off, p99, p999, or a duration such as 25ms, 0.5s, 800us (a bare number is milliseconds)"
-
-
-def parse_keep_slow(raw: Any) -> tuple[str, float] | None:
-    """``"off"`` -> None; ``"p99"`` -> ("p99", 0.99); ``"25ms"`` -> ("threshold", 25e6 ns). Raises ValueError."""
-    if not isinstance(raw, str):
-        raise ValueError(f"expected a str ({ACCEPTED_KEEP}), got {type(raw).__name__}")
-    text = raw.strip().lower()
-    if text in ("off", "none", "false", "0"):
-        return None
-    if text in _PERCENTILES:
-        return text, _PERCENTILES[text]
-    match = _DURATION.match(text)
-    if match:
-        value = float(match.group(1)) * _UNIT_NS[match.group(2) and match.group(2).lower()]
-        if 0 < value < 1e15:
-            return "threshold", value
-    raise ValueError(f"{raw!r} is not valid: accepted values are {ACCEPTED_KEEP}")
 
 
 class _StepWindow:
@@ -171,29 +144,4 @@ class DetailBudget:
         return 1 if n == 0 else 0
 
 
-def settings_from_env(env: Mapping[str, str]) -> tuple[str, int]:
-    """(keep rule as written, detail every) from the environment; an invalid value warns and gives the default."""
-    keep = "p99"
-    raw = env.get(ENV_KEEP_SLOW, "")
-    if raw.strip():
-        try:
-            parse_keep_slow(raw)
-            keep = raw.strip()
-        except ValueError as exc:
-            _log.warning("%s=%s; using p99", ENV_KEEP_SLOW, exc)
-    every = 1
-    raw = env.get(ENV_DETAIL_EVERY, "").strip()
-    if raw:
-        try:
-            every = int(raw, 10)
-            if not 1 <= every <= 1_000_000:
-                raise ValueError
-        except ValueError:
-            _log.warning("%s=%r is not valid: accepted values are whole numbers from 1 to 1000000; using 1",
-                         ENV_DETAIL_EVERY, raw)
-            every = 1
-    return keep, every
-
-
-__all__ = ["SlowSteps", "DetailBudget", "parse_keep_slow", "settings_from_env", "ATTR_KEPT",
-           "ATTR_SLOW_THRESHOLD"]
+__all__ = ["SlowSteps", "DetailBudget", "ATTR_KEPT", "ATTR_SLOW_THRESHOLD"]

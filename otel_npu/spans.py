@@ -58,8 +58,8 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 class Limits:
     """The span limits of the OpenTelemetry specification, as the SDK's ``SpanLimits`` holds them (``None``:
-    no limit). The application's provider's ``SpanLimits`` when spans go through it (``from_sdk``), else read
-    from the same variables with the same precedence and defaults (``from_env``)."""
+    no limit). The application's provider's ``SpanLimits`` when spans go through it (``from_sdk``), else the
+    ``OTEL_*_LIMIT`` variables as the SDK reads them (``Limits(**config.otel.OtelSettings.span_limits)``)."""
 
     __slots__ = ("span_attributes", "links", "link_attributes", "events", "event_attributes",
                  "span_value_length", "value_length")
@@ -85,37 +85,6 @@ class Limits:
                    get("max_events", 128), get("max_event_attributes", 128), get("max_span_attribute_length", None),
                    get("max_attribute_length", None))
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "Limits":
-        """``OTEL_SPAN_*_LIMIT``, ``OTEL_LINK_*``, ``OTEL_EVENT_*`` and ``OTEL_ATTRIBUTE_*`` as the SDK reads them
-        (a specific variable over the general one over the default; ``unset``: no limit). An invalid value is
-        warned about once and replaced by the default (the SDK raises instead)."""
-        missing = object()
-
-        def read(var: str, fallback: Any) -> Any:
-            raw = env.get(var, "").strip().lower()
-            if not raw:
-                return fallback
-            if raw == "unset":
-                return None
-            try:
-                value = int(raw, 10)
-                if value < 0:
-                    raise ValueError
-                return value
-            except ValueError:
-                _log.warning("%s=%r is not valid: accepted values are whole numbers from 0 (or 'unset' for no "
-                             "limit); using the default", var, env.get(var))
-                return fallback
-
-        general = read("OTEL_ATTRIBUTE_COUNT_LIMIT", missing)
-        count = 128 if general is missing or general is None else general
-        length = read("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", None)
-        return cls(read("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", count), read("OTEL_SPAN_LINK_COUNT_LIMIT", 128),
-                   read("OTEL_LINK_ATTRIBUTE_COUNT_LIMIT", count), read("OTEL_SPAN_EVENT_COUNT_LIMIT", 128),
-                   read("OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", count),
-                   read("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", length), length)
-
 
 class CleanAttributes(dict):
     """A capture's or link's attributes once checked and limited (``dropped``: how many were left out)."""
@@ -132,14 +101,13 @@ class LinkList(list):
     __slots__ = ("total", "dropped")
 
 
-def process_attributes(device_label: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The attributes every span of this process carries: device, pid, and rank where known."""
-    env = os.environ if env is None else env
+def process_attributes(device_label: str, ranks: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The attributes every span of this process carries: device, pid, and ``ranks`` (``RANK``,
+    ``LOCAL_RANK``: ``config.otel.OtelSettings.ranks``) where known."""
     attrs: dict[str, Any] = {ATTR_DEVICE: device_label, ATTR_PID: os.getpid()}
     for var, key in (("RANK", ATTR_RANK), ("LOCAL_RANK", ATTR_LOCAL_RANK)):
-        raw = env.get(var, "").strip()
-        if raw.lstrip("-").isdigit():
-            attrs[key] = int(raw)
+        if ranks and var in ranks:
+            attrs[key] = ranks[var]
     return attrs
 
 

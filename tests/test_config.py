@@ -11,7 +11,6 @@ import pytest
 
 import otel_npu
 from otel_npu import config, runtime
-from otel_npu.export import metrics, pipeline
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -125,9 +124,9 @@ def test_out_of_range_values_fall_back_with_a_warning_naming_the_range(var, raw,
 
 @pytest.mark.parametrize("var, raw, read", [
     ("OTEL_BSP_SCHEDULE_DELAY", "99999999999999999999999",
-     lambda env: pipeline._bsp_setting(env, "OTEL_BSP_SCHEDULE_DELAY", 5000)),
-    ("OTEL_BSP_MAX_QUEUE_SIZE", "1e3", lambda env: pipeline._bsp_setting(env, "OTEL_BSP_MAX_QUEUE_SIZE", 8192)),
-    ("OTEL_METRIC_EXPORT_INTERVAL", "1e23", lambda env: metrics._env_ms(env, "OTEL_METRIC_EXPORT_INTERVAL", 60000)),
+     lambda env: config.otel.read(env).bsp("OTEL_BSP_SCHEDULE_DELAY")),
+    ("OTEL_BSP_MAX_QUEUE_SIZE", "1e3", lambda env: config.otel.read(env).bsp("OTEL_BSP_MAX_QUEUE_SIZE")),
+    ("OTEL_METRIC_EXPORT_INTERVAL", "1e23", lambda env: config.otel.read(env).metric_ms("OTEL_METRIC_EXPORT_INTERVAL")),
     ("OTEL_EXPORTER_OTLP_TIMEOUT", "0", lambda env: config.otlp_timeout_s(env, "TRACES")),
     ("OTEL_EXPORTER_OTLP_TIMEOUT", "-1", lambda env: config.otlp_timeout_s(env, "TRACES")),
     ("OTEL_EXPORTER_OTLP_TIMEOUT", "nan", lambda env: config.otlp_timeout_s(env, "TRACES")),

@@ -65,7 +65,7 @@ def test_invalid_configuration_exits_non_zero_naming_each_problem():
     assert result.returncode == 2, result.stdout
     problems = result.stdout.split("configuration problems")[1]
     assert "OTEL_NPU_ENABLED='maybe' is not valid: accepted values are 1, 0, true, false" in problems
-    assert "OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is not supported: accepted values are http/protobuf, grpc" \
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is not valid: accepted values are http/protobuf, grpc" \
         in problems
     assert "OTEL_METRICS_EXPORTER names 'prometheus'" in problems
 

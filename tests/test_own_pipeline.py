@@ -140,7 +140,7 @@ def test_unknown_exporter_and_protocol_warn_and_fall_back(monkeypatch, http_rece
     assert len(http_receiver.wait_for(1)) == 1
     messages = " ".join(r.getMessage() for r in caplog_otel.records)
     assert "OTEL_TRACES_EXPORTER names 'zipkin'" in messages
-    assert "OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is not supported" in messages
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is not valid" in messages
 
 
 def test_unreachable_collector_is_counted_not_raised(monkeypatch, caplog_otel):

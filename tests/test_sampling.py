@@ -186,7 +186,7 @@ def test_a_burst_of_slow_steps_is_bounded_and_counted(sim):
 def test_percentile_rule_follows_each_step_name():
     from otel_npu.accounting import Stats
 
-    rule = sampling.SlowSteps(sampling.parse_keep_slow("p99"), Stats())
+    rule = sampling.SlowSteps(config.parse_keep_slow("p99"), Stats())
     for i in range(1000):  # Decode ≈ 1 ms, Prefill ≈ 50 ms
         assert rule.observe("Decode", 1_000_000 + i, i * 10_000_000, True) is None or i >= 100
         rule.observe("Prefill", 50_000_000 + i, i * 10_000_000, True)
@@ -200,13 +200,13 @@ def test_percentile_rule_follows_each_step_name():
                                           ("25ms", ("threshold", 25e6)), ("25", ("threshold", 25e6)),
                                           ("0.5s", ("threshold", 5e8)), ("800us", ("threshold", 8e5))])
 def test_keep_slow_steps_values(raw, expected):
-    assert sampling.parse_keep_slow(raw) == expected
+    assert config.parse_keep_slow(raw) == expected
 
 
 @pytest.mark.parametrize("raw", ["p50", "fast", "-3ms", "0", "25 hours"])
 def test_bad_keep_slow_steps_warns_and_keeps_p99(raw, caplog):
     if raw == "0":
-        assert sampling.parse_keep_slow(raw) is None  # "0" means off
+        assert config.parse_keep_slow(raw) is None  # "0" means off
         return
     with caplog.at_level(logging.WARNING, logger="otel_npu"):
         settings = config.from_env({"OTEL_NPU_KEEP_SLOW_STEPS": raw})

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import random
 import sys
 import time
@@ -115,22 +114,24 @@ def plan_requests(n: int, steps: int, vocab: int, rng: random.Random) -> list[Re
 def configure_destination(env: Any) -> str | None:
     """With no exporter configured, send traces to a new file in the current directory; returns its path
     (``None`` when the environment already says where traces go, or names a file itself). See
-    ``otel_npu.export.pipeline.traces_file_unless_configured``."""
-    from otel_npu.export import pipeline
+    ``otel_npu.config.otel.use_traces_file_unless_configured``."""
+    from otel_npu.config import otel
 
-    return pipeline.traces_file_unless_configured(env)
+    return otel.use_traces_file_unless_configured(env)
 
 
 def describe_destinations(env: Any) -> list[str]:
     """Where the demo's traces went, as the environment configured it."""
+    from otel_npu.config import otel as otel_config
     from otel_npu.export import pipeline as telemetry
 
+    otel = otel_config.read(env)
     out = []
-    exporters = telemetry.exporters_from_env(env)
+    exporters = telemetry.trace_exporters(otel)
     if "otlp" in exporters:
-        protocol = telemetry.protocol_from_env(env)
-        traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-        base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+        protocol = otel.protocol("TRACES")
+        traces = otel.raw("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        base = otel.raw("OTEL_EXPORTER_OTLP_ENDPOINT")
         if traces:
             endpoint = traces
         elif base:
@@ -140,7 +141,7 @@ def describe_destinations(env: Any) -> list[str]:
         out.append(f"exported over OTLP ({protocol}) to {endpoint}")
     if "console" in exporters:
         out.append("printed on stdout (OTEL_TRACES_EXPORTER=console)")
-    path = env.get("OTEL_NPU_TRACES_FILE", "").strip()
+    path = otel.traces_file
     if path:
         out.append(f"written to {path}")
     return out
@@ -178,7 +179,9 @@ def _log_through(write: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    env = os.environ
+    from otel_npu.config import process_env
+
+    env = process_env()  # the demo is the program: its environment is the process's
     started = time.monotonic()
     try:  # the demo extra: said plainly, before anything is set up or written
         import tqdm as _tqdm  # noqa: F401

@@ -56,17 +56,17 @@ class _Collect(logging.Handler):
             self.problems.append(problem)
 
 
-def _enabled_reason(env: Any, settings: Any) -> str:
+def _enabled_reason(otel: Any, settings: Any) -> str:
     from otel_npu import config
 
     for var in (config.ENV_ENABLED, config.ENV_ENABLED_ALIAS):
-        raw = env.get(var, "").strip()
+        raw = otel.raw(var)
         if raw:
             return f"{var}={raw!r}"
     return f"off by default: set {config.ENV_ENABLED}=1 (or call otel_npu.configure(enabled=True))"
 
 
-def _otlp_details(signal: str, protocol: str, env: Any) -> list[tuple[str, str]]:
+def _otlp_details(signal: str, protocol: str, otel: Any) -> list[tuple[str, str]]:
     """Endpoint and options of the SDK's OTLP exporter for ``signal`` (built, not connected)."""
     from otel_npu.export.redact import header_names
 
@@ -83,7 +83,7 @@ def _otlp_details(signal: str, protocol: str, env: Any) -> list[tuple[str, str]]
     from otel_npu import config
 
     upper = signal.upper()
-    timeout = config.otlp_timeout_s(env, upper)  # an out-of-range value is a problem (warned), 10 s is used
+    timeout = otel.otlp_timeout_s(upper)  # an out-of-range value is a problem (warned), 10 s is used
     exporter = Exporter(**({} if timeout is None else {"timeout": timeout}))
     try:
         endpoint = str(getattr(exporter, "_endpoint", "?"))
@@ -91,8 +91,7 @@ def _otlp_details(signal: str, protocol: str, env: Any) -> list[tuple[str, str]]
         exporter.shutdown()
 
     def var(name: str) -> str:
-        specific = env.get(f"OTEL_EXPORTER_OTLP_{upper}_{name}", "").strip()
-        return specific or env.get(f"OTEL_EXPORTER_OTLP_{name}", "").strip()
+        return otel.otlp_option(upper, name)
 
     names = header_names(var("HEADERS"))
     certificate = var("CERTIFICATE")
@@ -107,14 +106,14 @@ def _otlp_details(signal: str, protocol: str, env: Any) -> list[tuple[str, str]]
 
 
 def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
-    """``(lines, problems)``: what otel-npu would do, and what is wrong with the configuration."""
+    """``(lines, problems)``: what otel-npu would do, and what is wrong with the configuration (``env``: the
+    process environment unless given)."""
     from otel_npu import config, devices
+    from otel_npu.devices.base import DeviceUnavailable
     from otel_npu.export import metrics
     from otel_npu.export import pipeline as telemetry
-    from otel_npu.devices.base import DeviceUnavailable
     from otel_npu.spans import process_attributes
 
-    env = os.environ if env is None else env
     collect = _Collect()
     loggers = [logging.getLogger("otel_npu"), logging.getLogger("opentelemetry.util.re")]
     for logger in loggers:
@@ -125,7 +124,8 @@ def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
 
         redact.install_exporter_log_filter()
         settings = config.from_env(env)
-        lines.append(("enabled", ("yes" if settings.enabled else "no") + f" ({_enabled_reason(env, settings)})"))
+        otel = config.otel.read(env)
+        lines.append(("enabled", ("yes" if settings.enabled else "no") + f" ({_enabled_reason(otel, settings)})"))
 
         label = "?"
         try:
@@ -141,27 +141,25 @@ def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
         lines.append(("pipeline", f"{settings.pipeline} (an SDK TracerProvider/MeterProvider the application "
                                   "installs is used instead of the exporters below, unless 'own')"))
 
-        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        if otel.sdk_disabled:
             lines.append(("traces", "none (OTEL_SDK_DISABLED=true)"))
             lines.append(("metrics", "none (OTEL_SDK_DISABLED=true)"))
         else:
-            trace_exporters = telemetry.exporters_from_env(env)
+            trace_exporters = telemetry.trace_exporters(otel)
             lines.append(("traces exporter", ", ".join(trace_exporters) or "none"))
             if "otlp" in trace_exporters:
-                protocol = telemetry.protocol_from_env(env, "TRACES")
-                lines += [(f"  {k}", v) for k, v in _otlp_details("traces", protocol, env)]
-                batching = [telemetry._bsp_setting(env, name, default) for name, default in (
-                    ("OTEL_BSP_MAX_QUEUE_SIZE", 8192), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2048),
-                    ("OTEL_BSP_SCHEDULE_DELAY", 5000))]
+                protocol = otel.protocol("TRACES")
+                lines += [(f"  {k}", v) for k, v in _otlp_details("traces", protocol, otel)]
+                batching = [otel.bsp(name) for name in ("OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+                                                        "OTEL_BSP_SCHEDULE_DELAY")]
                 lines.append(("  batching", "queue {}, batch {}, every {} ms (OTEL_BSP_*)".format(*batching)))
-            traces_file = env.get(telemetry.TRACES_FILE_ENV, "").strip()
-            lines.append(("traces file", f"{traces_file} ({telemetry.TRACES_FILE_ENV}, OTLP/JSON lines)"
-                          if traces_file else f"none ({telemetry.TRACES_FILE_ENV} unset)"))
-            sampler = telemetry.sampler_from_env(env)
-            lines.append(("sampler", sampler.get_description()))
+            traces_file, file_var = otel.traces_file, config.otel.TRACES_FILE_ENV
+            lines.append(("traces file", f"{traces_file} ({file_var}, OTLP/JSON lines)"
+                          if traces_file else f"none ({file_var} unset)"))
+            lines.append(("sampler", telemetry.sampler(otel).get_description()))
             from otel_npu.spans import Limits
 
-            limits = Limits.from_env(env)
+            limits = Limits(**otel.span_limits)
 
             def limit(value: Any) -> str:
                 return "none" if value is None else str(value)
@@ -169,16 +167,16 @@ def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
             lines.append(("span limits", f"links {limit(limits.links)}, attributes {limit(limits.span_attributes)}, "
                                          f"link attributes {limit(limits.link_attributes)}, value length "
                                          f"{limit(limits.span_value_length)} (OTEL_SPAN_*_LIMIT, OTEL_ATTRIBUTE_*)"))
-            metric_exporters = metrics.exporters_from_env(env)
-            lines.append(("metrics exporter", ", ".join(metric_exporters) or metrics.default_off_reason(env) or "none"))
+            metric_exporters = metrics.exporter_names(otel)
+            lines.append(("metrics exporter", ", ".join(metric_exporters) or otel.metrics_off_reason or "none"))
             if "otlp" in metric_exporters:
-                protocol = telemetry.protocol_from_env(env, "METRICS")
-                lines += [(f"  {k}", v) for k, v in _otlp_details("metrics", protocol, env)]
-            interval = metrics._env_ms(env, "OTEL_METRIC_EXPORT_INTERVAL", 60000)
+                protocol = otel.protocol("METRICS")
+                lines += [(f"  {k}", v) for k, v in _otlp_details("metrics", protocol, otel)]
+            interval = otel.metric_ms("OTEL_METRIC_EXPORT_INTERVAL")
             lines.append(("  interval", f"{interval:g} s"))
-            export_timeout = metrics._env_ms(env, "OTEL_METRIC_EXPORT_TIMEOUT", 30000)
+            export_timeout = otel.metric_ms("OTEL_METRIC_EXPORT_TIMEOUT")
             lines.append(("  export timeout", f"{export_timeout:g} s"))
-        resource = telemetry.resource_from_env(process_attributes(label, env))
+        resource = telemetry.resource_from_env(process_attributes(label, otel.ranks))
         lines.append(("resource", ", ".join(f"{k}={v}" for k, v in sorted(resource.attributes.items()))))
     finally:
         for logger in loggers:
@@ -191,16 +189,17 @@ def send_test_span(timeout_s: float) -> tuple[bool, str]:
     import otel_npu
     from otel_npu import runtime
 
+    from otel_npu import config
+
     result: dict[str, Any] = {}
     # The test span must be sent whatever the sampler says, and an export attempt must end (with its reason)
     # within the time given, rather than retry for OTEL_EXPORTER_OTLP_TIMEOUT.
-    os.environ["OTEL_TRACES_SAMPLER"] = "always_on"
+    env = config.process_env()
+    env["OTEL_TRACES_SAMPLER"] = "always_on"
     for signal in ("TRACES", "METRICS"):
-        from otel_npu import config
-
-        configured = config.otlp_timeout_s(os.environ, signal) or config.OTLP_TIMEOUT_DEFAULT_S
+        configured = config.otlp_timeout_s(env, signal) or config.OTLP_TIMEOUT_DEFAULT_S
         limit = min(configured, timeout_s / 2)
-        os.environ[f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT"] = f"{limit:g}"
+        env[f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT"] = f"{limit:g}"
     # What went wrong is printed below; otel-npu's own warnings would only repeat it.
     logging.getLogger("otel_npu").setLevel(logging.ERROR)
 

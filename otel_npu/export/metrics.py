@@ -48,9 +48,10 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
-from .. import config
 from ..accounting import CAPTURE_DROP_REASONS, SPAN_LOSS_REASONS
 from ..record import Record
+from ..config.env import keep_known
+from ..config.otel import OtelSettings
 from .sinks import wait_until
 
 _log = logging.getLogger("otel_npu")
@@ -69,9 +70,6 @@ BOUNDARIES_MS: tuple[float, ...] = tuple(
 
 #: Exemplars per data point per export interval at most (the slowest of the interval).
 EXEMPLARS_PER_POINT = 4
-#: ``OTEL_METRICS_EXEMPLAR_FILTER`` values (the SDK's): exemplars from exported spans only, from every capture
-#: (those not exported carry no trace), or none.
-EXEMPLAR_FILTERS = ("trace_based", "always_on", "always_off")
 
 #: Distinct (stage, step) series kept; further ones are folded into one ``otel.metric.overflow`` series, as the
 #: SDK does at its cardinality limit. Bounds the aggregator's memory (≈ 0.6 KB per series, ≈ 0.6 MB in all).
@@ -494,51 +492,15 @@ class MetricsExportError(Exception):
     """An export of the stage metrics failed (the name shows in ``stats()`` errors, logs and ``doctor``)."""
 
 
-#: Variables that point the stage metrics at a collector even when OTEL_METRICS_EXPORTER is unset.
-ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+def exporter_names(otel: OtelSettings) -> list[str]:
+    """The ``OTEL_METRICS_EXPORTER`` names otel-npu builds (none when ``otel.metrics_off_reason``)."""
+    return keep_known("OTEL_METRICS_EXPORTER", otel.metrics_exporters, EXPORTERS,
+                      who="otel-npu's own metrics do not support",
+                      hint=" (for a pull exporter such as prometheus, install an SDK MeterProvider with that "
+                           "reader: otel-npu then records into it)")
 
 
-def default_off_reason(env: Mapping[str, str]) -> str | None:
-    """Why the stage metrics are not exported by default in this environment, or ``None`` when they go over
-    OTLP by default.
-
-    ``OTEL_METRICS_EXPORTER`` unset means ``otlp`` only where there is a collector to send to: an OTLP
-    endpoint is set, or the traces go over OTLP (``OTEL_TRACES_EXPORTER`` unset or naming ``otlp``). A run
-    whose traces go to the console or a file only has no collector: sending metrics to localhost:4318 there
-    would cost a warning and the export time-out at every flush and at exit, for nothing."""
-    if env.get("OTEL_METRICS_EXPORTER", "").strip():
-        return None
-    if any(env.get(var, "").strip() for var in ENDPOINT_VARS):
-        return None
-    traces = {part.strip() for part in (env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp").split(",")}
-    if "otlp" in traces and "none" not in traces:
-        return None
-    return ("none (OTEL_METRICS_EXPORTER is unset and nothing goes to a collector: traces go to "
-            f"{'the console' if 'console' in traces and 'none' not in traces else 'no OTLP exporter'}; set "
-            "OTEL_METRICS_EXPORTER=console to print the stage metrics, or otlp with an endpoint)")
-
-
-def exporters_from_env(env: Mapping[str, str]) -> list[str]:
-    if default_off_reason(env) is not None:
-        return []
-    return config.exporter_names(
-        env, "OTEL_METRICS_EXPORTER", EXPORTERS, who="otel-npu's own metrics do not support",
-        hint=" (for a pull exporter such as prometheus, install an SDK MeterProvider with that reader: otel-npu "
-             "then records into it)")
-
-
-#: Accepted ranges (ms) of the metrics export interval and timeout: a day, an hour.
-METRIC_MS_MAX = {"OTEL_METRIC_EXPORT_INTERVAL": 86_400_000, "OTEL_METRIC_EXPORT_TIMEOUT": 3_600_000}
-
-
-def _env_ms(env: Mapping[str, str], name: str, default_ms: float) -> float:
-    from .. import config
-
-    return config.env_number(env, name, default_ms / 1000.0, METRIC_MS_MAX.get(name, 86_400_000),
-                             "a number of milliseconds", scale=1e-3)
-
-
-def own_exporter(name: str, protocol: str) -> tuple[Any, str]:
+def own_exporter(name: str, protocol: str, otel: OtelSettings) -> tuple[Any, str]:
     """An SDK metric exporter for ``name`` (``otlp``/``console``) configured from the environment."""
     import sys
 
@@ -553,9 +515,9 @@ def own_exporter(name: str, protocol: str) -> tuple[Any, str]:
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     if protocol == "grpc":
-        exporter = OTLPMetricExporter(**otlp_timeout_kwargs("METRICS"))
+        exporter = OTLPMetricExporter(**otlp_timeout_kwargs(otel, "METRICS"))
     else:
-        exporter = OTLPMetricExporter(session=http_session("METRICS"), **otlp_timeout_kwargs("METRICS"))
+        exporter = OTLPMetricExporter(session=http_session(otel, "METRICS"), **otlp_timeout_kwargs(otel, "METRICS"))
     return exporter, f"otlp {protocol} -> {getattr(exporter, '_endpoint', '?')}"
 
 
@@ -593,14 +555,14 @@ def _app_destinations(provider: Any) -> tuple[list[_Destination], Any, float] | 
     return out, resource, (interval or 60000) / 1000.0
 
 
-def build(settings: Any, *, env: Mapping[str, str], const_attributes: Mapping[str, Any], resource: Any,
-          scope: Any, stats: Any, protocol_from_env: Callable[..., str]) -> Any | None:
+def build(settings: Any, otel: OtelSettings, *, const_attributes: Mapping[str, Any], resource: Any,
+          scope: Any, stats: Any) -> Any | None:
     """The metrics part of a pipeline (``MetricsExport`` or ``SdkInstruments``), or ``None`` (no metrics)."""
     attrs = {ATTR_DEVICE: const_attributes.get(ATTR_DEVICE, "?")}
     if ATTR_RANK in const_attributes:
         attrs[ATTR_RANK] = const_attributes[ATTR_RANK]
     aggregator = StageAggregator(attrs)
-    timeout_s = _env_ms(env, "OTEL_METRIC_EXPORT_TIMEOUT", 30000)
+    timeout_s = otel.metric_ms("OTEL_METRIC_EXPORT_TIMEOUT")
     provider = app_meter_provider(settings)
     if provider is not None:
         found = _app_destinations(provider)
@@ -608,15 +570,15 @@ def build(settings: Any, *, env: Mapping[str, str], const_attributes: Mapping[st
             destinations, app_resource, interval_s = found
             return MetricsExport(aggregator, stats, destinations, app_resource, scope, interval_s, timeout_s,
                                  f"the application's MeterProvider ({', '.join(d.description for d in destinations)})",
-                                 exemplar_filter_from_env(env))
+                                 otel.exemplar_filter)
         _log.info("otel-npu: the application's MeterProvider has a reader that cannot take ready data; "
                   "recording through SDK instruments (slower per capture)")
         return SdkInstruments(provider, aggregator, stats, scope.version or "")
     destinations = []
-    protocol = protocol_from_env(env, "METRICS")
-    for name in exporters_from_env(env):
+    protocol = otel.protocol("METRICS")
+    for name in exporter_names(otel):
         try:
-            exporter, text = own_exporter(name, protocol)
+            exporter, text = own_exporter(name, protocol, otel)
         except Exception as exc:
             _log.warning("otel-npu: cannot set up the %s metrics exporter (%s: %s); stage metrics are not "
                          "exported there", name, type(exc).__name__, exc)
@@ -624,19 +586,7 @@ def build(settings: Any, *, env: Mapping[str, str], const_attributes: Mapping[st
         destinations.append(_Destination(exporter, None, True, text))
     if not destinations:
         return None
-    interval_s = _env_ms(env, "OTEL_METRIC_EXPORT_INTERVAL", 60000)
+    interval_s = otel.metric_ms("OTEL_METRIC_EXPORT_INTERVAL")
     return MetricsExport(aggregator, stats, destinations, resource, scope, interval_s, timeout_s,
                          "otel-npu's own: " + ", ".join(d.description for d in destinations),
-                         exemplar_filter_from_env(env))
-
-
-def exemplar_filter_from_env(env: Mapping[str, str]) -> str:
-    """``OTEL_METRICS_EXEMPLAR_FILTER`` (default ``trace_based``, as the SDK); an invalid value warns."""
-    raw = env.get("OTEL_METRICS_EXEMPLAR_FILTER", "").strip().lower()
-    if not raw:
-        return "trace_based"
-    if raw not in EXEMPLAR_FILTERS:
-        _log.warning("OTEL_METRICS_EXEMPLAR_FILTER=%r is not valid: accepted values are %s; using trace_based",
-                     env.get("OTEL_METRICS_EXEMPLAR_FILTER"), ", ".join(EXEMPLAR_FILTERS))
-        return "trace_based"
-    return raw
+                         otel.exemplar_filter)

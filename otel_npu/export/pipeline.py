@@ -32,11 +32,14 @@ from opentelemetry.sdk.trace import sampling
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from .. import config
 from .._version import __version__
+from ..config import otel as otel_config
+from ..config.env import keep_known
+from ..config.otel import OtelSettings
 from ..record import DROPPED as _DROPPED
 from ..record import Record
 from ..spans import Limits, SpanFactory
+from .. import config
 from .. import sampling as step_sampling
 from . import metrics as _metrics
 from . import otlp, otlp_json, redact
@@ -45,12 +48,17 @@ from . import sinks as _sinks
 _log = logging.getLogger("otel_npu")
 
 SCOPE_NAME = "otel_npu"
-#: Also write spans to this file, as OTLP/JSON lines (one ExportTraceServiceRequest per line).
-TRACES_FILE_ENV = "OTEL_NPU_TRACES_FILE"
+#: ``OTEL_TRACES_EXPORTER`` names otel-npu's own pipeline builds.
 EXPORTERS = ("otlp", "console", "none")
-PROTOCOLS = ("http/protobuf", "grpc")
-SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
-            "parentbased_traceidratio")
+#: ``OTEL_TRACES_SAMPLER`` name (``config.otel.SAMPLERS``) -> the SDK sampler, given the ratio.
+SAMPLERS: dict[str, Callable[[float], Any]] = {
+    "always_on": lambda ratio: sampling.ALWAYS_ON,
+    "always_off": lambda ratio: sampling.ALWAYS_OFF,
+    "traceidratio": lambda ratio: sampling.TraceIdRatioBased(ratio),
+    "parentbased_always_on": lambda ratio: sampling.DEFAULT_ON,
+    "parentbased_always_off": lambda ratio: sampling.DEFAULT_OFF,
+    "parentbased_traceidratio": lambda ratio: sampling.ParentBased(sampling.TraceIdRatioBased(ratio)),
+}
 
 
 class Pipeline:
@@ -209,49 +217,15 @@ def _begins_trace(step: Any) -> bool:
     return step.parent is None and not step.parent_span_id
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    return env.get(name, "").strip().lower() == "true"
+def sampler(otel: OtelSettings) -> Any:
+    """The SDK sampler ``OTEL_TRACES_SAMPLER[_ARG]`` names."""
+    name, ratio = otel.sampler
+    return SAMPLERS[name](ratio)
 
 
-def sampler_from_env(env: Mapping[str, str]) -> Any:
-    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
-    if name not in SAMPLERS:
-        _log.warning("OTEL_TRACES_SAMPLER=%r is not supported by otel-npu's own pipeline: accepted values are "
-                     "%s; using parentbased_always_on", env.get("OTEL_TRACES_SAMPLER"), ", ".join(SAMPLERS))
-        name = "parentbased_always_on"
-    if name.endswith("traceidratio"):
-        raw = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
-        try:
-            ratio = float(raw) if raw else 1.0
-            if not 0.0 <= ratio <= 1.0:
-                raise ValueError
-        except ValueError:
-            _log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not valid for %s: accepted values are numbers from 0 "
-                         "to 1; using 1.0", raw, name)
-            ratio = 1.0
-        inner = sampling.TraceIdRatioBased(ratio)
-        return sampling.ParentBased(inner) if name.startswith("parentbased") else inner
-    return {
-        "always_on": sampling.ALWAYS_ON, "always_off": sampling.ALWAYS_OFF,
-        "parentbased_always_on": sampling.DEFAULT_ON, "parentbased_always_off": sampling.DEFAULT_OFF,
-    }[name]
-
-
-def protocol_from_env(env: Mapping[str, str], signal: str = "TRACES") -> str:
-    """``OTEL_EXPORTER_OTLP_{signal}_PROTOCOL``, else ``OTEL_EXPORTER_OTLP_PROTOCOL``, else http/protobuf."""
-    for var in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
-        raw = env.get(var, "").strip().lower()
-        if raw:
-            if raw in PROTOCOLS:
-                return raw
-            _log.warning("%s=%r is not supported: accepted values are %s; using http/protobuf",
-                         var, env.get(var), ", ".join(PROTOCOLS))
-            return "http/protobuf"
-    return "http/protobuf"
-
-
-def exporters_from_env(env: Mapping[str, str]) -> list[str]:
-    return config.exporter_names(env, "OTEL_TRACES_EXPORTER", EXPORTERS)
+def trace_exporters(otel: OtelSettings) -> list[str]:
+    """The ``OTEL_TRACES_EXPORTER`` names otel-npu builds, in order (an unknown one is warned about)."""
+    return keep_known("OTEL_TRACES_EXPORTER", otel.traces_exporters, EXPORTERS)
 
 
 def resource_from_env(process_attrs: Mapping[str, Any]) -> Resource:
@@ -278,10 +252,10 @@ def app_provider(settings: Any) -> Any | None:
     return None
 
 
-def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Callable[[Any], str],
-          to_wall: Callable[[int], int], stats: Any, env: Mapping[str, str] | None = None) -> Pipeline:
-    """The pipeline for ``settings`` (never raises for configuration problems: warns and degrades)."""
-    env = os.environ if env is None else env
+def build(settings: Any, otel: OtelSettings, *, process_attrs: Mapping[str, Any],
+          stream_label: Callable[[Any], str], to_wall: Callable[[int], int], stats: Any) -> Pipeline:
+    """The pipeline for ``settings`` and the ``OTEL_*`` settings ``otel`` (never raises for configuration
+    problems: warns and degrades)."""
     redact.install_exporter_log_filter()  # before any exporter is built: they log while parsing headers
     scope = InstrumentationScope(SCOPE_NAME, __version__)
     common = dict(stream_label=stream_label, to_wall=to_wall, const_attributes=process_attrs, stats=stats,
@@ -299,18 +273,18 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
             factory = SpanFactory(sampler=tracer.sampler, id_generator=tracer.id_generator, limits=limits, **common)
             sink = _sinks.SdkSink(tracer.span_processor, tracer.resource, scope, factory, owned=False)
             return Pipeline(factory, [sink], stats, f"the application's TracerProvider ({type(provider).__name__})",
-                            _build_metrics(settings, env, process_attrs, resource_from_env(process_attrs),
+                            _build_metrics(settings, otel, process_attrs, resource_from_env(process_attrs),
                                            scope, stats), **_step_rules(settings, stats),
-                            metrics_description=_metrics.default_off_reason(env) or "none")
+                            metrics_description=otel.metrics_off_reason or "none")
 
-    factory = SpanFactory(sampler=sampler_from_env(env), id_generator=RandomIdGenerator(),
-                          limits=Limits.from_env(env), **common)
-    if _flag(env, "OTEL_SDK_DISABLED"):
+    factory = SpanFactory(sampler=sampler(otel), id_generator=RandomIdGenerator(),
+                          limits=Limits(**otel.span_limits), **common)
+    if otel.sdk_disabled:
         return Pipeline(factory, [], stats, "none (OTEL_SDK_DISABLED=true)")
     resource = resource_from_env(process_attrs)
     sinks: list = []
     described = []
-    traces_file = env.get(TRACES_FILE_ENV, "").strip()
+    traces_file = otel.traces_file
     if traces_file:
         try:
             # Encoded straight to OTLP/JSON (otlp_json.py): ≈ 30x cheaper than protobuf + MessageToDict.
@@ -319,36 +293,37 @@ def build(settings: Any, *, process_attrs: Mapping[str, Any], stream_label: Call
                                          schedule_delay_s=1.0))
             described.append(f"file {traces_file}")
         except OSError as exc:
-            _log.warning("%s=%r cannot be written (%s); no trace file", TRACES_FILE_ENV, traces_file, exc)
-    for name in exporters_from_env(env):
+            _log.warning("%s=%r cannot be written (%s); no trace file", otel_config.TRACES_FILE_ENV, traces_file,
+                         exc)
+    for name in trace_exporters(otel):
         try:
-            sink, text = _own_sink(name, env, factory, resource, scope, stats)
+            sink, text = _own_sink(name, otel, factory, resource, scope, stats)
         except Exception as exc:
             _log.warning("otel-npu: cannot set up the %s exporter (%s); its spans are not exported",
                          name, redact.redact(f"{type(exc).__name__}: {exc}"))
             continue
         sinks.append(sink)
         described.append(text)
-    metrics = _build_metrics(settings, env, process_attrs, resource, scope, stats)
+    metrics = _build_metrics(settings, otel, process_attrs, resource, scope, stats)
     return Pipeline(factory, sinks, stats, "otel-npu's own: " + (", ".join(described) or "no exporter"), metrics,
-                    **_step_rules(settings, stats), metrics_description=_metrics.default_off_reason(env) or "none")
+                    **_step_rules(settings, stats), metrics_description=otel.metrics_off_reason or "none")
 
 
 def _step_rules(settings: Any, stats: Any) -> dict[str, Any]:
     """Slow-step keeping and the detail budget of ``settings`` (validated there), for ``Pipeline``."""
-    rule = step_sampling.parse_keep_slow(getattr(settings, "keep_slow_steps", "p99"))
+    rule = config.parse_keep_slow(getattr(settings, "keep_slow_steps", "p99"))
     return {"slow": None if rule is None else step_sampling.SlowSteps(rule, stats),
             "detail_every": getattr(settings, "detail_every", 1)}
 
 
-def _build_metrics(settings: Any, env: Mapping[str, str], process_attrs: Mapping[str, Any], resource: Resource,
+def _build_metrics(settings: Any, otel: OtelSettings, process_attrs: Mapping[str, Any], resource: Resource,
                    scope: InstrumentationScope, stats: Any) -> Any:
     """Stage metrics (``metrics.py``), or None. Never raises: a failure here must not cost the spans."""
-    if _flag(env, "OTEL_SDK_DISABLED"):
+    if otel.sdk_disabled:
         return None
     try:
-        built = _metrics.build(settings, env=env, const_attributes=process_attrs, resource=resource, scope=scope,
-                               stats=stats, protocol_from_env=protocol_from_env)
+        built = _metrics.build(settings, otel, const_attributes=process_attrs, resource=resource, scope=scope,
+                               stats=stats)
     except Exception as exc:
         _log.warning("otel-npu: cannot set up the stage metrics (%s); they are not exported",
                      redact.redact(f"{type(exc).__name__}: {exc}"))
@@ -362,68 +337,35 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
     """An SDK TracerProvider configured like otel-npu's own pipeline, for an application that has none
     (the demo uses it for its request spans): resource and sampler from the ``OTEL_*`` variables, exporters
     from ``OTEL_TRACES_EXPORTER`` / ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``, plus the ``OTEL_NPU_TRACES_FILE``
-    file. The caller installs it (``trace.set_tracer_provider``) and shuts it down."""
+    file (``env``: the process environment unless given). The caller installs it
+    (``trace.set_tracer_provider``) and shuts it down."""
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 
-    env = os.environ if env is None else env
+    otel = otel_config.read(env)
     redact.install_exporter_log_filter()
-    provider = TracerProvider(resource=resource_from_env(dict(extra_attributes or {})),
-                              sampler=sampler_from_env(env))
-    if _flag(env, "OTEL_SDK_DISABLED"):
+    provider = TracerProvider(resource=resource_from_env(dict(extra_attributes or {})), sampler=sampler(otel))
+    if otel.sdk_disabled:
         return provider
-    traces_file = env.get(TRACES_FILE_ENV, "").strip()
-    if traces_file:
-        provider.add_span_processor(BatchSpanProcessor(_sinks.JsonLinesSpanExporter(traces_file),
+    if otel.traces_file:
+        provider.add_span_processor(BatchSpanProcessor(_sinks.JsonLinesSpanExporter(otel.traces_file),
                                                        schedule_delay_millis=1000))
-    for name in exporters_from_env(env):
+    for name in trace_exporters(otel):
         if name == "console":
             provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout)))
-        elif protocol_from_env(env) == "grpc":
+        elif otel.protocol("TRACES") == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(**_sinks.otlp_timeout_kwargs("TRACES"))))
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(
+                **_sinks.otlp_timeout_kwargs(otel, "TRACES"))))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-            provider.add_span_processor(BatchSpanProcessor(HttpExporter(session=_sinks.http_session(),
-                                                                        **_sinks.otlp_timeout_kwargs("TRACES"))))
+            provider.add_span_processor(BatchSpanProcessor(HttpExporter(
+                session=_sinks.http_session(otel, "TRACES"), **_sinks.otlp_timeout_kwargs(otel, "TRACES"))))
     return provider
 
 
-ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-
-
-def traces_file_unless_configured(env: Any) -> str | None:
-    """For a program run without any exporter configured (no ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, no
-    ``OTEL_TRACES_EXPORTER``) where a collector at localhost is not to be assumed (the demo, the examples):
-    set ``OTEL_TRACES_EXPORTER=none``, the stage metrics off unless configured, and ``OTEL_NPU_TRACES_FILE``
-    to a new ``./otel-npu-traces-<date>-<time>.jsonl``, whose path is returned. Returns ``None`` (changing
-    nothing but the exporter, when a file is named) when the environment already says where traces go."""
-    if any(env.get(var, "").strip() for var in ENDPOINT_VARS) or env.get("OTEL_TRACES_EXPORTER", "").strip():
-        return None
-    env["OTEL_TRACES_EXPORTER"] = "none"
-    # No collector either for the stage metrics (without this they would be retried against localhost:4318:
-    # a warning, and every flush and the exit held up by the export time-out).
-    if not env.get("OTEL_METRICS_EXPORTER", "").strip() and not env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "").strip():
-        env["OTEL_METRICS_EXPORTER"] = "none"
-    if env.get(TRACES_FILE_ENV, "").strip():
-        return None
-    path = f"otel-npu-traces-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    env[TRACES_FILE_ENV] = path
-    return path
-
-
-#: Accepted ranges of the OTEL_BSP_* numbers (the queue's memory, and a delay a timer accepts).
-BSP_MAX = {"OTEL_BSP_MAX_QUEUE_SIZE": 10_000_000, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 10_000_000,
-           "OTEL_BSP_SCHEDULE_DELAY": 3_600_000}
-
-
-def _bsp_setting(env: Mapping[str, str], name: str, default: int) -> int:
-    what = "whole numbers of milliseconds" if name == "OTEL_BSP_SCHEDULE_DELAY" else "whole numbers"
-    return int(config.env_number(env, name, default, BSP_MAX.get(name, 10_000_000), what, integer=True))
-
-
-def _own_sink(name: str, env: Mapping[str, str], factory: SpanFactory, resource: Resource,
+def _own_sink(name: str, otel: OtelSettings, factory: SpanFactory, resource: Resource,
               scope: InstrumentationScope, stats: Any) -> tuple[Any, str]:
     if name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
@@ -431,31 +373,27 @@ def _own_sink(name: str, env: Mapping[str, str], factory: SpanFactory, resource:
         # stdout as it is now: ConsoleSpanExporter's default is the one at its import
         return _sinks.SdkSink(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout)), resource, scope, factory,
                               owned=True), "console"
-    protocol = protocol_from_env(env)
-    send = _sinks.transport_for(protocol)
+    protocol = otel.protocol("TRACES")
+    send = _sinks.transport_for(protocol, otel)
     if send is None:  # the installed exporter lacks the hooks: the SDK path works, more slowly
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         if protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter(**_sinks.otlp_timeout_kwargs("TRACES"))
+            exporter = OTLPSpanExporter(**_sinks.otlp_timeout_kwargs(otel, "TRACES"))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter(session=_sinks.http_session(), **_sinks.otlp_timeout_kwargs("TRACES"))
+            exporter = OTLPSpanExporter(session=_sinks.http_session(otel, "TRACES"),
+                                        **_sinks.otlp_timeout_kwargs(otel, "TRACES"))
         _log.info("otel-npu: this opentelemetry-exporter-otlp has no pre-encoded export path; using the SDK's")
         return _sinks.SdkSink(BatchSpanProcessor(exporter), resource, scope, factory, owned=True), \
             f"otlp {protocol} (SDK encoder)"
     redact.install_exporter_log_filter()
     encoder = otlp.SpanEncoder(factory, resource, scope.name, scope.version or "")
-    # Defaults larger than the BatchSpanProcessor's (2048 / 512): a stage span per capture comes at
-    # thousands per second, and each HTTP request costs ≈ 2 ms of Python (requests re-reads the proxy
-    # environment every time), so 2048 spans per request cost ≈ 1.7 µs each against ≈ 3.7 µs at 512.
-    sink = _sinks.OtlpSink(
-        send, encoder, stats,
-        max_queue_size=_bsp_setting(env, "OTEL_BSP_MAX_QUEUE_SIZE", 8192),
-        max_export_batch_size=_bsp_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2048),
-        schedule_delay_s=_bsp_setting(env, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000.0,
-    )
+    # Batching per OTEL_BSP_*, with larger defaults than the BatchSpanProcessor's (config.otel.BSP_DEFAULTS).
+    max_queue_size, max_export_batch_size, schedule_delay_s = otel.batching
+    sink = _sinks.OtlpSink(send, encoder, stats, max_queue_size=max_queue_size,
+                           max_export_batch_size=max_export_batch_size, schedule_delay_s=schedule_delay_s)
     return sink, f"otlp {protocol} -> {sink.endpoint}"

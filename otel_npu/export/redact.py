@@ -16,13 +16,12 @@ out of the way of otel-npu's single rate-limited warning.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import urllib.parse
 from typing import Mapping
 
-HEADER_VARS = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
-               "OTEL_EXPORTER_OTLP_METRICS_HEADERS", "OTEL_EXPORTER_OTLP_LOGS_HEADERS")
+from ..config.otel import header_values
+
 MASK = "***"
 #: Shorter values are not masked: they are not secrets, and masking them would garble every message.
 MIN_SECRET = 4
@@ -48,10 +47,9 @@ def secrets(env: Mapping[str, str] | None = None) -> list[str]:
     An entry without ``=`` (``Authorization: Bearer SECRET``, a common mistake, which the SDK's parser logs
     as it is) is masked whole, and each of its words, except a first word ending in ``:`` (the header name
     written HTTP style): what it holds cannot be told apart from a value."""
-    env = os.environ if env is None else env
     found: set[str] = set()
-    for var in HEADER_VARS:
-        for part in env.get(var, "").split(","):
+    for header in header_values(env):
+        for part in header.split(","):
             if "=" in part:
                 raw = part.split("=", 1)[1].strip()
                 words_from = 0

@@ -25,19 +25,19 @@ from typing import Any, Callable
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from ..config.otel import OtelSettings
 from .redact import last_message, redact
 
 
-def otlp_timeout_kwargs(signal: str) -> dict[str, float]:
-    """``{"timeout": seconds}`` for an SDK OTLP exporter when ``OTEL_EXPORTER_OTLP_[signal_]TIMEOUT`` is set:
-    validated (config.otlp_timeout_s), so that an out-of-range value warns and uses 10 s instead of making every
-    export fail (or never end); ``{}`` when unset (the exporter's own default)."""
-    from ..config import otlp_timeout_s
-
-    timeout = otlp_timeout_s(None, signal)
-    return {} if timeout is None else {"timeout": timeout}
-
 _log = logging.getLogger("otel_npu")
+
+
+def otlp_timeout_kwargs(otel: OtelSettings, signal: str) -> dict[str, float]:
+    """``{"timeout": seconds}`` for an SDK OTLP exporter when ``OTEL_EXPORTER_OTLP_[signal_]TIMEOUT`` is set:
+    validated (``config.otel.otlp_timeout_s``), so that an out-of-range value warns and uses 10 s instead of
+    making every export fail (or never end); ``{}`` when unset (the exporter's own default)."""
+    timeout = otel.otlp_timeout_s(signal)
+    return {} if timeout is None else {"timeout": timeout}
 
 
 def wait_until(cond: threading.Condition, done: Callable[[], bool], deadline: float,
@@ -90,7 +90,7 @@ class EncodedBatch:
         return self.count
 
 
-def http_session(signal: str = "TRACES") -> Any:
+def http_session(otel: OtelSettings, signal: str = "TRACES") -> Any:
     """``None``, or (when a certificate variable is set) a ``requests.Session`` for the SDK's OTLP/HTTP
     exporters that keeps ``OTEL_EXPORTER_OTLP_[signal_]CERTIFICATE`` in force.
 
@@ -99,8 +99,6 @@ def http_session(signal: str = "TRACES") -> Any:
     the collector's certificate would be checked against the system bundle instead, and a private CA's
     collector refused. Everything else about the environment (proxies, netrc) is honoured as usual.
     """
-    import os
-
     import requests
 
     class CertificateSession(requests.Session):
@@ -110,13 +108,12 @@ def http_session(signal: str = "TRACES") -> Any:
                 settings["verify"] = self.verify
             return settings
 
-    if not (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_CERTIFICATE") or os.environ.get(
-            "OTEL_EXPORTER_OTLP_CERTIFICATE")):
+    if not otel.otlp_option(signal, "CERTIFICATE"):
         return None  # nothing to keep in force: the SDK's own session
     return CertificateSession()
 
 
-def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | None]] | None:
+def transport_for(protocol: str, otel: OtelSettings) -> Callable[[bytes, int], tuple[bool, str | None]] | None:
     """A ``send(request_bytes, span_count) -> (ok, error)`` over the SDK's OTLP exporter for ``protocol``,
     configured from the standard environment variables; ``None`` if that exporter lacks the hooks we use."""
     if protocol == "grpc":
@@ -136,7 +133,7 @@ def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | Non
             def _count_data(self, data: Any) -> int:
                 return len(data)
 
-        exporter = _PreEncodedGrpcExporter(**otlp_timeout_kwargs("TRACES"))
+        exporter = _PreEncodedGrpcExporter(**otlp_timeout_kwargs(otel, "TRACES"))
 
         def send_grpc(data: bytes, count: int) -> tuple[bool, str | None]:
             last_message()  # forget an older line: the detail must be this export's
@@ -153,7 +150,7 @@ def transport_for(protocol: str) -> Callable[[bytes, int], tuple[bool, str | Non
 
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-    exporter = HttpExporter(session=http_session("TRACES"), **otlp_timeout_kwargs("TRACES"))
+    exporter = HttpExporter(session=http_session(otel, "TRACES"), **otlp_timeout_kwargs(otel, "TRACES"))
     client = getattr(exporter, "_client", None)
     if client is None or not callable(getattr(client, "export", None)):
         exporter.shutdown()

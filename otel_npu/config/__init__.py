@@ -1,4 +1,10 @@
-"""Settings: read once from the environment (or given to ``configure()``), validated, never fatal.
+"""Configuration: the only code in otel-npu that reads the environment.
+
+* ``Settings`` (this module): the ``OTEL_NPU_*`` variables (and the seed's switch), read once at import
+  (``from_env``) or given to ``configure()``;
+* ``otel.py``: the standard ``OTEL_*`` variables otel-npu interprets, ``OTEL_NPU_TRACES_FILE``, ``RANK`` and
+  ``LOCAL_RANK``, read when the runtime starts (so that a plugin may still set them before the first capture);
+* ``env.py``: the parsers every variable goes through, with one message style.
 
 Two kinds of bad input, two behaviours:
 
@@ -14,13 +20,14 @@ Nothing here is read on the hot path: ``capture()`` only sees the result.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
+import re
 from typing import Any, Callable, Mapping
 
-_log = logging.getLogger("otel_npu")
+from . import otel
+from .env import env_bool, env_choice, env_number, invalid, process_env
+from .otel import OTLP_TIMEOUT_DEFAULT_S, otlp_timeout_s
 
-#: Environment variables otel-npu reads (the standard ``OTEL_*`` ones are read in ``export/pipeline.py``).
+#: Environment variables otel-npu reads (the standard ``OTEL_*`` ones: ``otel.py``).
 ENV_ENABLED = "OTEL_NPU_ENABLED"
 ENV_ENABLED_ALIAS = "VLLM_ASCEND_MODEL_EXECUTE_TIME_OBSERVE"  # the seed's variable, honoured as an alias
 ENV_DEVICE = "OTEL_NPU_DEVICE"
@@ -35,9 +42,7 @@ ENV_DETAIL_EVERY = "OTEL_NPU_DETAIL_EVERY"
 
 DEVICES = ("auto", "npu", "cuda", "cpu")
 PIPELINES = ("auto", "app", "own")
-_TRUE = ("1", "true")
 _STAYS_OFF = "otel-npu stays disabled unless the program enables it (otel_npu.configure(enabled=True))"
-_FALSE = ("0", "false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,33 +71,10 @@ class Settings:
     #: An SDK ``TracerProvider`` to send spans through, instead of looking one up.
     tracer_provider: Any = None
     #: Steps the sampler dropped that are exported anyway when slow: ``"off"``, ``"p99"``, ``"p999"`` (of the
-    #: recent steps of the same name) or a duration (``"25ms"``). See ``sampling.py``.
+    #: recent steps of the same name) or a duration (``"25ms"``). See ``spans/sampling.py``.
     keep_slow_steps: str = "p99"
     #: Detail captures (``instrument_module``, ``capture(detail=True)``) in one step in this many per name.
     detail_every: int = 1
-
-
-def _parse_bool(raw: str) -> bool | None:
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    return None
-
-
-def _env_bool(env: Mapping[str, str], name: str, default: bool, consequence: str) -> bool:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    parsed = _parse_bool(raw)
-    if parsed is None:
-        _log.warning(
-            "%s=%r is not valid: accepted values are 1, 0, true, false (any case); %s",
-            name, raw, consequence,
-        )
-        return default
-    return parsed
 
 
 #: Accepted ranges of the numeric settings (above the low end, up to the high end). The high ends keep every
@@ -102,75 +84,60 @@ MAX_PENDING_MAX = 10_000_000
 EVENT_TIMEOUT_MAX_S = 86_400.0  # a day
 POLL_INTERVAL_MAX_S = 60.0
 SHUTDOWN_TIMEOUT_MAX_S = 3_600.0
-OTLP_TIMEOUT_MAX_S = 3_600.0
-OTLP_TIMEOUT_DEFAULT_S = 10.0
+DETAIL_EVERY_MAX = 1_000_000
 
 
-def env_number(env: Mapping[str, str], name: str, default: float, high: float, what: str, *,
-               integer: bool = False, scale: float = 1.0) -> float:
-    """``name`` read from ``env``: a number above 0 and at most ``high`` (a whole number if ``integer``), times
-    ``scale``; else ``default`` after one warning naming the variable, the value and the accepted range."""
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value: float | None = int(raw.strip(), 10) if integer else float(raw.strip())
-    except (ValueError, OverflowError):
-        value = None
-    if value is None or not 0 < value <= high:  # NaN fails both comparisons
-        low = "1" if integer else "above 0"
-        _log.warning("%s=%r is not valid: accepted values are %s from %s to %s; using the default %s",
-                     name, raw, what, low, f"{high:g}" if not integer else high,
-                     f"{default / scale:g}" if scale != 1.0 else f"{default:g}")
-        return default
-    return value * scale
+#: ``OTEL_NPU_KEEP_SLOW_STEPS``: what is accepted (``parse_keep_slow``).
+ACCEPTED_KEEP = "off, p99, p999, or a duration such as 25ms, 0.5s, 800us (a bare number is milliseconds)"
+_PERCENTILES = {"p99": 0.99, "p999": 0.999}
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|us|µs)?\s*$", re.IGNORECASE)
+_UNIT_NS = {None: 1e6, "ms": 1e6, "s": 1e9, "us": 1e3, "µs": 1e3}
 
 
-def _env_number(env: Mapping[str, str], name: str, default: float, convert: Callable[[str], float],
-                 what: str, scale: float = 1.0, high: float = float("inf")) -> float:
-    return env_number(env, name, default, high, what, integer=convert is _strict_int, scale=scale)
+def parse_keep_slow(raw: Any) -> tuple[str, float] | None:
+    """``"off"`` -> None; ``"p99"`` -> ("p99", 0.99); ``"25ms"`` -> ("threshold", 25e6 ns). Raises ValueError."""
+    if not isinstance(raw, str):
+        raise ValueError(f"expected a str ({ACCEPTED_KEEP}), got {type(raw).__name__}")
+    text = raw.strip().lower()
+    if text in ("off", "none", "false", "0"):
+        return None
+    if text in _PERCENTILES:
+        return text, _PERCENTILES[text]
+    match = _DURATION.match(text)
+    if match:
+        value = float(match.group(1)) * _UNIT_NS[match.group(2) and match.group(2).lower()]
+        if 0 < value < 1e15:
+            return "threshold", value
+    raise ValueError(f"{raw!r} is not valid: accepted values are {ACCEPTED_KEEP}")
 
 
-def otlp_timeout_s(env: Mapping[str, str] | None, signal: str) -> float | None:
-    """``OTEL_EXPORTER_OTLP_{signal}_TIMEOUT``, else ``OTEL_EXPORTER_OTLP_TIMEOUT`` (seconds, as the Python SDK
-    reads them), validated: ``None`` when neither is set (the exporter's own default), the default 10 s after
-    one warning when the value is not a number above 0 up to an hour (0, -1, nan, inf, 1e23 made every
-    export fail at once, or never time out)."""
-    env = os.environ if env is None else env
-    for var in (f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
-        if env.get(var, "").strip():
-            return env_number(env, var, OTLP_TIMEOUT_DEFAULT_S, OTLP_TIMEOUT_MAX_S, "a number of seconds")
-    return None
+def _keep_slow_from_env(env: Mapping[str, str]) -> str:
+    """``OTEL_NPU_KEEP_SLOW_STEPS`` as written, or p99 (after one warning when invalid)."""
+    raw = env.get(ENV_KEEP_SLOW, "")
+    if raw.strip():
+        try:
+            parse_keep_slow(raw)
+            return raw.strip()
+        except ValueError:
+            invalid(ENV_KEEP_SLOW, raw, ACCEPTED_KEEP, "using p99")
+    return "p99"
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     """Read the ``OTEL_NPU_*`` variables once and return validated settings (never raises)."""
-    env = os.environ if env is None else env
+    env = process_env() if env is None else env
     # OTEL_NPU_ENABLED wins when set; the seed's variable counts only when it is not. An invalid
     # value of whichever is used warns and leaves otel-npu off.
     via_alias = False
     if env.get(ENV_ENABLED, "").strip():
-        enabled = _env_bool(env, ENV_ENABLED, False, _STAYS_OFF)
+        enabled = env_bool(env, ENV_ENABLED, False, _STAYS_OFF)
     else:
-        enabled = _env_bool(env, ENV_ENABLED_ALIAS, False, _STAYS_OFF)
+        enabled = env_bool(env, ENV_ENABLED_ALIAS, False, _STAYS_OFF)
         via_alias = bool(enabled)
     # The seed printed its duration lines whenever its variable was set: keep that for people migrating.
-    log_durations = _env_bool(env, ENV_LOG_DURATIONS, via_alias, "duration lines stay off")
-
-    device = env.get(ENV_DEVICE, "auto").strip().lower() or "auto"
-    if device not in DEVICES:
-        _log.warning("%s=%r is not valid: accepted values are %s; using auto",
-                     ENV_DEVICE, env.get(ENV_DEVICE), ", ".join(DEVICES))
-        device = "auto"
-    pipeline = env.get(ENV_PIPELINE, "auto").strip().lower() or "auto"
-    if pipeline not in PIPELINES:
-        _log.warning("%s=%r is not valid: accepted values are %s; using auto",
-                     ENV_PIPELINE, env.get(ENV_PIPELINE), ", ".join(PIPELINES))
-        pipeline = "auto"
-
-    from .sampling import settings_from_env
-
-    keep_slow, detail_every = settings_from_env(env)  # validated: the raw value, or the default
+    log_durations = env_bool(env, ENV_LOG_DURATIONS, via_alias, "duration lines stay off")
+    device = env_choice(env, ENV_DEVICE, DEVICES, "auto")
+    pipeline = env_choice(env, ENV_PIPELINE, PIPELINES, "auto")
     defaults = Settings()
     return Settings(
         enabled=bool(enabled),
@@ -185,31 +152,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         shutdown_timeout_s=env_number(env, ENV_SHUTDOWN_TIMEOUT, defaults.shutdown_timeout_s,
                                       SHUTDOWN_TIMEOUT_MAX_S, "a number of seconds"),
         pipeline=pipeline,
-        keep_slow_steps=keep_slow,
-        detail_every=detail_every,
+        keep_slow_steps=_keep_slow_from_env(env),
+        detail_every=int(env_number(env, ENV_DETAIL_EVERY, defaults.detail_every, DETAIL_EVERY_MAX, "whole numbers",
+                                    integer=True)),
     )
-
-
-def exporter_names(env: Mapping[str, str], var: str, accepted: tuple[str, ...], *, who: str = "otel-npu does not know",
-                   hint: str = "") -> list[str]:
-    """The exporters named in ``var`` (comma-separated, any case, default ``otlp``), in order, without
-    duplicates; ``[]`` when ``none`` is among them. An unknown name is warned about and skipped."""
-    raw = env.get(var, "").strip().lower() or "otlp"
-    names: list[str] = []
-    for name in (part.strip() for part in raw.split(",")):
-        if not name:
-            continue
-        if name not in accepted:
-            _log.warning("%s names %r, which %s: accepted values are %s%s; ignored",
-                         var, name, who, ", ".join(accepted), hint)
-            continue
-        if name not in names:
-            names.append(name)
-    return [] if "none" in names else names
-
-
-def _strict_int(raw: str) -> int:
-    return int(raw, 10)
 
 
 _ARG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -228,14 +174,12 @@ _ARG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pipeline": (lambda v: v in PIPELINES, "'auto', 'app' or 'own'"),
     "tracer_provider": (lambda v: hasattr(v, "get_tracer"), "an OpenTelemetry SDK TracerProvider"),
     "keep_slow_steps": (lambda v: _valid_keep(v), "'off', 'p99', 'p999' or a duration such as '25ms'"),
-    "detail_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1_000_000,
-                     "an int from 1 to 1000000"),
+    "detail_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= DETAIL_EVERY_MAX,
+                     f"an int from 1 to {DETAIL_EVERY_MAX}"),
 }
 
 
 def _valid_keep(v: Any) -> bool:
-    from .sampling import parse_keep_slow
-
     try:
         parse_keep_slow(v)
     except ValueError:
@@ -248,7 +192,7 @@ def _positive_number(v: Any, high: float = float("inf")) -> bool:
 
 
 def _is_backend(v: Any) -> bool:
-    from .devices.base import DeviceBackend  # local: config must not import devices at import time
+    from ..devices.base import DeviceBackend  # local: importing config must not import devices
 
     return isinstance(v, DeviceBackend) or callable(getattr(v, "otel_npu_backend", None))
 
@@ -266,3 +210,7 @@ def override(base: Settings, **changes: Any) -> Settings:
             raise ValueError(f"configure({key}={value!r}) is not valid: expected {accepted}")
         applied[key] = value
     return dataclasses.replace(base, **applied)
+
+
+__all__ = ["Settings", "from_env", "override", "parse_keep_slow", "env_number", "otlp_timeout_s", "process_env",
+           "otel", "OTLP_TIMEOUT_DEFAULT_S"]
