@@ -24,6 +24,7 @@ import http.server
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -238,6 +239,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     workdir = Path(tempfile.mkdtemp(prefix="otel-npu-vllm-"))
+    code = 1
+    try:
+        code = run(args, workdir)
+        return code
+    finally:
+        if code == 0:  # the model, the server's log and its caches: nothing is left behind
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"kept {workdir} (the server's log is there)", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> int:
+    """The example itself, in ``workdir`` (which ``main`` removes afterwards when all went well)."""
     print(f"building the tiny model in {workdir / 'model'} ...", flush=True)
     model = make_model(workdir / "model")
     receiver = None

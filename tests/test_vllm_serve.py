@@ -180,10 +180,14 @@ print('unchanged')
 def test_the_example_serves_and_shows_linked_steps(tmp_path):
     """examples/vllm_serve_cpu.py, as the README runs it (with the vLLM venv's Python)."""
     out = tmp_path / "vllm-traces.jsonl"
+    temp = tmp_path / "tmp"  # the example's temporary folder goes here: nothing of it may be left behind
+    temp.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_"))}
+    env["TMPDIR"] = str(temp)
     done = subprocess.run([vllm_python(), str(ROOT / "examples" / "vllm_serve_cpu.py"), "--requests", "4",
                            "--out", str(out)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert not list(temp.glob("otel-npu-vllm-*")), "the example's model, log and caches are removed at its end"
     assert "SIGTERM -> exit status 0" in done.stdout
     assert "4 llm_request spans (vLLM's)" in done.stdout
     assert "steps link to 4 of the 4 requests' traces" in done.stdout
