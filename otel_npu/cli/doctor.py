@@ -150,9 +150,10 @@ def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
             if "otlp" in trace_exporters:
                 protocol = otel.protocol("TRACES")
                 lines += [(f"  {k}", v) for k, v in _otlp_details("traces", protocol, otel)]
-                batching = [otel.bsp(name) for name in ("OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
-                                                        "OTEL_BSP_SCHEDULE_DELAY")]
-                lines.append(("  batching", "queue {}, batch {}, every {} ms (OTEL_BSP_*)".format(*batching)))
+                queue, batch, delay_s = otel.batching
+                capped = " (OTEL_BSP_MAX_EXPORT_BATCH_SIZE is above the queue's size: capped)" if otel.batch_capped else ""
+                lines.append(("  batching", f"queue {queue}, batch {batch}, every {delay_s * 1000:g} ms "
+                                            f"(OTEL_BSP_*){capped}"))
             traces_file, file_var = otel.traces_file, config.otel.TRACES_FILE_ENV
             lines.append(("traces file", f"{traces_file} ({file_var}, OTLP/JSON lines)"
                           if traces_file else f"none ({file_var} unset)"))

@@ -137,10 +137,23 @@ class OtelSettings:
         return int(env_number(self._env, name, BSP_DEFAULTS[name], BSP_MAX[name], what, integer=True))
 
     @functools.cached_property
-    def batching(self) -> tuple[int, int, float]:
-        """``(max queue size, max export batch size, schedule delay in s)`` of otel-npu's OTLP span export."""
+    def _bsp_values(self) -> tuple[int, int, int]:
         return (self.bsp("OTEL_BSP_MAX_QUEUE_SIZE"), self.bsp("OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
-                self.bsp("OTEL_BSP_SCHEDULE_DELAY") / 1000.0)
+                self.bsp("OTEL_BSP_SCHEDULE_DELAY"))
+
+    @property
+    def batching(self) -> tuple[int, int, float]:
+        """``(max queue size, max export batch size, schedule delay in s)`` of otel-npu's span export, and of
+        every SDK BatchSpanProcessor otel-npu builds. The batch is at most the queue: a larger one could never
+        fill, and the SDK's BatchSpanProcessor refuses it (``ValueError``)."""
+        queue, batch, delay_ms = self._bsp_values
+        return queue, min(batch, queue), delay_ms / 1000.0
+
+    @property
+    def batch_capped(self) -> bool:
+        """``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` is above the queue's size (``batching`` uses the queue's)."""
+        queue, batch, _ = self._bsp_values
+        return batch > queue
 
     @functools.cached_property
     def span_limits(self) -> dict[str, int | None]:

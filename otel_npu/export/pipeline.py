@@ -332,6 +332,18 @@ def _build_metrics(settings: Any, otel: OtelSettings, process_attrs: Mapping[str
     return built
 
 
+def sdk_batch_processor(exporter: Any, otel: OtelSettings, *, schedule_delay_ms: int | None = None) -> Any:
+    """The SDK's BatchSpanProcessor with otel-npu's validated batching (``OtelSettings.batching``) passed in:
+    left to read ``OTEL_BSP_*`` itself, it raises ``ValueError`` for a queue or batch size of 0 or less, or a
+    batch above the queue (the demo crashed so, leaving an empty traces file)."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    queue, batch, delay_s = otel.batching
+    return BatchSpanProcessor(exporter, max_queue_size=queue, max_export_batch_size=batch,
+                              schedule_delay_millis=round(delay_s * 1000) if schedule_delay_ms is None
+                              else schedule_delay_ms)
+
+
 def tracer_provider_from_env(env: Mapping[str, str] | None = None,
                              extra_attributes: Mapping[str, Any] | None = None) -> TracerProvider:
     """An SDK TracerProvider configured like otel-npu's own pipeline, for an application that has none
@@ -339,29 +351,30 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
     from ``OTEL_TRACES_EXPORTER`` / ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``, plus the ``OTEL_NPU_TRACES_FILE``
     file (``env``: the process environment unless given). The caller installs it
     (``trace.set_tracer_provider``) and shuts it down."""
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 
     otel = otel_config.read(env)
     redact.install_exporter_log_filter()
     provider = TracerProvider(resource=resource_from_env(dict(extra_attributes or {})), sampler=sampler(otel))
     if otel.sdk_disabled:
         return provider
+    otel.batching  # noqa: B018  (validated, and warned about, before any exporter or the traces file exists)
     if otel.traces_file:
-        provider.add_span_processor(BatchSpanProcessor(_sinks.JsonLinesSpanExporter(otel.traces_file),
-                                                       schedule_delay_millis=1000))
+        provider.add_span_processor(sdk_batch_processor(_sinks.JsonLinesSpanExporter(otel.traces_file), otel,
+                                                        schedule_delay_ms=1000))
     for name in trace_exporters(otel):
         if name == "console":
             provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout)))
         elif otel.protocol("TRACES") == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(
-                **_sinks.otlp_timeout_kwargs(otel, "TRACES"))))
+            provider.add_span_processor(sdk_batch_processor(OTLPSpanExporter(
+                **_sinks.otlp_timeout_kwargs(otel, "TRACES")), otel))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-            provider.add_span_processor(BatchSpanProcessor(HttpExporter(
-                session=_sinks.http_session(otel, "TRACES"), **_sinks.otlp_timeout_kwargs(otel, "TRACES"))))
+            provider.add_span_processor(sdk_batch_processor(HttpExporter(
+                session=_sinks.http_session(otel, "TRACES"), **_sinks.otlp_timeout_kwargs(otel, "TRACES")), otel))
     return provider
 
 
@@ -376,8 +389,6 @@ def _own_sink(name: str, otel: OtelSettings, factory: SpanFactory, resource: Res
     protocol = otel.protocol("TRACES")
     send = _sinks.transport_for(protocol, otel)
     if send is None:  # the installed exporter lacks the hooks: the SDK path works, more slowly
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
         if protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -388,7 +399,7 @@ def _own_sink(name: str, otel: OtelSettings, factory: SpanFactory, resource: Res
             exporter = OTLPSpanExporter(session=_sinks.http_session(otel, "TRACES"),
                                         **_sinks.otlp_timeout_kwargs(otel, "TRACES"))
         _log.info("otel-npu: this opentelemetry-exporter-otlp has no pre-encoded export path; using the SDK's")
-        return _sinks.SdkSink(BatchSpanProcessor(exporter), resource, scope, factory, owned=True), \
+        return _sinks.SdkSink(sdk_batch_processor(exporter, otel), resource, scope, factory, owned=True), \
             f"otlp {protocol} (SDK encoder)"
     redact.install_exporter_log_filter()
     encoder = otlp.SpanEncoder(factory, resource, scope.name, scope.version or "")

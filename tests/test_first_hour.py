@@ -1,0 +1,72 @@
+"""What a new user meets in the first hour, tried as they would: bad settings never crash the demo or the
+library, the demo says what it did and did not deliver, doctor catches an endpoint written without its
+scheme, and an unknown exporter means the same thing everywhere."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import otel_npu
+
+
+DEMO = ["demo", "--device", "cpu", "--model-size", "tiny", "--steps", "4", "--requests", "2", "--no-progress"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_ASCEND"))}
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, cwd, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "otel_npu", *args], cwd=cwd, env=clean_env(**env),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def problem_lines(doctor_output: str) -> list[str]:
+    """The lines under doctor's "configuration problems" heading, without the "  - " bullet."""
+    return [line.strip()[2:] for line in doctor_output.splitlines() if line.startswith("  - ")]
+
+
+BSP_CASES = [("OTEL_BSP_MAX_QUEUE_SIZE", "-1"), ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+             ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "-1"), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "100000")]
+
+
+@pytest.mark.parametrize("var, value", BSP_CASES)
+def test_no_batch_setting_crashes_the_demo_and_the_warning_is_doctors(var, value, tmp_path):
+    doctor = cli("doctor", cwd=tmp_path, **{var: value})
+    problems = problem_lines(doctor.stdout)
+    done = cli(*DEMO, cwd=tmp_path, **{var: value})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    (traces,) = tmp_path.glob("otel-npu-traces-*.jsonl")
+    assert traces.stat().st_size > 0, "an empty traces file left behind"
+    for problem in problems:  # what doctor reports, the demo warns about in the same words
+        assert problem in done.stderr, (problem, done.stderr[-3000:])
+    if value in ("-1", "0"):
+        assert problems and f"{var}='{value}' is not valid" in problems[0], doctor.stdout
+
+
+@pytest.mark.parametrize("var, value", BSP_CASES)
+def test_no_batch_setting_crashes_the_library(var, value, tmp_path, monkeypatch):
+    monkeypatch.setenv(var, value)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_NPU_TRACES_FILE", str(tmp_path / "t.jsonl"))
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    with otel_npu.capture("forward"):
+        pass
+    assert otel_npu.flush(10.0)
+    assert otel_npu.stats()["spans_emitted"] == 1
+    otel_npu.shutdown(5.0)
+    assert (tmp_path / "t.jsonl").read_text().strip()
