@@ -4,6 +4,8 @@ scheme, and an unknown exporter means the same thing everywhere."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 import subprocess
@@ -70,3 +72,30 @@ def test_no_batch_setting_crashes_the_library(var, value, tmp_path, monkeypatch)
     assert otel_npu.stats()["spans_emitted"] == 1
     otel_npu.shutdown(5.0)
     assert (tmp_path / "t.jsonl").read_text().strip()
+
+
+# The OpenTelemetry specification's rule for a value an implementation does not recognise: warn, and ignore
+# the setting as if it were not set. The library's default then is OTLP; the demo's is a traces file.
+UNKNOWN = ("OTEL_TRACES_EXPORTER names 'jaeger', which otel-npu does not know (accepted values are otlp, console, "
+           "none): ignored, as if OTEL_TRACES_EXPORTER were not set")
+
+
+def test_an_unknown_exporter_in_the_library_is_as_if_unset_and_said(receiver, monkeypatch, caplog):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "jaeger")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    caplog.set_level(logging.WARNING, logger="otel_npu")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    with otel_npu.capture("forward"):
+        pass
+    assert otel_npu.flush(10.0)
+    assert [s.name for _, s in receiver.wait_for(1)] == ["forward"]
+    assert f"{UNKNOWN}: traces go over OTLP (the default)" in caplog.text, caplog.text
+
+
+def test_an_unknown_exporter_in_the_demo_is_as_if_unset_and_said_in_the_same_words(tmp_path):
+    done = cli(*DEMO, cwd=tmp_path, OTEL_TRACES_EXPORTER="jaeger")
+    assert done.returncode == 0, done.stderr[-3000:]
+    both = done.stdout + done.stderr
+    assert both.count(UNKNOWN) == 1 and f"{UNKNOWN}: the demo writes its traces to a file" in both, both
+    (traces,) = tmp_path.glob("otel-npu-traces-*.jsonl")  # the demo's default when nothing is named: a file
+    assert json.loads(traces.read_text().splitlines()[0])["resourceSpans"]

@@ -193,11 +193,23 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from otel_npu.export import pipeline as _pipeline
 
-    if env.get("OTEL_TRACES_EXPORTER", "").strip() and not _known_exporters(env, _pipeline.EXPORTERS):
-        # Named, but nothing otel-npu knows: rather than lose the traces, the demo's own default (a file).
-        print(f"otel-npu demo: OTEL_TRACES_EXPORTER={env['OTEL_TRACES_EXPORTER']!r} names no exporter otel-npu "
-              f"knows ({', '.join(_pipeline.EXPORTERS)}); the traces go to a file instead", file=sys.stderr)
-        del env["OTEL_TRACES_EXPORTER"]
+    if env.get("OTEL_TRACES_EXPORTER", "").strip():
+        # As the library reads it (config.env.keep_known): unknown names are left out, and a variable naming
+        # no known exporter reads as unset, which for the demo means its traces file. Said once, here; the
+        # variable is rewritten to what is left, so that nothing reads the unknown names again.
+        from otel_npu.config import env as _env
+
+        named = _env.env_names(env, "OTEL_TRACES_EXPORTER", "otlp")
+        known = [name for name in named if name in _pipeline.EXPORTERS]
+        for name in (name for name in named if name not in _pipeline.EXPORTERS):
+            consequence = (f"ignored; using {', '.join(known)}" if known else
+                           "ignored, as if OTEL_TRACES_EXPORTER were not set: the demo writes its traces to a file")
+            print("otel-npu demo: " + _env.unknown_name_message("OTEL_TRACES_EXPORTER", name, _pipeline.EXPORTERS,
+                                                                 consequence), file=sys.stderr)
+        if known:
+            env["OTEL_TRACES_EXPORTER"] = ",".join(known)
+        else:
+            del env["OTEL_TRACES_EXPORTER"]
     file_path = configure_destination(env)
     env.setdefault("OTEL_SERVICE_NAME", "otel-npu-demo")
 
@@ -361,11 +373,6 @@ def run(args: argparse.Namespace) -> int:
                               "durations)" if metrics.startswith("none") else f"went to {metrics}") + ".")
     print(f"({time.monotonic() - started:.1f} s in all)")
     return 0
-
-
-def _known_exporters(env: Any, accepted: tuple[str, ...]) -> list[str]:
-    """The names in OTEL_TRACES_EXPORTER that otel-npu knows (quietly: the demo says it itself)."""
-    return [n for n in (p.strip().lower() for p in env.get("OTEL_TRACES_EXPORTER", "").split(",")) if n in accepted]
 
 
 def _finish(req: Request, now: int, reason: str) -> None:

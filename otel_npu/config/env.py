@@ -104,15 +104,30 @@ def env_names(env: Mapping[str, str], name: str, default: str) -> tuple[str, ...
     return tuple(names)
 
 
+def unknown_name_message(name: str, item: str, accepted: tuple[str, ...], consequence: str, *,
+                         who: str = "otel-npu does not know", hint: str = "") -> str:
+    """One wording for a name in ``name`` that otel-npu does not know, wherever it is read (library, demo)."""
+    return f"{name} names {item!r}, which {who} (accepted values are {', '.join(accepted)}){hint}: {consequence}"
+
+
 def keep_known(name: str, names: tuple[str, ...], accepted: tuple[str, ...], *,
-               who: str = "otel-npu does not know", hint: str = "") -> list[str]:
-    """``names`` (from ``env_names``) that are in ``accepted``, in order; an unknown one is warned about and
-    skipped; ``[]`` when ``none`` is among them."""
-    known: list[str] = []
-    for item in names:
-        if item not in accepted:
-            _log.warning("%s names %r, which %s: accepted values are %s%s; ignored",
-                         name, item, who, ", ".join(accepted), hint)
-            continue
-        known.append(item)
+               who: str = "otel-npu does not know", hint: str = "", unset_means: str | None = None,
+               unset_value: str = "otlp") -> list[str]:
+    """``names`` (from ``env_names``) that are in ``accepted``, in order; an unknown one is left out, with one
+    warning saying so; ``[]`` when ``none`` is among them. With ``unset_means`` (what the variable's absence
+    means, for the warning), a variable that names nothing known at all reads as unset (``unset_value``):
+    the OpenTelemetry specification's rule for a value an implementation does not recognise."""
+    known = [item for item in names if item in accepted]
+    unknown = [item for item in names if item not in accepted]
+    as_unset = unset_means is not None and not known
+    for item in unknown:
+        if as_unset:
+            consequence = f"ignored, as if {name} were not set: {unset_means}"
+        elif known:
+            consequence = f"ignored; using {', '.join(known)}"
+        else:
+            consequence = "ignored"
+        _log.warning("%s", unknown_name_message(name, item, accepted, consequence, who=who, hint=hint))
+    if as_unset and unknown:
+        known = [unset_value]
     return [] if "none" in known else known

@@ -223,9 +223,14 @@ def sampler(otel: OtelSettings) -> Any:
     return SAMPLERS[name](ratio)
 
 
+#: What an unset OTEL_TRACES_EXPORTER means (said when it names only exporters otel-npu does not know).
+UNSET_TRACES_EXPORTER = "traces go over OTLP (the default)"
+
+
 def trace_exporters(otel: OtelSettings) -> list[str]:
-    """The ``OTEL_TRACES_EXPORTER`` names otel-npu builds, in order (an unknown one is warned about)."""
-    return keep_known("OTEL_TRACES_EXPORTER", otel.traces_exporters, EXPORTERS)
+    """The ``OTEL_TRACES_EXPORTER`` names otel-npu builds, in order (an unknown one is warned about; naming
+    only unknown ones reads as unset)."""
+    return keep_known("OTEL_TRACES_EXPORTER", otel.traces_exporters, EXPORTERS, unset_means=UNSET_TRACES_EXPORTER)
 
 
 def resource_from_env(process_attrs: Mapping[str, Any]) -> Resource:
