@@ -74,6 +74,29 @@ def test_no_batch_setting_crashes_the_library(var, value, tmp_path, monkeypatch)
     assert (tmp_path / "t.jsonl").read_text().strip()
 
 
+@pytest.mark.parametrize("var", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                                 "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"])
+def test_doctor_rejects_an_endpoint_without_its_scheme_and_says_how_to_write_it(var, tmp_path):
+    done = cli("doctor", cwd=tmp_path, **{var: "localhost:4318"})
+    assert done.returncode == 2, done.stdout
+    (problem,) = [p for p in problem_lines(done.stdout) if p.startswith(var + "=")]
+    assert "'localhost:4318' is not valid" in problem and "http://localhost:4318" in problem, problem
+    assert "https://" in problem, problem
+
+
+def test_the_library_warns_about_an_endpoint_without_its_scheme_as_doctor_does(tmp_path, monkeypatch, caplog):
+    doctor = cli("doctor", cwd=tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT="localhost:4318")
+    (problem,) = problem_lines(doctor.stdout)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    caplog.set_level(logging.WARNING, logger="otel_npu")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own", shutdown_timeout_s=1.0)
+    with otel_npu.capture("forward"):
+        pass
+    otel_npu.shutdown(1.0)
+    assert problem in caplog.text, (problem, caplog.text)
+
+
 # The OpenTelemetry specification's rule for a value an implementation does not recognise: warn, and ignore
 # the setting as if it were not set. The library's default then is OTLP; the demo's is a traces file.
 UNKNOWN = ("OTEL_TRACES_EXPORTER names 'jaeger', which otel-npu does not know (accepted values are otlp, console, "

@@ -84,7 +84,9 @@ def _otlp_details(signal: str, protocol: str, otel: Any) -> list[tuple[str, str]
 
     upper = signal.upper()
     timeout = otel.otlp_timeout_s(upper)  # an out-of-range value is a problem (warned), 10 s is used
-    exporter = Exporter(**({} if timeout is None else {"timeout": timeout}))
+    fixed = otel.otlp_endpoint(upper, protocol)  # not a URL: a problem (warned), and what is used instead
+    exporter = Exporter(**({} if timeout is None else {"timeout": timeout}),
+                        **({} if fixed is None else {"endpoint": fixed}))
     try:
         endpoint = str(getattr(exporter, "_endpoint", "?"))
     finally:

@@ -18,6 +18,7 @@ keep header values out of its logs (``export/redact.py``), and for the choices t
 from __future__ import annotations
 
 import functools
+import re
 import time
 from typing import Any, Mapping, MutableMapping
 
@@ -69,6 +70,7 @@ class OtelSettings:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self._env: dict[str, str] = dict(process_env() if env is None else env)
         self._protocols: dict[str, str] = {}
+        self._endpoints_warned: set[str] = set()
 
     def raw(self, name: str) -> str:
         """A variable as written (stripped; ``""`` when unset), for descriptions (never parsed by the caller)."""
@@ -189,6 +191,10 @@ class OtelSettings:
     def otlp_option(self, signal: str, name: str) -> str:
         return otlp_option(self._env, signal, name)
 
+    def otlp_endpoint(self, signal: str, protocol: str) -> str | None:
+        """See ``otlp_endpoint``: each invalid variable is warned about once."""
+        return otlp_endpoint(self._env, signal, protocol, warned=self._endpoints_warned)
+
 
 def protocol(env: Mapping[str, str], signal: str = "TRACES") -> str:
     """See ``OtelSettings.protocol``."""
@@ -260,6 +266,44 @@ def otlp_option(env: Mapping[str, str] | None, signal: str, name: str) -> str:
     """``OTEL_EXPORTER_OTLP_{signal}_{name}``, else ``OTEL_EXPORTER_OTLP_{name}``, as written (``""``: unset):
     ``ENDPOINT``, ``HEADERS``, ``CERTIFICATE``, ``COMPRESSION``..., which the SDK's exporters read themselves."""
     return get(env, f"OTEL_EXPORTER_OTLP_{signal}_{name}") or get(env, f"OTEL_EXPORTER_OTLP_{name}")
+
+
+#: The OTLP endpoints a variable with another scheme than http/https falls back to (the specification's).
+OTLP_DEFAULT_ENDPOINTS = {"grpc": "http://localhost:4317", "http/protobuf": "http://localhost:4318"}
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def otlp_endpoint(env: Mapping[str, str] | None, signal: str, protocol: str, *, warn: bool = True,
+                  warned: set[str] | None = None) -> str | None:
+    """The endpoint to give ``signal``'s (``TRACES``/``METRICS``) SDK exporter when the variable in force for it
+    (``OTEL_EXPORTER_OTLP_{signal}_ENDPOINT``, else ``OTEL_EXPORTER_OTLP_ENDPOINT``) is not a URL with an
+    ``http://`` or ``https://`` scheme, as the specification requires, after one warning saying how to write
+    it; ``None`` when the exporter may read the variable itself. Without a scheme (``localhost:4318``: the HTTP
+    exporter failed every export with InvalidSchema) ``http://`` is put in front; another scheme means the
+    default endpoint. ``warned``: variables already warned about (the base one serves both signals)."""
+    for var in (f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        raw = get(env, var)
+        if not raw:
+            continue
+        scheme = _SCHEME.match(raw)
+        if scheme and scheme.group(1).lower() in ("http", "https"):
+            return None
+        if scheme:
+            used = OTLP_DEFAULT_ENDPOINTS.get(protocol, OTLP_DEFAULT_ENDPOINTS["http/protobuf"])
+            accepted, using = "URLs that start with http:// or https://", f"using the default {used!r}"
+        else:
+            used = "http://" + raw
+            accepted = (f"URLs that start with http:// or https:// (write {used!r}, or 'https://{raw}' for "
+                        "TLS)")
+            using = f"using {used!r}"
+        if warn and (warned is None or var not in warned):
+            invalid(var, raw, accepted, using)
+            if warned is not None:
+                warned.add(var)
+        if var == "OTEL_EXPORTER_OTLP_ENDPOINT" and protocol != "grpc":  # a base URL: the signal's path follows
+            used = used.rstrip("/") + f"/v1/{signal.lower()}"
+        return used
+    return None
 
 
 def header_values(env: Mapping[str, str] | None = None) -> list[str]:

@@ -508,16 +508,17 @@ def own_exporter(name: str, protocol: str, otel: OtelSettings) -> tuple[Any, str
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
         return ConsoleMetricExporter(out=sys.stdout), "console"
-    from .sinks import http_session, otlp_timeout_kwargs
+    from .sinks import http_session, otlp_exporter_kwargs
 
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     if protocol == "grpc":
-        exporter = OTLPMetricExporter(**otlp_timeout_kwargs(otel, "METRICS"))
+        exporter = OTLPMetricExporter(**otlp_exporter_kwargs(otel, "METRICS", protocol))
     else:
-        exporter = OTLPMetricExporter(session=http_session(otel, "METRICS"), **otlp_timeout_kwargs(otel, "METRICS"))
+        exporter = OTLPMetricExporter(session=http_session(otel, "METRICS"),
+                                      **otlp_exporter_kwargs(otel, "METRICS", protocol))
     return exporter, f"otlp {protocol} -> {getattr(exporter, '_endpoint', '?')}"
 
 

@@ -374,12 +374,13 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             provider.add_span_processor(sdk_batch_processor(OTLPSpanExporter(
-                **_sinks.otlp_timeout_kwargs(otel, "TRACES")), otel))
+                **_sinks.otlp_exporter_kwargs(otel, "TRACES", "grpc")), otel))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
             provider.add_span_processor(sdk_batch_processor(HttpExporter(
-                session=_sinks.http_session(otel, "TRACES"), **_sinks.otlp_timeout_kwargs(otel, "TRACES")), otel))
+                session=_sinks.http_session(otel, "TRACES"),
+                **_sinks.otlp_exporter_kwargs(otel, "TRACES", "http/protobuf")), otel))
     return provider
 
 
@@ -397,12 +398,12 @@ def _own_sink(name: str, otel: OtelSettings, factory: SpanFactory, resource: Res
         if protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter(**_sinks.otlp_timeout_kwargs(otel, "TRACES"))
+            exporter = OTLPSpanExporter(**_sinks.otlp_exporter_kwargs(otel, "TRACES", protocol))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             exporter = OTLPSpanExporter(session=_sinks.http_session(otel, "TRACES"),
-                                        **_sinks.otlp_timeout_kwargs(otel, "TRACES"))
+                                        **_sinks.otlp_exporter_kwargs(otel, "TRACES", protocol))
         _log.info("otel-npu: this opentelemetry-exporter-otlp has no pre-encoded export path; using the SDK's")
         return _sinks.SdkSink(sdk_batch_processor(exporter, otel), resource, scope, factory, owned=True), \
             f"otlp {protocol} (SDK encoder)"

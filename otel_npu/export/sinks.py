@@ -40,6 +40,16 @@ def otlp_timeout_kwargs(otel: OtelSettings, signal: str) -> dict[str, float]:
     return {} if timeout is None else {"timeout": timeout}
 
 
+def otlp_exporter_kwargs(otel: OtelSettings, signal: str, protocol: str) -> dict[str, Any]:
+    """``otlp_timeout_kwargs``, plus ``{"endpoint": ...}`` when the endpoint variable in force is not a URL
+    (``OtelSettings.otlp_endpoint``: warned about, then ``http://`` put in front of it)."""
+    kwargs: dict[str, Any] = dict(otlp_timeout_kwargs(otel, signal))
+    endpoint = otel.otlp_endpoint(signal, protocol)
+    if endpoint is not None:
+        kwargs["endpoint"] = endpoint
+    return kwargs
+
+
 def wait_until(cond: threading.Condition, done: Callable[[], bool], deadline: float,
                worker: threading.Thread) -> bool:
     """With ``cond`` held: wait until ``done()``, the monotonic ``deadline`` passes, or ``worker`` dies.
@@ -133,7 +143,7 @@ def transport_for(protocol: str, otel: OtelSettings) -> Callable[[bytes, int], t
             def _count_data(self, data: Any) -> int:
                 return len(data)
 
-        exporter = _PreEncodedGrpcExporter(**otlp_timeout_kwargs(otel, "TRACES"))
+        exporter = _PreEncodedGrpcExporter(**otlp_exporter_kwargs(otel, "TRACES", "grpc"))
 
         def send_grpc(data: bytes, count: int) -> tuple[bool, str | None]:
             last_message()  # forget an older line: the detail must be this export's
@@ -150,7 +160,8 @@ def transport_for(protocol: str, otel: OtelSettings) -> Callable[[bytes, int], t
 
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-    exporter = HttpExporter(session=http_session(otel, "TRACES"), **otlp_timeout_kwargs(otel, "TRACES"))
+    exporter = HttpExporter(session=http_session(otel, "TRACES"),
+                            **otlp_exporter_kwargs(otel, "TRACES", "http/protobuf"))
     client = getattr(exporter, "_client", None)
     if client is None or not callable(getattr(client, "export", None)):
         exporter.shutdown()
