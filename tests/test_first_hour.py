@@ -15,6 +15,7 @@ import pytest
 
 import otel_npu
 
+from .otlp_receiver import HttpReceiver
 
 DEMO = ["demo", "--device", "cpu", "--model-size", "tiny", "--steps", "4", "--requests", "2", "--no-progress"]
 
@@ -72,6 +73,32 @@ def test_no_batch_setting_crashes_the_library(var, value, tmp_path, monkeypatch)
     assert otel_npu.stats()["spans_emitted"] == 1
     otel_npu.shutdown(5.0)
     assert (tmp_path / "t.jsonl").read_text().strip()
+
+
+def test_the_demo_says_what_it_could_not_deliver(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    done = cli(*DEMO, cwd=tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT=dead, OTEL_EXPORTER_OTLP_TIMEOUT="1")
+    out = done.stdout
+    assert done.returncode == 1, (done.returncode, out, done.stderr[-3000:])
+    assert "Traces exported" not in out, out
+    spans = int(out.split(" spans\n")[0].rsplit(";", 1)[1])  # "served ... in 1.2 s; 27 spans"
+    assert f"Traces NOT exported over OTLP (http/protobuf) to {dead}/v1/traces: {spans} of {spans} spans lost" in out, out
+    assert dead in out and "export_failed" in out, out
+    assert "Stage metrics were not delivered" in out, out
+
+
+def test_the_demo_says_what_it_delivered(tmp_path):
+    receiver = HttpReceiver()
+    try:
+        done = cli(*DEMO, cwd=tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint)
+        out = done.stdout
+        assert done.returncode == 0, (out, done.stderr[-3000:])
+        spans = int(out.split(" spans\n")[0].rsplit(";", 1)[1])
+        assert len(receiver.spans()) == spans
+        assert (f"Traces exported over OTLP (http/protobuf) to {receiver.endpoint}/v1/traces: all {spans} spans "
+                "delivered." in out), out
+    finally:
+        receiver.close()
 
 
 @pytest.mark.parametrize("var", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from opentelemetry.sdk.trace import SpanProcessor  # already imported by otel_npu itself
+from opentelemetry.sdk.trace.export import SpanExporter
 
 HELP = "serve a small Llama-style model to several requests and show each step's stage timings"
 
@@ -120,16 +121,19 @@ def configure_destination(env: Any) -> str | None:
     return otel.use_traces_file_unless_configured(env)
 
 
-def describe_destinations(env: Any) -> list[str]:
-    """Where the demo's traces went, as the environment configured it."""
+def destination(env: Any, kind: str) -> str:
+    """Where the demo's span exporter of ``kind`` (``otlp``, ``console``, ``file``) sends, in words."""
     from otel_npu.config import otel as otel_config
-    from otel_npu.export import pipeline as telemetry
 
     otel = otel_config.read(env)
-    out = []
-    exporters = telemetry.trace_exporters(otel)
-    if "otlp" in exporters:
-        protocol = otel.protocol("TRACES")
+    if kind == "console":
+        return "printed on stdout (OTEL_TRACES_EXPORTER=console)"
+    if kind == "file":
+        return f"written to {otel.traces_file}"
+    protocol = otel.protocol("TRACES")
+    # A variable that is not a URL has been warned about; this is what the exporter was given instead.
+    endpoint = otel_config.otlp_endpoint(env, "TRACES", protocol, warn=False)
+    if endpoint is None:
         traces = otel.raw("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         base = otel.raw("OTEL_EXPORTER_OTLP_ENDPOINT")
         if traces:
@@ -138,13 +142,67 @@ def describe_destinations(env: Any) -> list[str]:
             endpoint = base if protocol == "grpc" else base.rstrip("/") + "/v1/traces"
         else:
             endpoint = "http://localhost:4317" if protocol == "grpc" else "http://localhost:4318/v1/traces"
-        out.append(f"exported over OTLP ({protocol}) to {endpoint}")
-    if "console" in exporters:
-        out.append("printed on stdout (OTEL_TRACES_EXPORTER=console)")
-    path = otel.traces_file
-    if path:
-        out.append(f"written to {path}")
-    return out
+    return f"exported over OTLP ({protocol}) to {endpoint}"
+
+
+def describe_destinations(env: Any) -> list[str]:
+    """Where the demo's traces go, as the environment configured it."""
+    from otel_npu.config import otel as otel_config
+    from otel_npu.export import pipeline as telemetry
+
+    otel = otel_config.read(env)
+    exporters = telemetry.trace_exporters(otel)
+    kinds = [k for k in ("otlp", "console") if k in exporters]
+    if otel.traces_file:
+        kinds.append("file")
+    return [destination(env, kind) for kind in kinds]
+
+
+class _Counted(SpanExporter):
+    """A span exporter of the demo's provider, counting what it delivered (the SDK's BatchSpanProcessor
+    calls ``export`` from one thread of its own)."""
+
+    def __init__(self, exporter: Any, place: str) -> None:
+        self._exporter = exporter
+        self.place = place
+        self.delivered = 0
+        self.failed = 0
+
+    def export(self, spans: Any) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        try:
+            result = self._exporter.export(spans)
+        except Exception:  # an exporter that raises loses the batch, as the SDK's processor would
+            result = SpanExportResult.FAILURE
+        if result == SpanExportResult.SUCCESS:
+            self.delivered += len(spans)
+        else:
+            self.failed += len(spans)
+        return result
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
+
+    def report(self, ended: int) -> tuple[str, bool]:
+        """One line on what reached this destination, and whether everything did."""
+        lost = ended - self.delivered
+        if not lost:
+            return f"Traces {self.place}" + (f": all {ended} spans delivered." if "OTLP" in self.place else "."), True
+        why = []
+        if self.failed:
+            why.append(f"{self.failed} export_failed: " + ("the collector did not accept them" if "OTLP" in self.place
+                                                          else "they could not be written"))
+        if lost - self.failed:
+            why.append(f"{lost - self.failed} not sent before the demo ended (the exporter's queue was full or "
+                       "still waiting for the collector)")
+        if self.delivered:
+            return (f"Traces {self.place}: {self.delivered} of {ended} spans delivered, {lost} lost "
+                    f"({'; '.join(why)}).", False)
+        return f"Traces NOT {self.place}: {lost} of {ended} spans lost ({'; '.join(why)}).", False
 
 
 class _Collect(SpanProcessor):
@@ -241,7 +299,13 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     layers, hidden, intermediate, heads, kv_heads, vocab = MODEL_SIZES[args.model_size]
 
-    provider = telemetry.tracer_provider_from_env()
+    destinations: list[_Counted] = []
+
+    def counted(exporter: Any, kind: str) -> _Counted:
+        destinations.append(_Counted(exporter, destination(env, kind)))
+        return destinations[-1]
+
+    provider = telemetry.tracer_provider_from_env(wrap_exporter=counted)
     collected = _Collect()
     provider.add_span_processor(collected)
     trace.set_tracer_provider(provider)
@@ -345,6 +409,7 @@ def run(args: argparse.Namespace) -> int:
     delivered = otel_npu.flush(10.0)
     stats = otel_npu.stats()
     otel_npu.shutdown(5.0)
+    final = otel_npu.stats()  # after the last metrics export, which shutdown makes
     provider.force_flush(10_000)
     provider.shutdown()
 
@@ -357,21 +422,37 @@ def run(args: argparse.Namespace) -> int:
     print(f"Stage times on {device_label} (ms; share = of the summed step time of that kind):")
     print(tracefile.format_table(tracefile.stage_rows(records)))
     print()
-    lost = stats.get("dropped_total", 0)
+    all_there = True
+    lost = final.get("dropped_total", 0)
     if lost or not delivered:
-        print(f"otel-npu lost {lost} captures/spans: {stats.get('dropped')}" if lost else
+        all_there = False
+        print(f"otel-npu lost {lost} captures/spans: {final.get('dropped')}" if lost else
               "otel-npu: not everything was delivered within the flush time-out")
-    places = describe_destinations(env)
-    print("Traces " + (" and ".join(places) if places else "went nowhere (no exporter configured)") + ".")
+    for place in destinations:
+        line, ok = place.report(len(records))
+        all_there &= ok
+        print(line)
+    if not destinations:
+        print("Traces went nowhere (no exporter configured).")
     target = file_path or env.get("OTEL_NPU_TRACES_FILE", "").strip()
     if target:
         print(f"  otel-npu summary {target}")
         print(f"  otel-npu chrome-trace {target} -o trace.json   # open in https://ui.perfetto.dev or "
               "chrome://tracing")
     metrics = stats.get("metrics", "none")
-    print("Stage metrics " + ("were not exported (no collector configured; the table above has the same "
-                              "durations)" if metrics.startswith("none") else f"went to {metrics}") + ".")
+    exported, failed = final.get("metrics_exported", 0), final.get("metrics_export_failed", 0)
+    if metrics.startswith("none"):
+        print("Stage metrics were not exported (no collector configured; the table above has the same durations).")
+    elif failed and not exported:
+        all_there = False
+        print(f"Stage metrics were not delivered to {metrics}: {failed} export(s) failed.")
+    else:
+        print(f"Stage metrics went to {metrics}" + (f" ({failed} of {exported + failed} exports failed)" if failed
+                                                     else "") + ".")
     print(f"({time.monotonic() - started:.1f} s in all)")
+    if not all_there:
+        print("otel-npu demo: not everything was delivered (see above); exit status 1")
+        return 1
     return 0
 
 

@@ -350,12 +350,15 @@ def sdk_batch_processor(exporter: Any, otel: OtelSettings, *, schedule_delay_ms:
 
 
 def tracer_provider_from_env(env: Mapping[str, str] | None = None,
-                             extra_attributes: Mapping[str, Any] | None = None) -> TracerProvider:
+                             extra_attributes: Mapping[str, Any] | None = None, *,
+                             wrap_exporter: Callable[[Any, str], Any] | None = None) -> TracerProvider:
     """An SDK TracerProvider configured like otel-npu's own pipeline, for an application that has none
     (the demo uses it for its request spans): resource and sampler from the ``OTEL_*`` variables, exporters
     from ``OTEL_TRACES_EXPORTER`` / ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``, plus the ``OTEL_NPU_TRACES_FILE``
     file (``env``: the process environment unless given). The caller installs it
-    (``trace.set_tracer_provider``) and shuts it down."""
+    (``trace.set_tracer_provider``) and shuts it down. ``wrap_exporter(exporter, kind)`` (kind ``file``,
+    ``console`` or ``otlp``), when given, may replace each span exporter before its processor is built (the
+    demo counts what each one delivered)."""
     from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 
     otel = otel_config.read(env)
@@ -364,23 +367,27 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
     if otel.sdk_disabled:
         return provider
     otel.batching  # noqa: B018  (validated, and warned about, before any exporter or the traces file exists)
+
+    def wrap(exporter: Any, kind: str) -> Any:
+        return exporter if wrap_exporter is None else wrap_exporter(exporter, kind)
+
     if otel.traces_file:
-        provider.add_span_processor(sdk_batch_processor(_sinks.JsonLinesSpanExporter(otel.traces_file), otel,
-                                                        schedule_delay_ms=1000))
+        provider.add_span_processor(sdk_batch_processor(wrap(_sinks.JsonLinesSpanExporter(otel.traces_file), "file"),
+                                                        otel, schedule_delay_ms=1000))
     for name in trace_exporters(otel):
         if name == "console":
-            provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout)))
+            provider.add_span_processor(SimpleSpanProcessor(wrap(ConsoleSpanExporter(out=sys.stdout), "console")))
         elif otel.protocol("TRACES") == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            provider.add_span_processor(sdk_batch_processor(OTLPSpanExporter(
-                **_sinks.otlp_exporter_kwargs(otel, "TRACES", "grpc")), otel))
+            exporter = OTLPSpanExporter(**_sinks.otlp_exporter_kwargs(otel, "TRACES", "grpc"))
+            provider.add_span_processor(sdk_batch_processor(wrap(exporter, "otlp"), otel))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-            provider.add_span_processor(sdk_batch_processor(HttpExporter(
-                session=_sinks.http_session(otel, "TRACES"),
-                **_sinks.otlp_exporter_kwargs(otel, "TRACES", "http/protobuf")), otel))
+            exporter = HttpExporter(session=_sinks.http_session(otel, "TRACES"),
+                                    **_sinks.otlp_exporter_kwargs(otel, "TRACES", "http/protobuf"))
+            provider.add_span_processor(sdk_batch_processor(wrap(exporter, "otlp"), otel))
     return provider
 
 
