@@ -240,23 +240,18 @@ class SpanFactory:
             self.identify(r)
 
     def start_attributes(self, r: Record) -> dict[str, Any]:
-        """What the sampler is shown as the span's attributes: those known when the capture began (the
-        process's, stream, step, kind, batch size and the capture's own), as the SDK passes the attributes
-        given to ``start_span``."""
+        """What the sampler is shown as the span's attributes: those given when the capture or step began
+        (``attributes=``), as the SDK passes the sampler only the attributes given to ``start_span``. otel-npu's
+        own (device, stream, step, kind, batch size, process) are added to the span afterwards, like attributes
+        set on a live span after it started, and the sampler does not see them."""
         attrs: dict[str, Any] = {}
         if r.attributes:
-            # As given (the SDK shows the sampler what start_span got). Not user_attributes(): that cleans
-            # once for good and needs what only resolution sets, and a step is asked about when its first
-            # capture resolves, maybe while the step is still open.
+            # As given. Not user_attributes(): that cleans once for good and needs what only resolution sets,
+            # and a step is asked about when its first capture resolves, maybe while the step is still open.
             try:
                 attrs.update(r.attributes)
             except Exception:  # not a mapping: user_attributes() warns about it when the span is made
                 pass
-        attrs.update(self.const_attributes)  # otel-npu's own keys win, as on the span
-        attrs[ATTR_STREAM] = self.stream_label(r.stream)
-        if r.is_step:
-            attrs[ATTR_KIND] = "step"
-            attrs[ATTR_LINKS] = self.links(r).total
         return attrs
 
     def sampler_links(self, r: Record) -> Sequence[Link]:
