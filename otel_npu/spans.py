@@ -39,7 +39,8 @@ ATTR_DEVICE = "otel_npu.device"              # "npu:0", "cuda:0", "cpu"
 ATTR_STREAM = "otel_npu.stream"              # the device stream (CPU: the thread)
 ATTR_STEP = "otel_npu.step"                  # name of the enclosing step, if any
 ATTR_KIND = "otel_npu.kind"                  # "step" on step spans (captures leave it out)
-ATTR_LINKS = "otel_npu.batch_size"           # on step spans: how many requests the step linked
+ATTR_LINKS = "otel_npu.batch_size"           # on step spans: how many links the step was given (exported or not)
+ATTR_LINKS_OVER = "otel_npu.links_over_limit"  # on step spans, when > 0: of those, left out by the link limit
 # How far the host ran ahead of the device: device start - the host's entry into the capture point. The
 # host entered at ``span start - host_lead_us``. (One small int rather than an absolute timestamp as well:
 # a 9-byte varint per span costs the resolver more than the rest of the span's attributes together.)
@@ -278,6 +279,8 @@ class SpanFactory:
             keys.append(ATTR_STEP)
         if r.is_step:
             keys += (ATTR_KIND, ATTR_LINKS)
+            if self.links(r).dropped:
+                keys.append(ATTR_LINKS_OVER)
         if r.timed_out:
             keys.append(ATTR_TIMED_OUT)
         if r.error is not None:
@@ -369,7 +372,10 @@ class SpanFactory:
             attrs[ATTR_STEP] = r.step.name
         if r.is_step:
             attrs[ATTR_KIND] = "step"
-            attrs[ATTR_LINKS] = self.links(r).total
+            links = self.links(r)
+            attrs[ATTR_LINKS] = links.total
+            if links.dropped:
+                attrs[ATTR_LINKS_OVER] = links.dropped
             kept = getattr(r, "kept", None)  # steps made by otel-npu have it; test doubles may not
             if kept is not None:
                 attrs.update(kept_attributes(kept))
@@ -388,7 +394,8 @@ class SpanFactory:
         moves along it from one over-full step to the next (wrapping around), so that in a batch larger than
         the limit every request is linked from some of the steps that served it. (The SDK keeps the last N
         added: in a stable batch the first requests would never be linked from any step.) The span's
-        ``dropped_links_count`` says how many were left out; ``otel_npu.batch_size`` stays the whole batch.
+        ``dropped_links_count`` and ``otel_npu.links_over_limit`` say how many were left out;
+        ``otel_npu.batch_size`` stays the number of links given (the whole batch).
 
         Converted once: the step's tuple is replaced by the resulting list."""
         if r.links.__class__ is LinkList:

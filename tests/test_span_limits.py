@@ -93,9 +93,18 @@ def test_a_step_linking_more_requests_than_the_limit_keeps_128_and_counts_the_re
     r = run()
     with otel_npu.step("Decode", links=[ctx(n) for n in range(200)]):
         pass
-    span = r.spans(1)["Decode"]
+    with otel_npu.step("Prefill", links=[ctx(n) for n in range(3)]):
+        pass
+    spans = r.spans(2)
+    span = spans["Decode"]
     assert len(span["links"]) == 128 and span["dropped_links"] == 72
-    assert span["attrs"]["otel_npu.batch_size"] == 200  # the batch, not what fitted
+    # Which is which: otel_npu.batch_size counts the links given (the batch), otel_npu.links_over_limit those
+    # the link limit left out (as dropped_links_count does), the span's links those exported.
+    assert span["attrs"]["otel_npu.batch_size"] == 200
+    assert span["attrs"]["otel_npu.links_over_limit"] == 72
+    within = spans["Prefill"]
+    assert within["attrs"]["otel_npu.batch_size"] == 3 and len(within["links"]) == 3
+    assert "otel_npu.links_over_limit" not in within["attrs"]  # only when the limit left links out
 
 
 def test_link_count_limit_from_the_environment_and_every_request_is_linked_by_some_step(run):

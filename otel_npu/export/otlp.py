@@ -228,6 +228,8 @@ class SpanEncoder:
             links = f.links(r)
             out.append(self._step_kind)
             out.append(field(9, key_value(_spans.ATTR_LINKS, links.total)))
+            if links.dropped:
+                out.append(field(9, key_value(_spans.ATTR_LINKS_OVER, links.dropped)))
             kept = getattr(r, "kept", None)  # steps made by otel-npu have it; test doubles may not
             if kept is not None:
                 out.append(attributes(9, _spans.kept_attributes(kept)))

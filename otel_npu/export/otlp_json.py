@@ -180,6 +180,8 @@ class JsonSpanEncoder:
             links = f.links(r)
             own.append({"key": _spans.ATTR_KIND, "value": {"stringValue": "step"}})
             own.append({"key": _spans.ATTR_LINKS, "value": {"intValue": str(links.total)}})
+            if links.dropped:
+                own.append({"key": _spans.ATTR_LINKS_OVER, "value": {"intValue": str(links.dropped)}})
             kept = getattr(r, "kept", None)
             if kept is not None:
                 own += key_values(_spans.kept_attributes(kept))
