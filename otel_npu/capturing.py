@@ -3,9 +3,9 @@
 What a capture costs the capturing thread, and nothing more:
 
 * **disabled**: one call returning a shared do-nothing object (a dict lookup by name, after one attribute
-  read for torch.compile tracing; no allocation), and an empty ``__enter__``/``__exit__``: about a
-  ``contextlib.nullcontext()``. No events, no threads, no
-  environment reads;
+  read for torch.compile tracing; no allocation), and an ``__enter__``/``__exit__`` that each read one module
+  global (has otel-npu been enabled since the object was made?): about a ``contextlib.nullcontext()``. No
+  events, no threads, no environment reads;
 * **enabled, CPU backend**: two ``perf_counter_ns()`` reads, a context-variable get/set at entry and get/reset
   at exit (nesting; the get at exit checks that the capture ending is the current one), one attribute store
   that claims the object, one OpenTelemetry context read (only for an outermost capture: its parent is the
@@ -40,7 +40,10 @@ Each ``capture()``/``step()`` call returns a context manager that is also a deco
 entered again while in use, nested or by several threads at once (a module-level ``FORWARD = capture("forward")``
 shared by threads): the first use claims the object itself (one attribute store, which the GIL makes atomic: no
 call runs between the test and the store), every other use is timed by a fresh capture made for it and found
-again at exit as the current capture of the exiting thread/task. Each use becomes its own span.
+again at exit as the current capture of the exiting thread/task. Each use becomes its own span. An object made
+while otel-npu was disabled (``FORWARD = capture("forward")`` at import, before ``configure(enabled=True)``)
+does nothing while otel-npu stays disabled; once it is enabled, each use is timed the same way, by a fresh
+capture made for it (so are its uses as a decorator).
 
 Exits that do not match their entry are detected at exit, by comparing the capture with the current one (one
 ``ContextVar.get``): a capture exited on another thread or task than the one that entered it, or exited while a
@@ -194,8 +197,11 @@ def _describe_error(exc_type: type, exc: BaseException | None, tb: Any = None) -
 
 
 class _Off:
-    """What ``capture()``/``step()`` return while otel-npu is disabled: does nothing, remembers its arguments
-    so that a decorator made now captures once otel-npu is enabled."""
+    """What ``capture()``/``step()`` return while otel-npu is disabled. It remembers its arguments, so that
+    an object made while disabled (a module-level ``FORWARD = capture("forward")`` made at import) times its
+    uses once otel-npu is enabled: each use enters a fresh capture made then (``origin`` is this object),
+    found again at exit as a capture of the exiting thread/task, as a re-entered capture's uses are. While
+    otel-npu stays disabled each use costs one module-global read at entry and one at exit."""
 
     __slots__ = ("name", "attributes", "extra")
     is_step = False
@@ -205,10 +211,14 @@ class _Off:
         self.attributes = attributes
         self.extra = extra
 
-    def __enter__(self) -> "_Off":
-        return self
+    def __enter__(self) -> Any:
+        if _capture_cls is None:  # still disabled
+            return self
+        return _enter_live(self)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if _live_offs:  # some object made while disabled was used while enabled: is this one of its uses?
+            return _exit_live(self, exc_type, exc, tb)
         return False
 
     detail = False
@@ -229,8 +239,52 @@ class _OffDetail(_Off):
     detail = True
 
 
+class _Skipped(_Off):
+    """A detail capture over its step's budget (enabled): does nothing, whatever the state."""
+
+    __slots__ = ()
+    detail = True
+
+    def __enter__(self) -> "_Skipped":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return False
+
+
+#: Set once an object made while disabled has been entered while enabled: from then on its exits look for
+#: their use among the current captures (before, an exit of such an object is one global read).
+_live_offs = False
+
+
+def _enter_live(off: _Off) -> Any:
+    """A use, while enabled, of ``off`` (made while disabled): timed by a fresh capture or step made now."""
+    global _live_offs
+    if off.is_step:
+        cm = step(off.name, links=off.extra or (), attributes=off.attributes)
+    else:
+        cm = capture(off.name, attributes=off.attributes, stream=off.extra, detail=off.detail)
+    if isinstance(cm, _Off) or cm is _COMPILING:  # not timed now: over the detail budget, not startable here,
+        return off  # or torch.compile tracing
+    _live_offs = True
+    cm.origin = off
+    return cm.__enter__()
+
+
+def _exit_live(off: _Off, exc_type: Any, exc: Any, tb: Any) -> bool:
+    """The exit of a use of ``off``: the innermost capture of this thread/task made for ``off``, if any (none:
+    the use began while otel-npu was disabled)."""
+    node = _get_current()
+    while node is not None and getattr(node, "origin", None) is not off:
+        node = node.parent
+    if node is None:
+        return False
+    return node.__exit__(exc_type, exc, tb)  # not the current capture: its exit handles the misnesting
+
+
 _OFF_CACHE: dict[str, _Off] = {}
 _OFF_CACHE_LIMIT = 4096  # distinct names remembered; beyond, each call allocates (still correct)
+_SKIP_CACHE: dict[str, _Skipped] = {}
 
 
 def _off_capture(name: str, attributes: Any, stream: Any) -> _Off:
@@ -243,6 +297,18 @@ def _off_capture(name: str, attributes: Any, stream: Any) -> _Off:
                 _OFF_CACHE[name] = cm
         return cm
     return _Off(name, attributes, stream)
+
+
+def _skipped(name: str, stream: Any) -> _Skipped:
+    """A detail capture over budget: a shared object per name (no allocation), a no-op even while enabled."""
+    if stream is None:
+        cm = _SKIP_CACHE.get(name)
+        if cm is None:
+            cm = _Skipped(name, None, None)
+            if len(_SKIP_CACHE) < _OFF_CACHE_LIMIT:
+                _SKIP_CACHE[name] = cm
+        return cm
+    return _Skipped(name, None, stream)
 
 
 class Capture(Record):
@@ -577,7 +643,7 @@ def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: A
 
     ``detail=True`` marks a fine-grained capture (per layer, as ``instrument_module`` makes): under
     ``OTEL_NPU_DETAIL_EVERY=N`` it is taken only inside one step in N of each step name, and elsewhere is the
-    shared disabled capture (no device events; see ``sampling.py``). Costs nothing extra when False.
+    shared do-nothing object (no device events; see ``sampling.py``). Costs nothing extra when False.
     """
     # The compile check comes first: Dynamo (torch 2.11) does not see a str constant's __class__ as str, so the
     # name check would raise inside a fullgraph compile; the check does nothing there anyway.
@@ -612,7 +678,7 @@ def _detail_capture(cls: Any, name: str, attributes: Any, stream: Any) -> Any:
     """``capture(..., detail=True)`` while enabled: a capture if the enclosing step's budget allows it, else
     the shared do-nothing object of this name (no allocation, no device events)."""
     if _detail_budget is not None and not _detail_allowed():
-        return _off_capture(name, None, stream)
+        return _skipped(name, stream)
     cm = _new(cls)
     cm.name = name
     cm.attributes = attributes

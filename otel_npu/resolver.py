@@ -47,6 +47,9 @@ from .devices.base import DeviceBackend, EventPool
 from .record import DROPPED, Record
 
 _log = logging.getLogger("otel_npu")
+#: The clock of the periodic loss report (``Stats.report``: at most every ``REPORT_EVERY_S``). A module global
+#: so that a test can drive the rate limit with a clock of its own.
+_monotonic = time.monotonic
 
 _HOST_TIMED = -1  # "seen" of a host-timed capture: nothing to wait for or to place
 _FAILED = -2      # "seen" of a capture whose query() raised: host times, its events abandoned
@@ -266,7 +269,7 @@ class Resolver:
                 _graphs.exit_device_calls()
         if self._max_pending is not None:
             self._set_room(self._max_pending - self._in_flight)
-        self._stats.report(time.monotonic())
+        self._stats.report(_monotonic())
         if self._markers:
             self._settle_markers()
         if self._waiters:

@@ -25,7 +25,7 @@ that parent's sampling decision, since keeping it would export a span whose pare
 
 **Detail budget** (``OTEL_NPU_DETAIL_EVERY=N``, ``DetailBudget``): detail captures (``instrument_module``'s
 hooks, ``capture(..., detail=True)``) are taken only inside one step in ``N`` of each step name (the 1st,
-the N+1th, ...); in the other steps ``capture(..., detail=True)`` returns the disabled capture (no device
+the N+1th, ...); in the other steps ``capture(..., detail=True)`` returns a do-nothing object (no device
 events, no resolver work). With ``N > 1``, a step in which detail captures were taken is always exported
 (attribute ``otel_npu.kept = "detail"`` when the sampler had dropped it), so its per-layer spans are never
 thrown away; with the default ``N = 1`` detail captures are ordinary captures and follow the sampler. So a

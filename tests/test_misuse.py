@@ -77,13 +77,51 @@ def test_a_module_level_capture_shared_by_threads_at_once(provider, spans):
 
 
 def test_a_capture_object_made_while_disabled_works_once_enabled(provider, spans):
+    """The module-level object of the docs, made at import before ``configure(enabled=True)``: once enabled,
+    each use is timed (nested, re-entered and from several threads at once), as an object made while enabled."""
+    otel_npu.configure(enabled=False)
+    forward, decode = otel_npu.capture("forward"), otel_npu.step("Decode")  # made while disabled
+    with decode, forward:  # used while still disabled: nothing
+        pass
+    enable(provider, device="cpu")
+    with decode:
+        with forward:
+            with forward:  # re-entered
+                with otel_npu.capture("inner"):
+                    pass
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(50):
+                with forward:
+                    pass
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and capturing.current() is None
+    assert otel_npu.flush()
+    step = spans.one("Decode")
+    outer, nested = sorted((s for s in spans.named("forward") if s.parent is not None
+                            and s.context.trace_id == step.context.trace_id), key=lambda s: s.start_time)
+    assert outer.parent.span_id == step.context.span_id and nested.parent.span_id == outer.context.span_id
+    assert spans.one("inner").parent.span_id == nested.context.span_id
+    assert len(spans.named("forward")) == 2 + 4 * 50
+    assert otel_npu.stats()["dropped_total"] == 0 and otel_npu.stats().get("misnested_exits", 0) == 0
+
+
+def test_the_module_level_object_made_at_import_is_timed_once_enabled(provider, spans):
+    # FORWARD was made when this module was imported (otel-npu disabled then, unless the shell enabled it).
     enable(provider, device="cpu")
     with FORWARD:
-        with FORWARD:
-            pass
+        pass
     assert otel_npu.flush()
-    # made while disabled, FORWARD is the shared do-nothing object: nothing timed, and nothing raised
-    assert spans.named("forward") == []
+    assert len(spans.named("forward")) == 1
 
 
 class Unprintable(Exception):
