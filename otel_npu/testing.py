@@ -45,8 +45,8 @@ events completed) and ``sim.torch_npu`` (a stand-in for the ``torch_npu`` module
 ``sim.timing_calls`` with the calling thread and whether the event had completed, so tests can prove that
 otel-npu never reads an unfinished event nor reads anything on the capturing thread; every device call made
 during a graph capture that broke it is in ``sim.capture_violations``; ``sim.events_created`` and
-``sim.records_made`` count, per thread, the events created and the records issued (two per timed capture, on
-the capturing thread).
+``sim.records_made`` count the events created per thread and the records issued per (thread, stream): two
+per timed capture, by the capturing thread on the capture's stream.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class SimEvent:
     # -- torch.cuda.Event / torch_npu.npu.Event API -----------------------------------------------------
     def record(self, stream: "SimStream | None" = None) -> None:
         stream = stream or self._device.current_stream()
-        self._device.records_made[threading.get_ident()] += 1  # which threads record events (tests count)
+        self._device.records_made[threading.get_ident(), stream] += 1  # who records where (tests count)
         if self.device_index is None:
             self.device_index = stream.device_index
             self.npu_event = 0x5000_0000 + next(_ids)
@@ -464,7 +464,8 @@ class SimDevice:
         # The latest timing reads (bounded: a long run must not grow without limit).
         self.timing_calls: collections.deque[TimingCall] = collections.deque(maxlen=100_000)
         self.events_created: collections.Counter[int] = collections.Counter()
-        #: Event records issued, per calling thread (timing records and records into a graph capture alike).
+        #: Event records issued, per (calling thread ident, stream): timing records and records into a graph
+        #: capture alike.
         self.records_made: collections.Counter[int] = collections.Counter()
         self.capture_violations: list[CaptureViolation] = []
         self._handles: dict[int, SimEvent] = {}

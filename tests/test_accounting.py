@@ -10,13 +10,12 @@ import threading
 import time
 import weakref
 
-import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_npu
-from otel_npu import capturing, runtime, spans as spans_mod
+from otel_npu import runtime, spans as spans_mod
 
 from .conftest import enable
 
@@ -119,31 +118,43 @@ def test_captures_whose_device_work_is_still_running_at_shutdown_are_counted(pro
     assert otel_npu.stats()["dropped"].get("device_unfinished") == 1
 
 
-def test_configure_racing_from_threads_loses_nothing_uncounted():
+#: The losses of a capture that was timed (its start event recorded) and is not exported.
+LOST_AFTER_ENTRY = ("record_failed", "resolver_stopped", "device_unfinished", "shutdown_timeout", "emit_failed")
+
+
+def test_configure_racing_from_threads_loses_nothing_uncounted(sim):
+    """Captures on two threads while two others reconfigure (restart, disable, enable) at random: every capture
+    the device saw timed (its two records on the capturing thread's stream: the simulated device's own count)
+    is exported or counted as lost."""
     exporter = InMemorySpanExporter()
     tp = TracerProvider()
     tp.add_span_processor(SimpleSpanProcessor(exporter))
     stop = threading.Event()
-    made = [0] * 4
+    streams = [sim.new_stream(f"capturer{n}") for n in range(2)]
+    idents: list[int] = [0, 0]
+    uses = [0, 0]
+    configures = [0, 0]
     errors: list[BaseException] = []
 
     def capturer(n: int) -> None:
+        idents[n] = threading.get_ident()
         try:
-            while not stop.is_set():
-                cm = otel_npu.capture(f"c{n}")
-                with cm:
-                    with otel_npu.capture(f"c{n}-inner") as inner:
-                        pass
-                made[n] += (cm.__class__ is not capturing._Off) + (inner.__class__ is not capturing._Off)
+            with sim.stream(streams[n]):
+                while not stop.is_set():
+                    with otel_npu.capture(f"c{n}"):
+                        with otel_npu.capture(f"c{n}-inner"):
+                            time.sleep(0.0002)  # open long enough for configure() to land inside it
+                    uses[n] += 1
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    def configurer(seed: int) -> None:
-        rng = random.Random(seed)
+    def configurer(n: int) -> None:
+        rng = random.Random(n)
         try:
             while not stop.is_set():
-                otel_npu.configure(enabled=rng.random() < 0.8, tracer_provider=tp, device="cpu",
+                otel_npu.configure(enabled=rng.random() < 0.8, tracer_provider=tp, device=sim,
                                    poll_interval_s=rng.choice([0.001, 0.05]))
+                configures[n] += 1
                 time.sleep(rng.random() * 0.01)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -152,17 +163,24 @@ def test_configure_racing_from_threads_loses_nothing_uncounted():
     threads += [threading.Thread(target=configurer, args=(n,)) for n in range(2)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    # As much racing as the machine allows: until both sides did enough (not for a fixed time), or a minute.
+    deadline = time.monotonic() + 60
+    while (min(configures) < 20 or min(uses) < 300) and time.monotonic() < deadline and not errors:
+        time.sleep(0.05)
     stop.set()
     for t in threads:
         t.join()
     assert not errors
-    otel_npu.configure(enabled=True, tracer_provider=tp, device="cpu")
+    otel_npu.configure(enabled=True, tracer_provider=tp, device=sim)
     otel_npu.flush(5.0)
     otel_npu.shutdown(5.0)
+    records = sum(sim.records_made[idents[n], streams[n]] for n in range(2))
+    assert records % 2 == 0, "every capture that recorded its start event recorded its end event"
+    timed = records // 2
     exported = len(exporter.get_finished_spans())
-    assert sum(made) > 0
-    assert exported + captures_dropped() == sum(made), otel_npu.stats()
+    dropped = otel_npu.stats()["dropped"]
+    assert timed > 0 and configures[0] + configures[1] >= 2
+    assert exported + sum(dropped.get(r, 0) for r in LOST_AFTER_ENTRY) == timed, (timed, exported, dropped)
 
 
 def test_the_pending_limit_bounds_memory_with_busy_producer_threads(provider, spans):
