@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 
-import pytest
+from .support import free_port, missing
 
 
 def agent_path() -> str | None:
@@ -29,16 +29,11 @@ def agent_path() -> str | None:
 
 
 def require_agent() -> str:
+    """The agent's path; skips without it, or fails where ``OTEL_NPU_REQUIRE_ROTEL=1`` (CI)."""
     path = agent_path()
     if path is None:
-        pytest.skip("rotel-agent not found: `pip install -e .[test]` installs the rotel collector (.ci/run does)")
+        missing("rotel", "rotel-agent not found: `pip install -e .[test]` installs the rotel collector (.ci/run does)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Collector:

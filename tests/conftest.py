@@ -1,23 +1,28 @@
-"""Shared fixtures: an in-memory TracerProvider, a simulated device, and a clean otel-npu per test."""
+"""Shared fixtures: a clean environment, an in-memory TracerProvider, simulated devices, and a clean otel-npu per
+test. Helpers that tests import live in ``support.py``."""
 
 from __future__ import annotations
 
 import logging
-import time
+import os
+import sys
 from typing import Any
 
-import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from . import support
 
-import otel_npu
-from otel_npu import accounting, config, runtime
-from otel_npu.testing import SimDevice
+# Before otel-npu is imported (it reads OTEL_NPU_ENABLED and the OTEL_* variables at import): the shell's
+# OTEL_*, VLLM_*, RANK, ... never reach the tests or the processes they start (support.KEEP says what does).
+for _name in [name for name in os.environ if not support.kept(name)]:
+    del os.environ[_name]
 
-#: Stated bound on |span time - simulated device time| in these tests, when the device clock does not drift:
-#: anchor placement (launch latency 5 µs + the record call) + float32 ms rounding + host clock sampling.
-TIME_BOUND_NS = 50_000
+import pytest  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+
+import otel_npu  # noqa: E402
+from otel_npu import accounting, config, runtime  # noqa: E402
+from otel_npu.testing import SimDevice  # noqa: E402
 
 
 class Spans:
@@ -62,12 +67,36 @@ def sim() -> Any:
     device.close()
 
 
+@pytest.fixture
+def npu_sim(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A simulated Ascend device installed as the ``torch_npu`` module (``device="npu"`` then finds it)."""
+    device = SimDevice(api="npu")
+    monkeypatch.setitem(sys.modules, "torch_npu", device.torch_npu)
+    yield device
+    otel_npu.shutdown(5.0)  # before the device goes: no anchor on a closed stream
+    device.close()
+
+
+@pytest.fixture
+def install_torch_npu(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Install a given simulated NPU as the ``torch_npu`` module for one test: ``install_torch_npu(sim)``."""
+
+    def install(device: SimDevice) -> SimDevice:
+        monkeypatch.setitem(sys.modules, "torch_npu", device.torch_npu)
+        return device
+
+    return install
+
+
 @pytest.fixture(autouse=True)
 def clean_otel_npu(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Every test starts disabled, with default settings, and ends with otel-npu shut down."""
-    for var in ("OTEL_NPU_ENABLED", "VLLM_ASCEND_MODEL_EXECUTE_TIME_OBSERVE", "OTEL_NPU_DEVICE",
-                "OTEL_NPU_LOG_DURATIONS", "OTEL_TRACES_EXPORTER", "OTEL_SDK_DISABLED", "OTEL_EXPORTER_OTLP_HEADERS"):
-        monkeypatch.delenv(var, raising=False)
+    """Every test starts in the session's clean environment, disabled, with default settings, and ends with
+    otel-npu shut down."""
+    for name in [name for name in os.environ if name not in support.SESSION_ENV]:
+        monkeypatch.delenv(name)  # set by an earlier test or fixture outside monkeypatch
+    for name, value in support.SESSION_ENV.items():
+        if os.environ.get(name) != value:
+            monkeypatch.setenv(name, value)
     # Stage metrics default to OTLP at localhost:4318 (the spec's default), where no collector runs in tests:
     # the tests about metrics turn them on with their own endpoint.
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
@@ -78,23 +107,6 @@ def clean_otel_npu(monkeypatch: pytest.MonkeyPatch) -> Any:
     otel_npu.shutdown(5.0)
     runtime.set_settings(config.Settings())
     otel_npu.configure(enabled=False)
-
-
-def enable(provider: tuple[TracerProvider, Spans], **kwargs: Any) -> None:
-    """Turn otel-npu on with spans going to the in-memory provider."""
-    otel_npu.configure(enabled=True, tracer_provider=provider[0], **kwargs)
-
-
-def wall_of(mono_ns: int) -> int:
-    """Host monotonic ns -> Unix epoch ns, as a test's own reference."""
-    best = None
-    for _ in range(5):
-        a = time.perf_counter_ns()
-        w = time.time_ns()
-        b = time.perf_counter_ns()
-        if best is None or b - a < best[0]:
-            best = (b - a, w - (a + b) // 2)
-    return mono_ns + best[1]
 
 
 @pytest.fixture

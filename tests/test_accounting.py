@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import otel_npu
 from otel_npu import runtime, spans as spans_mod
 
-from .conftest import enable
+from .support import enable
 
 CAPTURE_REASONS = ("pending_limit", "event_pool_empty", "record_failed", "resolver_stopped", "device_unfinished",
                    "shutdown_timeout", "emit_failed")

@@ -15,16 +15,7 @@ from otel_npu.devices.npu import import_torch_npu
 from otel_npu.spans import ATTR_CLOCK_ERROR, ATTR_DEVICE
 from otel_npu.testing import SimDevice
 
-from .conftest import TIME_BOUND_NS, enable, wall_of
-
-
-@pytest.fixture
-def npu_sim(monkeypatch):
-    """A simulated Ascend device installed as the ``torch_npu`` module."""
-    device = SimDevice(api="npu")
-    monkeypatch.setitem(sys.modules, "torch_npu", device.torch_npu)
-    yield device
-    device.close()
+from .support import TIME_BOUND_NS, enable, wall_of
 
 
 def run_decode_steps(stream, n: int = 5) -> list[tuple[int, int]]:
@@ -53,13 +44,11 @@ def test_npu_backend_reads_event_times_only_off_the_capturing_thread(provider, s
     assert npu_sim.timing_reads(incomplete=True) == []
 
 
-def test_npu_reads_completed_events_without_torch_npus_drain_and_gil_hold(provider, spans):
+def test_npu_reads_completed_events_without_torch_npus_drain_and_gil_hold(provider, spans, install_torch_npu):
     """torch_npu's recorded_time()/elapsed_time() wait for every stream's host task queue and hold the GIL;
     CANN's aclrtEventGetTimestamp on the event's handle does neither. recorded_time() is called once, to
     check that both agree. Saw it fail before the fix (every read went through recorded_time())."""
-    sim = SimDevice(api="npu", task_queue_us=20, read_gil_hold_us=500)
-    saved = sys.modules.get("torch_npu")
-    sys.modules["torch_npu"] = sim.torch_npu
+    sim = install_torch_npu(SimDevice(api="npu", task_queue_us=20, read_gil_hold_us=500))
     try:
         enable(provider, device="npu", poll_interval_s=0.005)
         stream, captures = sim.current_stream(), []
@@ -84,10 +73,6 @@ def test_npu_reads_completed_events_without_torch_npus_drain_and_gil_hold(provid
         assert reads["method"] == "acl" and reads["reads"] >= 20 and reads["mean_us"] is not None
     finally:
         otel_npu.shutdown(5.0)
-        if saved is None:
-            sys.modules.pop("torch_npu", None)
-        else:
-            sys.modules["torch_npu"] = saved
         sim.close()
 
 
@@ -179,6 +164,7 @@ def test_cuda_backend_code_over_the_simulated_device(provider, spans, sim):
 torch = pytest.importorskip("torch")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run on a lent GPU machine)")
 def test_real_cuda_stages_are_device_timed(provider, spans):
     enable(provider, device="cuda")

@@ -4,7 +4,6 @@ anchors), and every span must stay within its stated error bound."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 
@@ -16,18 +15,17 @@ from otel_npu.devices.npu import NpuBackend
 from otel_npu.spans import ATTR_CLOCK_ERROR
 from otel_npu.testing import SimDevice, SimEvent
 
-from .conftest import enable, wall_of
+from .support import enable, wall_of
 
 
 @pytest.mark.parametrize("api", ["cuda", "npu"])
-def test_the_resolver_does_not_wait_for_an_anchor_stuck_behind_queued_work(provider, spans, api):
+def test_the_resolver_does_not_wait_for_an_anchor_stuck_behind_queued_work(provider, spans, api, install_torch_npu):
     """Saw it fail before the fix: an anchor due while 0.8 s of work was queued ahead of it (one shared
     queue) held the resolver until that work was done (up to 1 s per try, spinning on query()), so a
     capture that had long completed waited as long for its span."""
     sim = SimDevice(api=api, shared_queue=True)
-    saved = sys.modules.get("torch_npu")
     if api == "npu":
-        sys.modules["torch_npu"] = sim.torch_npu
+        install_torch_npu(sim)
     try:
         enable(provider, device=sim if api == "cuda" else "npu", poll_interval_s=0.01)
         with otel_npu.capture("warm-up"):
@@ -47,22 +45,16 @@ def test_the_resolver_does_not_wait_for_an_anchor_stuck_behind_queued_work(provi
         assert abs(span.start_time - wall_of(early[0])) <= bound and abs(span.end_time - wall_of(early[1])) <= bound
     finally:
         otel_npu.shutdown(5.0)
-        if api == "npu":
-            if saved is None:
-                sys.modules.pop("torch_npu", None)
-            else:
-                sys.modules["torch_npu"] = saved
         sim.close()
 
 
 @pytest.mark.parametrize("api", ["cuda", "npu"])
-def test_on_a_busy_shared_queue_every_span_stays_within_its_stated_bound(provider, spans, api):
+def test_on_a_busy_shared_queue_every_span_stays_within_its_stated_bound(provider, spans, api, install_torch_npu):
     """The anchor's window covers the wait behind the queued work, so the stated bound holds there
     (a regression test: it held before these changes too)."""
     sim = SimDevice(api=api, shared_queue=True)
-    saved = sys.modules.get("torch_npu")
     if api == "npu":
-        sys.modules["torch_npu"] = sim.torch_npu
+        install_torch_npu(sim)
     stop = threading.Event()
     try:
         enable(provider, device=sim if api == "cuda" else "npu", poll_interval_s=0.01)
@@ -96,11 +88,6 @@ def test_on_a_busy_shared_queue_every_span_stays_within_its_stated_bound(provide
     finally:
         stop.set()
         otel_npu.shutdown(5.0)
-        if api == "npu":
-            if saved is None:
-                sys.modules.pop("torch_npu", None)
-            else:
-                sys.modules["torch_npu"] = saved
         sim.close()
 
 

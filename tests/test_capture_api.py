@@ -13,7 +13,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, Trace
 import otel_npu
 from otel_npu.spans import ATTR_DEVICE, ATTR_ERROR_TYPE, ATTR_PID, ATTR_STEP, ATTR_STREAM
 
-from .conftest import enable
+from .support import enable
 
 
 def test_disabled_by_default_costs_nothing_and_starts_no_thread(spans):

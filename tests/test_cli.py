@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -11,13 +10,12 @@ import pytest
 import otel_npu
 from otel_npu.cli import main
 
-from .collector import free_port
+from .support import child_env, free_port
 
 
 def cli(*args: str, prelude: str = "", timeout: float = 300, cwd=None, **env: str) -> subprocess.CompletedProcess:
     """``otel-npu ARGS`` in a fresh process with no OTEL_* variables (``prelude``: Python run first)."""
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("OTEL_", "VLLM_ASCEND", "RANK", "LOCAL_RANK", "OMP_NUM_THREADS"))}
+    clean = child_env()
     clean.update(env)
     code = f"import sys\n{prelude}\nfrom otel_npu.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
@@ -68,7 +66,7 @@ def test_doctor_shows_no_private_class_names():
 def test_importing_and_capturing_without_numpy_prints_no_numpy_warning(tmp_path):
     code = ("import sys\nsys.modules['numpy'] = None\nimport otel_npu\n"
             "with otel_npu.capture('forward'):\n    pass\nprint(otel_npu.stats()['device'])")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = child_env()
     env.update(OTEL_NPU_ENABLED="1", OTEL_TRACES_EXPORTER="none")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
                           cwd=tmp_path)

@@ -14,9 +14,8 @@ from opentelemetry.sdk.trace import TracerProvider
 import otel_npu
 
 from .collector import Collector
-from .conftest import TIME_BOUND_NS
 from .otlp_receiver import GrpcReceiver, HttpReceiver, attributes
-from .test_sim_device import truth
+from .support import TIME_BOUND_NS, truth
 
 # (what otel-npu sends to the collector, what the collector forwards to the receiver)
 ROUTES = [("grpc", "http"), ("http/protobuf", "grpc")]

@@ -11,7 +11,7 @@ import otel_npu
 from otel_npu import ProfileExecuteDuration
 from otel_npu.durations import format_line, unique_tags
 
-from .conftest import enable
+from .support import enable
 
 LINE = re.compile(r"^Profile execute duration \[(?P<label>[^\]]+)\]:(?P<items>( \[[^\]]+\]:\d+\.\d{2}ms)+)$")
 

@@ -9,7 +9,7 @@ import pytest
 
 import otel_npu
 
-from .conftest import enable
+from .support import enable
 
 torch = pytest.importorskip("torch")
 

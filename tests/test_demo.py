@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import sys
 import pytest
 
 from otel_npu.cli import chrome_trace, demo, tracefile
+
+from .support import child_env
 
 pytest.importorskip("transformers", reason="the demo extra is not installed: pip install -e '.[demo]'")
 
@@ -29,7 +30,7 @@ def otel_npu_cli(*args: str, cwd, env=None, timeout: float = 300) -> subprocess.
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_ASCEND"))}
+    env = child_env()
     env.update(extra)
     return env
 

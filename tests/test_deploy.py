@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .support import child_env
 
 yaml = pytest.importorskip("yaml", reason="pyyaml is in the test extra: pip install -e '.[test]'")
 
@@ -233,7 +234,7 @@ def test_dashboard_queries_name_metrics_the_demo_really_exports(tmp_path):
     assert metrics and labels  # the dashboard does query something
     receiver = MetricsReceiver()
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env = child_env()
         env.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
                    OTEL_METRICS_EXPORTER="otlp", OTEL_METRIC_EXPORT_INTERVAL="500")
         done = subprocess.run([sys.executable, "-m", "otel_npu", "demo", "--device", "cpu", "--model-size", "tiny",

@@ -11,11 +11,7 @@ import otel_npu
 from otel_npu.spans import ATTR_CLOCK_ERROR, ATTR_STREAM
 from otel_npu.testing import SimDevice
 
-from .conftest import TIME_BOUND_NS, enable, wall_of
-
-
-def truth(c) -> tuple[int, int]:
-    return wall_of(c.start.exec_mono_ns), wall_of(c.end.exec_mono_ns)
+from .support import TIME_BOUND_NS, enable, truth
 
 
 def assert_close(span, t) -> None:

@@ -3,13 +3,14 @@ builds strictly (a broken link, anchor, nav entry or API reference fails); CI ru
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
+
+from .support import child_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -72,7 +73,7 @@ def test_the_release_workflow_builds_and_checks():
 def test_the_docs_site_builds_strictly(tmp_path):
     pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install -e '.[docs]'")
     pytest.importorskip("mkdocstrings_handlers.python", reason="the docs extra is not installed")
-    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    env = child_env(NO_MKDOCS_2_WARNING="1")
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
                           check=False, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr

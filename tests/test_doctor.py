@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from .collector import Collector, free_port
+from .collector import Collector
 from .otlp_receiver import HttpReceiver, attributes
+from .support import child_env, free_port
 
 
 def doctor(*args: str, **env: str) -> subprocess.CompletedProcess:
     command = shutil.which("otel-npu") or ""
     argv = [command] if command else [sys.executable, "-m", "otel_npu"]
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "RANK", "LOCAL_RANK"))}
+    clean = child_env()
     clean.update(env)
     return subprocess.run(argv + ["doctor", *args], capture_output=True, text=True, timeout=120, env=clean)
 

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from otel_npu.cli import tracefile
 
+from .support import child_env
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def test_model_runner_links_steps_to_requests_from_their_traceparent(tmp_path):
     out = tmp_path / "runner.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = child_env()
     env.update(OTEL_NPU_TRACES_FILE=str(out), OTEL_TRACES_EXPORTER="none", OTEL_NPU_DEVICE="cpu")
     done = subprocess.run([sys.executable, str(EXAMPLES / "model_runner.py")], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
@@ -34,7 +35,7 @@ def test_model_runner_links_steps_to_requests_from_their_traceparent(tmp_path):
 def test_model_runner_run_plainly_is_quiet_and_says_where_its_traces_went(tmp_path):
     # Issue 11 item 21: run with no OTEL_* variable and no collector, it printed retry errors for 20 s and
     # lost its traces.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = child_env()
     env.update(OTEL_NPU_DEVICE="cpu")
     done = subprocess.run([sys.executable, str(EXAMPLES / "model_runner.py")], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

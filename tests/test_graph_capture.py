@@ -13,7 +13,7 @@ from otel_npu.devices import graphs
 from otel_npu.spans import ATTR_TIMED_OUT
 from otel_npu.testing import SimDevice
 
-from .conftest import enable, wall_of
+from .support import enable, wall_of
 
 
 def started(provider, sim, **kwargs) -> None:

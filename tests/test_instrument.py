@@ -11,7 +11,7 @@ from otel_npu import capturing
 from otel_npu.instrument import MODULE_ATTR
 from otel_npu.spans import ATTR_ERROR_TYPE, ATTR_STEP
 
-from .conftest import enable
+from .support import enable
 
 
 class Block(torch.nn.Module):

@@ -8,16 +8,14 @@ import time
 import pytest
 from opentelemetry import metrics as metrics_api
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (InMemoryMetricReader, MetricExporter, MetricExportResult,
-                                              PeriodicExportingMetricReader)
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
 import otel_npu
 from otel_npu.export.metrics import BOUNDARIES_MS
 
-from .conftest import TIME_BOUND_NS
 from .otlp_receiver import attributes
-from .test_sim_device import truth
+from .support import TIME_BOUND_NS, ListMetricExporter, truth
 
 
 def own_metrics_env(monkeypatch, receiver, **extra):
@@ -117,22 +115,6 @@ def test_delta_temporality_when_the_exporter_asks_for_it(monkeypatch, receiver, 
         assert histogram.histogram.aggregation_temporality == 1  # AGGREGATION_TEMPORALITY_DELTA
 
 
-class ListExporter(MetricExporter):
-    def __init__(self):
-        super().__init__()
-        self.batches = []
-
-    def export(self, metrics_data, timeout_millis=10_000, **kwargs):
-        self.batches.append(metrics_data)
-        return MetricExportResult.SUCCESS
-
-    def force_flush(self, timeout_millis=10_000):
-        return True
-
-    def shutdown(self, timeout_millis=30_000, **kwargs):
-        pass
-
-
 @pytest.fixture
 def app_meter_provider(monkeypatch):
     """Install an SDK MeterProvider as the global one for one test (the API allows setting it only once)."""
@@ -151,7 +133,7 @@ def app_meter_provider(monkeypatch):
 
 
 def test_the_applications_meter_provider_exports_through_its_own_exporter(app_meter_provider, provider, sim):
-    exporter = ListExporter()
+    exporter = ListMetricExporter()
     app_meter_provider(PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000))
     otel_npu.configure(enabled=True, device=sim, tracer_provider=provider[0])
     with otel_npu.capture("forward"):

@@ -12,7 +12,7 @@ import pytest
 import otel_npu
 from otel_npu import capturing
 
-from .conftest import enable
+from .support import enable
 
 # A module-level capture object, as people write it, shared by every thread below.
 FORWARD = otel_npu.capture("forward")

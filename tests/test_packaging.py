@@ -12,7 +12,6 @@ nothing underneath, is the release workflow's (.github/workflows/release.yml), w
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -22,7 +21,9 @@ import zipfile
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from .support import child_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # builds, installs into a fresh venv
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -93,8 +94,8 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_the_demo(dist, tmp_path):
     run([python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--ignore-installed",
          dist["wheel"]], timeout=300)
 
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OTEL_", "VLLM_ASCEND", "PYTHON")) and k != "VIRTUAL_ENV"}
+    # the fresh venv, not this checkout: no PYTHONPATH, no VIRTUAL_ENV
+    env = {k: v for k, v in child_env().items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
     work = tmp_path / "work"
     work.mkdir()
     where = run([python, "-c", "import otel_npu; print(otel_npu.__file__, otel_npu.__version__)"], timeout=120,

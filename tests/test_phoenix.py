@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,10 @@ import pytest
 
 from otel_npu.cli import tracefile
 
-pytestmark = pytest.mark.phoenix
+from .support import child_env, free_port, missing
+
+# Phoenix starts in ≈ 10-60 s and ingests asynchronously (its deadlines below are 180 s and 120 s).
+pytestmark = [pytest.mark.phoenix, pytest.mark.slow, pytest.mark.timeout(600)]
 
 PROJECT = "otel-npu-phoenix-test"
 STEPS, REQUESTS = 8, 3
@@ -41,12 +43,6 @@ def phoenix_executable() -> str | None:
     return shutil.which("phoenix")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())
@@ -56,13 +52,11 @@ def get_json(url: str) -> dict:
 def phoenix(tmp_path_factory):
     exe = phoenix_executable()
     if exe is None or not os.path.exists(exe) and shutil.which(exe) is None:
-        if os.environ.get("OTEL_NPU_REQUIRE_PHOENIX") == "1":
-            pytest.fail(f"OTEL_NPU_REQUIRE_PHOENIX=1 but Arize Phoenix was not found (OTEL_NPU_PHOENIX={exe!r})")
-        pytest.skip("Arize Phoenix is not installed: pip install arize-phoenix into a separate venv and set "
-                    "OTEL_NPU_PHOENIX=<venv>/bin/phoenix (.ci/run does)")
+        missing("phoenix", f"Arize Phoenix is not installed (OTEL_NPU_PHOENIX={exe!r}): pip install arize-phoenix "
+                           "into a separate venv and set OTEL_NPU_PHOENIX=<venv>/bin/phoenix (.ci/run does)")
     workdir = tmp_path_factory.mktemp("phoenix")
     port, grpc_port = free_port(), free_port()
-    env = dict(os.environ, PHOENIX_WORKING_DIR=str(workdir), PHOENIX_PORT=str(port),
+    env = child_env(PHOENIX_WORKING_DIR=str(workdir), PHOENIX_PORT=str(port),
                PHOENIX_GRPC_PORT=str(grpc_port), PHOENIX_HOST="127.0.0.1", PHOENIX_TELEMETRY_ENABLED="false")
     log = open(workdir / "phoenix.log", "wb")
     proc = subprocess.Popen([exe, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -116,7 +110,7 @@ def epoch_us(text: str) -> int:
 
 def test_phoenix_shows_the_demo_spans_with_their_nesting_and_device_times(phoenix, tmp_path):
     traces_file = tmp_path / "demo.jsonl"
-    env = dict(os.environ, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"{phoenix}/v1/traces",
+    env = child_env(OTEL_METRICS_EXPORTER="none", OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"{phoenix}/v1/traces",
                OTEL_RESOURCE_ATTRIBUTES=f"openinference.project.name={PROJECT}",
                OTEL_NPU_TRACES_FILE=str(traces_file), OTEL_BSP_SCHEDULE_DELAY="200")
     done = subprocess.run(

@@ -18,7 +18,7 @@ import pytest
 import otel_npu
 from otel_npu import runtime
 
-from .conftest import enable
+from .support import child_env, enable
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -145,7 +145,7 @@ def test_exit_is_bounded_when_the_collector_never_answers(silent_collector):
                 pass
         print("END", time.time(), flush=True)
     """)
-    env = dict(os.environ, OTEL_NPU_ENABLED="1", OTEL_NPU_DEVICE="cpu", OTEL_NPU_SHUTDOWN_TIMEOUT_S="1",
+    env = child_env(OTEL_METRICS_EXPORTER="none", OTEL_NPU_ENABLED="1", OTEL_NPU_DEVICE="cpu", OTEL_NPU_SHUTDOWN_TIMEOUT_S="1",
                OTEL_EXPORTER_OTLP_ENDPOINT=silent_collector, OTEL_EXPORTER_OTLP_TIMEOUT="30")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
     exited = time.time()
@@ -197,7 +197,7 @@ def _traces_in(path) -> int:
 
 
 def _quiet_env(tmp_path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = child_env()
     env.update(OTEL_NPU_ENABLED="1", OTEL_NPU_DEVICE="cpu", OTEL_NPU_PIPELINE="own", OTEL_TRACES_EXPORTER="none",
                OTEL_METRICS_EXPORTER="none", OTEL_NPU_TRACES_FILE=str(tmp_path / "traces.jsonl"),
                OTEL_BSP_SCHEDULE_DELAY="600000", OMP_NUM_THREADS="1")

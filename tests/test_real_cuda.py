@@ -18,11 +18,12 @@ import otel_npu
 from otel_npu.devices import graphs
 from otel_npu.spans import ATTR_CLOCK_ERROR, ATTR_DEVICE, ATTR_STREAM, ATTR_TIMED_OUT
 
-from .conftest import enable
+from .support import enable
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs an NVIDIA GPU (benchmarks/gpu_check.sh runs these on a lent one)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs an NVIDIA GPU (benchmarks/gpu_check.sh runs these on a lent one)")]
 
 SLEEP_CYCLES_PER_MS = 1_500_000  # torch.cuda._sleep spins this many cycles ≈ 1 ms on current GPUs (measured below)
 

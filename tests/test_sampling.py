@@ -15,6 +15,7 @@ import otel_npu
 from otel_npu import config, runtime, sampling
 
 from .otlp_receiver import attributes
+from .support import ListMetricExporter
 
 
 class RecordingSampler(Sampler):
@@ -403,10 +404,8 @@ def test_exemplars_through_the_applications_meter_provider(monkeypatch, sim):
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader, PeriodicExportingMetricReader
 
-    from .test_metrics import ListExporter
-
     for reader_kind in ("periodic", "pull"):
-        exporter = ListExporter()
+        exporter = ListMetricExporter()
         reader = (PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
                   if reader_kind == "periodic" else InMemoryMetricReader())
         meter_provider = MeterProvider(metric_readers=[reader])

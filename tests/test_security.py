@@ -13,8 +13,8 @@ import requests
 import otel_npu
 from otel_npu.export import redact
 
-from .collector import free_port
 from .otlp_receiver import GrpcReceiver, HttpReceiver
+from .support import child_env, free_port, missing
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def certificate(tmp_path_factory):
     """A self-signed certificate for localhost / 127.0.0.1: (cert file, key file)."""
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("the openssl command is needed to make a self-signed certificate")
+        missing("openssl", "the openssl command is needed to make a self-signed certificate")
     directory = tmp_path_factory.mktemp("tls")
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
@@ -159,11 +159,10 @@ def test_a_header_entry_without_equals_never_prints_its_secret(monkeypatch, capl
 
 
 def test_doctor_never_prints_a_secret_of_an_entry_without_equals():
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, OTEL_EXPORTER_OTLP_HEADERS=f"Authorization: Bearer {NO_EQUALS}")
+    env = child_env(OTEL_METRICS_EXPORTER="none", OTEL_EXPORTER_OTLP_HEADERS=f"Authorization: Bearer {NO_EQUALS}")
     out = subprocess.run([sys.executable, "-m", "otel_npu", "doctor"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert NO_EQUALS not in out.stdout + out.stderr

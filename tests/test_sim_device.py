@@ -11,13 +11,7 @@ import otel_npu
 from otel_npu.spans import ATTR_CLOCK_ERROR, ATTR_DEVICE, ATTR_HOST_LEAD, ATTR_STREAM, ATTR_TIMED_OUT
 from otel_npu.testing import SimDevice
 
-from .conftest import TIME_BOUND_NS, enable, wall_of
-
-
-def truth(c) -> tuple[int, int]:
-    """Wall-clock times at which the simulated device ran a capture's two events (read right after exit,
-    while the device is still busy, so the events cannot have been recycled yet)."""
-    return wall_of(c.start.exec_mono_ns), wall_of(c.end.exec_mono_ns)
+from .support import TIME_BOUND_NS, enable, truth, wall_of
 
 
 def assert_device_times(span, t: tuple[int, int]) -> None:

@@ -17,7 +17,6 @@ connections and never answers.
 from __future__ import annotations
 
 import json
-import os
 import re
 import select
 import subprocess
@@ -27,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from .collector import Collector, free_port
+from .collector import Collector
 from .otlp_receiver import GrpcReceiver, HttpReceiver
+from .support import child_env, free_port
 
 RATE = 10_000            # records per second, the loop's steady pace
 MAX_QUEUE = 8192          # OTEL_BSP_MAX_QUEUE_SIZE (otel-npu's default for its own pipeline)
@@ -59,7 +59,7 @@ class Serving:
     def __init__(self, tmp_path: Path, endpoint: str, protocol: str, **env: str) -> None:
         self.stderr_path = tmp_path / "serving.stderr"
         self._stderr = open(self.stderr_path, "w")
-        full_env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+        full_env = child_env(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
                         OTEL_BSP_SCHEDULE_DELAY="200", OTEL_EXPORTER_OTLP_TIMEOUT="1",
                         OTEL_NPU_SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_BOUND_S), OTEL_NPU_MAX_PENDING=str(MAX_PENDING),
                         OTEL_METRICS_EXPORTER="otlp", OTEL_METRIC_EXPORT_INTERVAL="1000", OTEL_SERVICE_NAME="serving")

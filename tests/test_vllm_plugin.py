@@ -11,7 +11,7 @@ import pytest
 
 import otel_npu
 from otel_npu.integrations import vllm as plugin
-from tests.conftest import enable
+from .support import enable
 
 
 @pytest.fixture

@@ -22,13 +22,17 @@ from typing import Any
 
 import pytest
 
-from tests.collector import Collector
-from tests.otlp_receiver import GrpcReceiver, attributes
+from .collector import Collector
+from .otlp_receiver import GrpcReceiver, attributes
+from .support import child_env, missing
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("vllm_serve_cpu", ROOT / "examples" / "vllm_serve_cpu.py")
 serve = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve)
+
+# Each test starts real `vllm serve` processes (≈ 1-1.5 min each on 2 cores; the example ≈ 2.5 min under load).
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 STAGES = ["prepare input", "forward", "post process", "sample", "bookkeep"]
 MAX_TOKENS = 12
@@ -39,9 +43,7 @@ def vllm_python() -> str:
     if not os.path.exists(python):
         message = (f"no vLLM venv at {python}: `python3 examples/vllm_serve_cpu.py install .venv-vllm` makes one "
                    "(≈ 3 min), or set OTEL_NPU_VLLM_PYTHON")
-        if os.environ.get("OTEL_NPU_REQUIRE_VLLM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("vllm", message)
     return python
 
 
@@ -172,7 +174,7 @@ assert before == after, (before, after)
 assert not [t.name for t in threading.enumerate() if 'otel' in t.name]
 print('unchanged')
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_"))}
+    env = child_env()
     done = subprocess.run([vllm_python(), "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "unchanged" in done.stdout, done.stderr[-3000:]
 
@@ -182,8 +184,7 @@ def test_the_example_serves_and_shows_linked_steps(tmp_path):
     out = tmp_path / "vllm-traces.jsonl"
     temp = tmp_path / "tmp"  # the example's temporary folder goes here: nothing of it may be left behind
     temp.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_"))}
-    env["TMPDIR"] = str(temp)
+    env = child_env(TMPDIR=str(temp))
     done = subprocess.run([vllm_python(), str(ROOT / "examples" / "vllm_serve_cpu.py"), "--requests", "4",
                            "--out", str(out)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

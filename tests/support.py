@@ -1,0 +1,125 @@
+"""Helpers shared by the tests (one copy each): the environment a test runs in, ports, the simulated device's
+truth, and the switches that turn a missing real part into a failure in CI.
+
+Test modules import from here, never from one another or from ``conftest``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Mapping
+
+import pytest
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
+
+# -- the environment -------------------------------------------------------------------------------------
+#: Variables the shell may pass on to the tests: what finding programs, libraries, certificates and caches
+#: needs. Everything else (OTEL_*, VLLM_*, RANK/LOCAL_RANK, OMP_NUM_THREADS, proxies, ...) is left out, so that
+#: a sampler, an endpoint or a rank set in the shell cannot change what a test sees.
+KEEP = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TMP", "TEMP",
+    "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+})
+KEEP_PREFIXES = ("LC_", "PIP_", "XDG_", "CUDA_", "NVIDIA_", "ASCEND_", "HF_")
+#: The tests' own switches (not otel-npu settings): where vLLM and Phoenix are, what CI requires, where the
+#: GPU check writes. They stay in the tests' environment, and are not passed to the processes tests start.
+TEST_KNOBS = frozenset({"OTEL_NPU_VLLM_PYTHON", "OTEL_NPU_VLLM_V2_PATH", "OTEL_NPU_PHOENIX", "OTEL_NPU_SCREENSHOT",
+                        "OTEL_NPU_COMPILE_BACKEND", "OTEL_NPU_GPU_CHECK_OUT"})
+REQUIRE_PREFIX = "OTEL_NPU_REQUIRE_"
+
+
+def kept(name: str) -> bool:
+    return name in KEEP or name.startswith(KEEP_PREFIXES) or is_knob(name)
+
+
+def is_knob(name: str) -> bool:
+    return name in TEST_KNOBS or name.startswith(REQUIRE_PREFIX)
+
+
+def clean_environ(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` reduced to what ``kept`` lets through."""
+    return {k: v for k, v in env.items() if kept(k)}
+
+
+#: The session's environment once cleaned (conftest replaces ``os.environ`` with it before otel-npu is imported).
+SESSION_ENV: dict[str, str] = clean_environ(os.environ)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: the session's clean environment without the test knobs,
+    plus ``extra``. Nothing the test itself set in ``os.environ`` leaks in unless it is passed here."""
+    env = {k: v for k, v in SESSION_ENV.items() if not is_knob(k)}
+    env.update(extra)
+    return env
+
+
+# -- real parts that may be missing -----------------------------------------------------------------------
+def required(part: str) -> bool:
+    """Whether ``OTEL_NPU_REQUIRE_<PART>=1`` asks for ``part`` (CI sets it: a missing part fails there)."""
+    return os.environ.get(REQUIRE_PREFIX + part.upper()) == "1"
+
+
+def missing(part: str, why: str) -> None:
+    """Skip for a missing real part, or fail when CI requires it (``OTEL_NPU_REQUIRE_<PART>=1``)."""
+    if required(part):
+        pytest.fail(f"{why} ({REQUIRE_PREFIX}{part.upper()}=1: required here)")
+    pytest.skip(why)
+
+
+# -- ports, clocks, the simulated device's truth ------------------------------------------------------------
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+#: Stated bound on |span time - simulated device time| in these tests, when the device clock does not drift:
+#: anchor placement (launch latency 5 µs + the record call) + float32 ms rounding + host clock sampling.
+TIME_BOUND_NS = 50_000
+
+
+def wall_of(mono_ns: int) -> int:
+    """Host monotonic ns -> Unix epoch ns, as a test's own reference (the tightest of five samples)."""
+    best = None
+    for _ in range(5):
+        a = time.perf_counter_ns()
+        w = time.time_ns()
+        b = time.perf_counter_ns()
+        if best is None or b - a < best[0]:
+            best = (b - a, w - (a + b) // 2)
+    return mono_ns + best[1]
+
+
+def truth(c: Any) -> tuple[int, int]:
+    """Wall-clock times at which the simulated device ran a capture's two events. Read them before the next
+    capture is entered: once resolved, the events go back to the pool and a later capture records them again."""
+    return wall_of(c.start.exec_mono_ns), wall_of(c.end.exec_mono_ns)
+
+
+class ListMetricExporter(MetricExporter):
+    """An SDK ``MetricExporter`` that keeps every batch it is given (``batches``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[Any] = []
+
+    def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        self.batches.append(metrics_data)
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        pass
+
+
+def enable(provider: tuple[Any, Any], **kwargs: Any) -> None:
+    """Turn otel-npu on with spans going to the in-memory provider (the ``provider`` fixture)."""
+    import otel_npu
+
+    otel_npu.configure(enabled=True, tracer_provider=provider[0], **kwargs)
