@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import subprocess
 import sys
 
@@ -16,25 +14,14 @@ import pytest
 import otel_npu
 
 from .otlp_receiver import HttpReceiver
+from .support import child_env, free_port
 
 DEMO = ["demo", "--device", "cpu", "--model-size", "tiny", "--steps", "4", "--requests", "2", "--no-progress"]
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VLLM_ASCEND"))}
-    env.update(extra)
-    return env
-
-
 def cli(*args: str, cwd, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "otel_npu", *args], cwd=cwd, env=clean_env(**env),
+    return subprocess.run([sys.executable, "-m", "otel_npu", *args], cwd=cwd, env=child_env(**env),
                           capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def problem_lines(doctor_output: str) -> list[str]:
