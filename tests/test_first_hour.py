@@ -31,10 +31,18 @@ def problem_lines(doctor_output: str) -> list[str]:
 
 BSP_CASES = [("OTEL_BSP_MAX_QUEUE_SIZE", "-1"), ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
              ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "-1"), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "100000")]
+# The SDK's TracerProvider reads these itself when not given SpanLimits, and raises for an invalid one.
+LIMIT_CASES = [("OTEL_SPAN_LINK_COUNT_LIMIT", "abc"), ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "-1"),
+               ("OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "1.5"), ("OTEL_SPAN_LINK_COUNT_LIMIT", "-2")]
+# ``import opentelemetry.sdk.trace`` itself raises ValueError for an invalid OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT (a
+# module-level constant of the SDK's, 1.45), and ``import otel_npu`` imports it: every program using the SDK
+# fails so. Kept here, expected to fail, until otel-npu stops importing the SDK's trace module at import time.
+SDK_IMPORT_CASE = pytest.param("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "-5", marks=pytest.mark.xfail(
+    strict=True, reason="the OpenTelemetry SDK raises at import; import otel_npu imports it"))
 
 
-@pytest.mark.parametrize("var, value", BSP_CASES)
-def test_no_batch_setting_crashes_the_demo_and_the_warning_is_doctors(var, value, tmp_path):
+@pytest.mark.parametrize("var, value", [*BSP_CASES, *LIMIT_CASES, SDK_IMPORT_CASE])
+def test_no_batch_or_limit_setting_crashes_the_demo_and_the_warning_is_doctors(var, value, tmp_path):
     doctor = cli("doctor", cwd=tmp_path, **{var: value})
     problems = problem_lines(doctor.stdout)
     done = cli(*DEMO, cwd=tmp_path, **{var: value})
@@ -44,12 +52,12 @@ def test_no_batch_setting_crashes_the_demo_and_the_warning_is_doctors(var, value
     assert traces.stat().st_size > 0, "an empty traces file left behind"
     for problem in problems:  # what doctor reports, the demo warns about in the same words
         assert problem in done.stderr, (problem, done.stderr[-3000:])
-    if value in ("-1", "0"):
+    if value != "100000":
         assert problems and f"{var}='{value}' is not valid" in problems[0], doctor.stdout
 
 
-@pytest.mark.parametrize("var, value", BSP_CASES)
-def test_no_batch_setting_crashes_the_library(var, value, tmp_path, monkeypatch):
+@pytest.mark.parametrize("var, value", BSP_CASES + LIMIT_CASES)
+def test_no_batch_or_limit_setting_crashes_the_library(var, value, tmp_path, monkeypatch):
     monkeypatch.setenv(var, value)
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     monkeypatch.setenv("OTEL_NPU_TRACES_FILE", str(tmp_path / "t.jsonl"))

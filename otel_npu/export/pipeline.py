@@ -349,6 +349,25 @@ def sdk_batch_processor(exporter: Any, otel: OtelSettings, *, schedule_delay_ms:
                               else schedule_delay_ms)
 
 
+def sdk_span_limits(otel: OtelSettings) -> Any:
+    """The SDK's SpanLimits from otel-npu's validated limits (``OtelSettings.span_limits``, what doctor shows):
+    a TracerProvider given none reads ``OTEL_SPAN_*_LIMIT`` and ``OTEL_*ATTRIBUTE*_LIMIT`` itself and raises
+    ``ValueError`` for an invalid one."""
+    from opentelemetry.sdk.trace import SpanLimits
+
+    limits = otel.span_limits
+
+    def sdk(value: int | None) -> int:
+        return SpanLimits.UNSET if value is None else value
+
+    return SpanLimits(max_attributes=sdk(limits["span_attributes"]), max_events=sdk(limits["events"]),
+                      max_links=sdk(limits["links"]), max_span_attributes=sdk(limits["span_attributes"]),
+                      max_event_attributes=sdk(limits["event_attributes"]),
+                      max_link_attributes=sdk(limits["link_attributes"]),
+                      max_attribute_length=sdk(limits["value_length"]),
+                      max_span_attribute_length=sdk(limits["span_value_length"]))
+
+
 def tracer_provider_from_env(env: Mapping[str, str] | None = None,
                              extra_attributes: Mapping[str, Any] | None = None, *,
                              wrap_exporter: Callable[[Any, str], Any] | None = None) -> TracerProvider:
@@ -363,7 +382,8 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
 
     otel = otel_config.read(env)
     redact.install_exporter_log_filter()
-    provider = TracerProvider(resource=resource_from_env(dict(extra_attributes or {})), sampler=sampler(otel))
+    provider = TracerProvider(resource=resource_from_env(dict(extra_attributes or {})), sampler=sampler(otel),
+                              span_limits=sdk_span_limits(otel))
     if otel.sdk_disabled:
         return provider
     otel.batching  # noqa: B018  (validated, and warned about, before any exporter or the traces file exists)
