@@ -37,9 +37,9 @@ def test_a_missing_hook_target_is_named_in_one_warning_and_the_others_still_appl
             return original(self, so)
         return replacement
 
-    hooks = (plugin.Hook("fake_vllm_runner", "Runner.execute_model", "steps", "test", make),
-             plugin.Hook("fake_vllm_runner", "Runner.sample_tokens", "the sampling stage", "test", make),
-             plugin.Hook("no_such_vllm_module", "X.y", "links", "test", make))
+    hooks = (plugin.Hook("fake_vllm_runner", "Runner.execute_model", "steps", make),
+             plugin.Hook("fake_vllm_runner", "Runner.sample_tokens", "the sampling stage", make),
+             plugin.Hook("no_such_vllm_module", "X.y", "links", make))
     assert plugin.install(hooks) == ["fake_vllm_runner.Runner.execute_model"]
     assert plugin.install(hooks) == []  # each target once, and no second warning
     assert fake_vllm.Runner().execute_model(1) == "ran" and wrapped == [1]
@@ -54,10 +54,44 @@ def test_a_missing_hook_target_is_named_in_one_warning_and_the_others_still_appl
 def test_the_table_rejects_a_global_that_record_function_or_nullcontext_does_not_read(fake_vllm, caplog_otel):
     fake_vllm._PROFILER_FUNC = None
     fake_vllm.record_function_or_nullcontext = lambda name: None
-    hook = plugin.Hook("fake_vllm_runner", "_PROFILER_FUNC", "stages", "test", lambda original: "patched")
+    hook = plugin.Hook("fake_vllm_runner", "_PROFILER_FUNC", "stages", lambda original: "patched",
+                       reader="record_function_or_nullcontext")
     assert plugin.install((hook,)) == []
     assert fake_vllm._PROFILER_FUNC is None
     assert "does not read _PROFILER_FUNC" in caplog_otel.text
+
+
+def test_a_hook_outside_its_version_gate_is_neither_applied_nor_warned_about(fake_vllm, caplog_otel):
+    make = (lambda original: lambda self, so: "patched")
+    hooks = (plugin.Hook("fake_vllm_runner", "Runner.execute_model", "steps", make, since=(0, 34)),
+             plugin.Hook("no_such_vllm_module", "X.y", "the old runner", make, before=(0, 34)))
+    assert plugin.install(hooks, (0, 33)) == []
+    assert fake_vllm.Runner().execute_model(1) == "ran"
+    assert plugin.install(hooks, (0, 34)) == ["fake_vllm_runner.Runner.execute_model"]
+    assert fake_vllm.Runner().execute_model(1) == "patched"
+    assert not [r for r in caplog_otel.records if r.levelname == "WARNING"]
+    assert [plugin.admits(hooks[0], v) for v in [(0, 33), (0, 34), (0, 34, 1), (1, 0), ()]] == [
+        False, True, True, True, True]  # () : a version nobody could read: every target is tried, and checked
+
+
+def test_a_global_is_checked_against_its_reader_even_when_another_hook_wrapped_the_reader(fake_vllm):
+    def reader(self, so):
+        return dispatch(so)
+
+    fake_vllm.Runner.execute_model = reader
+    fake_vllm.dispatch = lambda so: "dispatched"  # the global ``dispatch`` that reader reads
+    wrap = (lambda original: lambda self, so: original(self, so))
+    hooks = (plugin.Hook("fake_vllm_runner", "Runner.execute_model", "stages", wrap),
+             plugin.Hook("fake_vllm_runner", "dispatch", "graph mode", lambda original: original,
+                         reader="Runner.execute_model"))
+    assert plugin.install(hooks) == ["fake_vllm_runner.Runner.execute_model", "fake_vllm_runner.dispatch"]
+
+
+def test_a_target_whose_parameters_moved_is_refused(fake_vllm, caplog_otel):
+    hook = plugin.Hook("fake_vllm_runner", "Runner.execute_model", "steps", lambda original: original,
+                       params=("self", "scheduler_output"))
+    assert plugin.install((hook,)) == []
+    assert "does not start with ('self', 'scheduler_output')" in caplog_otel.text
 
 
 def new_request(req_id, prompt_len, traceparent=None):

