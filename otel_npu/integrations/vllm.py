@@ -13,9 +13,11 @@ What the hooks do, per process:
   ``vllm.num_scheduled_tokens``, ``vllm.request_ids`` and a span link to the trace context each request came
   with (``otel_npu.batch_size``: how many were linked); the worker's ``sample_tokens`` closes it (or
   ``execute_model`` itself, when it returned the output).
-  Inside, every ``record_function_or_nullcontext`` scope the model runner opens (``vllm.v1.utils``'s
-  ``_PROFILER_FUNC``) is a capture, named by ``STAGES``. The batch's CUDA-graph mode comes from
-  ``CudagraphDispatcher.dispatch`` (``vllm.cudagraph_mode``: ``NONE`` = eager, ``PIECEWISE``, ``FULL``).
+  Inside, the stages. vLLM's V1 model runner (and vllm-ascend's, built on it): every
+  ``record_function_or_nullcontext`` scope it opens (``vllm.v1.utils``'s ``_PROFILER_FUNC``) is a capture,
+  named by ``STAGES``. The V2 runner opens none: its stages are cut at its own methods (``_v2_*`` below). The
+  batch's CUDA-graph mode (``vllm.cudagraph_mode``: ``NONE`` = eager, ``PIECEWISE``, ``FULL``) comes from
+  ``CudagraphDispatcher.dispatch`` (V1) or ``dispatch_cg_and_sync_dp`` (V2).
 * **EngineCore** (the scheduler): ``NewRequestData.from_request`` copies ``Request.trace_headers`` (the
   client's ``traceparent``, which vLLM keeps when ``--otlp-traces-endpoint`` is set) onto the data sent to
   the worker, as ``trace_headers``.
@@ -72,7 +74,8 @@ ASCEND_STAGES = {
     "async_state_update": "async state update",
 }
 #: Every scope name -> stage. Scopes not listed become captures under their own name, unless they belong to
-#: the scheduler or the engine loop (``_NOT_STAGES``).
+#: the scheduler or the engine loop (``_NOT_STAGES``). The V2 runner opens no scopes: its stages come from
+#: hooks on its methods (``_v2_*``).
 STAGES = {**V1_STAGES, **ASCEND_STAGES}
 _NOT_STAGES = ("schedule", "llm_engine")
 #: At most this many request ids in a step's ``vllm.request_ids`` (``vllm.batch_size`` has the count).
@@ -131,6 +134,8 @@ class _Worker:
         self.prepared = False  # the first step's set-up is done
         self.sample_hooked = False  # the worker's sample_tokens ends the step
         self.flusher: _Flusher | None = None
+        self.stage: Any = None  # the V2 runner's open stage capture, entered by one hook, left by the next
+        self.stage_name: str | None = None
 
     def forget(self, finished: Any) -> None:
         requests = self.requests
@@ -175,7 +180,24 @@ class _Worker:
         self.step, self.attributes, self.thread = step, attributes, threading.get_ident()
         return step
 
+    def open_stage(self, name: str) -> None:
+        """Leave the open stage (if any) and enter ``name``: the V2 runner's stages follow one another."""
+        self.close_stage()
+        stage = otel_npu.capture(name)
+        stage.__enter__()
+        self.stage, self.stage_name = stage, name
+
+    def close_stage(self, exc: BaseException | None = None) -> None:
+        stage, self.stage, self.stage_name = self.stage, None, None
+        if stage is not None:
+            stage.__exit__(None if exc is None else type(exc), exc, None if exc is None else exc.__traceback__)
+
+    def in_step(self) -> bool:
+        """A step is open, on this thread (the engine's)."""
+        return self.step is not None and self.thread == threading.get_ident()
+
     def end(self, exc: BaseException | None = None) -> None:
+        self.close_stage(exc)
         step, self.step, self.attributes, self.thread = self.step, None, None, None
         if step is not None:
             step.__exit__(None if exc is None else type(exc), exc, None if exc is None else exc.__traceback__)
@@ -407,6 +429,133 @@ def _from_request(original: Any) -> Any:
     return classmethod(from_request)
 
 
+# -- the V2 model runner (vllm/v1/worker/gpu/model_runner.py) ----------------------------------------------------
+#
+# It opens no profiler scopes; its stages are cut at its own seams, one capture after the other:
+#   "prepare input"  execute_model's start (state update, inputs, attention metadata) .. forward_start()
+#   "forward"        StepTimingCollector.forward_start(), called right before the model runs in every mode
+#                    (FULL graph replay, micro-batches, piecewise graph, eager) .. execute_model's return
+#   "sample"         sample(): logits, grammar bitmask, sampler or rejection sampler
+#   "post process"   sample()'s return .. sample_tokens' return (prompt logprobs, output copy, state update)
+#   "draft"          the speculator's propose(), when the runner speculates (the post process ends there)
+# Each only while the step is open on the engine thread: dummy runs, warm-up and graph capture pass through.
+
+_FORWARD_SEAM = "StepTimingCollector.forward_start"
+
+
+def _v2_execute_model(original: Callable) -> Callable:
+    def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        w = _worker
+        dummy = args[1] if len(args) > 1 else kwargs.get("dummy_run", False)  # (intermediate_tensors, dummy_run)
+        if not w.in_step() or dummy:
+            return original(self, scheduler_output, *args, **kwargs)
+        # without the forward seam the two cannot be told apart: one stage, named for what it holds
+        w.open_stage("prepare input" if _hooked("vllm.v1.worker.gpu.async_utils", _FORWARD_SEAM) else "prepare input and forward")
+        try:
+            out = original(self, scheduler_output, *args, **kwargs)
+        except BaseException as exc:
+            w.close_stage(exc)
+            raise
+        w.close_stage()
+        return out
+
+    return execute_model
+
+
+def _v2_forward_start(original: Callable) -> Callable:
+    def forward_start(self: Any, *args: Any, **kwargs: Any) -> Any:
+        w = _worker
+        if w.stage_name == "prepare input" and w.in_step():
+            w.open_stage("forward")
+        return original(self, *args, **kwargs)
+
+    return forward_start
+
+
+def _v2_sample(original: Callable) -> Callable:
+    def sample(self: Any, *args: Any, **kwargs: Any) -> Any:
+        w = _worker
+        if not w.in_step():
+            return original(self, *args, **kwargs)
+        w.open_stage("sample")
+        try:
+            out = original(self, *args, **kwargs)
+        except BaseException as exc:
+            w.close_stage(exc)
+            raise
+        w.open_stage("post process")
+        return out
+
+    return sample
+
+
+def _v2_sample_tokens(original: Callable) -> Callable:
+    def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
+        w = _worker
+        if not w.in_step():
+            return original(self, *args, **kwargs)
+        _hook_propose(self)
+        try:
+            out = original(self, *args, **kwargs)
+        except BaseException as exc:
+            w.close_stage(exc)
+            raise
+        w.close_stage()
+        return out
+
+    return sample_tokens
+
+
+def _hook_propose(runner: Any) -> None:
+    """The runner's speculator's ``propose`` is the "draft" stage (wrapped on the instance: every speculator
+    class has its own ``propose``)."""
+    speculator = getattr(runner, "speculator", None)
+    original = getattr(speculator, "propose", None)
+    if original is None or getattr(original, "_otel_npu", False):
+        return
+
+    def propose(*args: Any, **kwargs: Any) -> Any:
+        w = _worker
+        if not w.in_step():
+            return original(*args, **kwargs)
+        w.open_stage("draft")
+        try:
+            out = original(*args, **kwargs)
+        except BaseException as exc:
+            w.close_stage(exc)
+            raise
+        w.close_stage()
+        return out
+
+    propose._otel_npu = True  # type: ignore[attr-defined]
+    try:
+        speculator.propose = propose
+    except Exception as exc:  # pragma: no cover - a speculator that refuses attributes: no draft stage
+        _warn_once("propose", "otel-npu: cannot hook %s.propose (%s); left out: the draft stage",
+                   type(speculator).__name__, exc)
+
+
+def _v2_dispatch(original: Callable) -> Callable:
+    """``dispatch_cg_and_sync_dp`` as the V2 runner's module sees it: the batch's CUDA-graph mode, agreed
+    across data-parallel ranks, is ``result[0].cg_mode``."""
+
+    def dispatch_cg_and_sync_dp(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        w = _worker
+        if w.attributes is not None and w.in_step():
+            try:
+                mode = result[0].cg_mode
+                w.attributes[ATTR_GRAPH] = getattr(mode, "name", str(mode))
+            except Exception:  # pragma: no cover - another return shape: no attribute, no harm
+                pass
+        return result
+
+    return dispatch_cg_and_sync_dp
+
+
+def _hooked(module: str, attr: str) -> bool:
+    return f"{module}.{attr}" in _active
+
 #: The oldest vLLM these hooks were written for; older ones are left alone.
 MIN_VLLM = (0, 15)
 #: The vLLM releases whose sources the hooks were read in (vllm-ascend 0.23.0.post1 runs on 0.23.0)
@@ -420,14 +569,31 @@ HOOKS = (
          role="step", since=MIN_VLLM, params=("self", "scheduler_output"), read=_READ, run=("0.32.0",)),
     Hook("vllm.v1.core.sched.output", "NewRequestData.from_request", "span links to the requests' traces",
          _from_request, role="links", since=MIN_VLLM, read=_READ, run=("0.32.0",)),
+    # the V1 runner (vllm/v1/worker/gpu_model_runner.py; removed in 0.34), and vllm-ascend's, built on it
     Hook("vllm.v1.utils", "_PROFILER_FUNC", "stage captures (the runner's record_function_or_nullcontext scopes)",
          _scopes, role="stages", since=MIN_VLLM, before=(0, 34), reader="record_function_or_nullcontext",
          read=_READ[:-1], run=("0.32.0",)),
     Hook("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher.dispatch", "the vllm.cudagraph_mode attribute",
          _dispatch, role="graph mode", since=MIN_VLLM, before=(0, 34), read=_READ[:-1], run=("0.32.0",)),
+    # the V2 runner (vllm/v1/worker/gpu/model_runner.py): vLLM's default where Triton works, for some models
+    # from 0.23 and for most from 0.30; the only runner from 0.34
+    Hook("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.execute_model", "the prepare input and forward stages",
+         _v2_execute_model, role="stages", since=(0, 23),
+         params=("self", "scheduler_output", "intermediate_tensors", "dummy_run"), read=_READ, run=("0.32.0",)),
+    Hook("vllm.v1.worker.gpu.async_utils", _FORWARD_SEAM, "the split of prepare input from forward",
+         _v2_forward_start, role="stages", since=(0, 28), params=("self",), read=_READ[1:], run=("0.32.0",)),
+    Hook("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.sample", "the sample and post process stages",
+         _v2_sample, role="stages", since=(0, 23), read=_READ, run=("0.32.0",)),
+    Hook("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.sample_tokens",
+         "the end of the post process stage, and the draft stage", _v2_sample_tokens, role="stages",
+         since=(0, 23), read=_READ, run=("0.32.0",)),
+    Hook("vllm.v1.worker.gpu.model_runner", "dispatch_cg_and_sync_dp", "the vllm.cudagraph_mode attribute",
+         _v2_dispatch, role="graph mode", since=(0, 23), reader="GPUModelRunner.execute_model", read=_READ,
+         run=("0.32.0",)),
 )
 
 _installed: list[tuple[Any, str, Any]] = []
+_active: set[str] = set()  # "module.attr" of each hook applied
 _install_lock = threading.Lock()
 
 
@@ -488,6 +654,7 @@ def install(hooks: tuple[Hook, ...] = HOOKS, version: tuple[int, ...] = ()) -> l
                            "left out: %s", hook.module, hook.attr, exc, hook.gives)
                 continue
             _installed.append((owner, name, current))
+            _active.add(f"{hook.module}.{hook.attr}")
             done.append(f"{hook.module}.{hook.attr}")
     return done
 
@@ -498,6 +665,7 @@ def uninstall() -> None:
         while _installed:
             owner, name, original = _installed.pop()
             setattr(owner, name, original)
+        _active.clear()
         _worker.__init__()
 
 
