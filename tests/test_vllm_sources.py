@@ -228,3 +228,50 @@ def test_a_renamed_target_fails_the_check(tmp_path) -> None:
     assert "no resolving hook opens the step" in problems
     assert "opens no scope 'gpu_model_runner: preprocess'" in problems
     assert "gpu_model_runner: forward" not in problems
+
+
+def test_sources_come_from_the_index_checked_against_its_sha256_and_are_cached(tmp_path, monkeypatch):
+    """The download path itself, on a made-up index (a file: URL): the sdist is picked over a wheel, its
+    relative URL resolved, its digest checked, the package's .py files kept, the cache used next time."""
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    index, cache = tmp_path / "index", tmp_path / "cache"
+    sdist = io.BytesIO()
+    with tarfile.open(fileobj=sdist, mode="w:gz") as tar:
+        for name, text in [("vllm-9.9.0/vllm/__init__.py", ""), ("vllm-9.9.0/vllm/v1/utils.py", "X = 1\n"),
+                           ("vllm-9.9.0/setup.py", "raise SystemExit\n"), ("vllm-9.9.0/vllm/README.md", "")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text.encode()))
+    (index / "files").mkdir(parents=True)
+    (index / "files" / "vllm-9.9.0.tar.gz").write_bytes(sdist.getvalue())
+    digest = hashlib.sha256(sdist.getvalue()).hexdigest()
+
+    def publish(sha256: str) -> None:
+        files = [{"packagetype": "bdist_wheel", "filename": "vllm-9.9.0-py3-none-any.whl", "size": 1,
+                  "url": "../files/missing.whl", "digests": {"sha256": "0"}},
+                 {"packagetype": "sdist", "filename": "vllm-9.9.0.tar.gz", "size": 1,
+                  "url": "../files/vllm-9.9.0.tar.gz", "digests": {"sha256": sha256}}]
+        (index / "vllm").mkdir(exist_ok=True)
+        (index / "vllm" / "json").write_text(json.dumps(
+            {"info": {"version": "10.0.0rc1"}, "releases": {"9.9.0": files, "10.0.0rc1": files, "9.10.0": []}}))
+
+    monkeypatch.setenv("OTEL_NPU_PYPI_JSON", index.as_uri())
+    publish("f" * 64)
+    with pytest.raises(vs.Unavailable, match="sha256"):
+        vs.fetch("vllm", "9.9.0", cache)
+    assert not list(cache.iterdir())  # nothing half-written is left
+    publish(digest)
+    assert vs.newest("vllm") == "9.9.0"  # not the pre-release, not the release without files
+    folder = vs.fetch("vllm", "9.9.0", cache)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py")) == [
+        "vllm/__init__.py", "vllm/v1/utils.py"]
+    assert json.loads((folder / "SOURCE.json").read_text())["sha256"] == digest
+    assert vs.Sources("vllm", "9.9.0", folder).binding("vllm.v1.utils", "X") is not None
+    (index / "vllm" / "json").unlink()  # the index gone: the cache still answers
+    assert vs.fetch("vllm", "9.9.0", cache) == folder
+    with pytest.raises(vs.Unavailable):
+        vs.fetch("vllm", "9.8.0", cache)

@@ -70,14 +70,20 @@ def newest(project: str) -> str:
     info = _get_json(f"{index_url()}/{project}/json")
     finals = [v for v, files in info.get("releases", {}).items()
               if is_final(v) and files and not all(f.get("yanked") for f in files)]
-    if not finals:
-        raise Unavailable(f"{project}: no final release on the index")
+    if not finals:  # an index without the (deprecated) releases table: its own idea of the newest
+        newest_there = info.get("info", {}).get("version", "")
+        if not is_final(newest_there):
+            raise Unavailable(f"{project}: no final release on the index")
+        return newest_there
     return max(finals, key=lambda v: (parse_version(v), v))
 
 
 def _pick_file(project: str, version: str) -> dict:
     url = f"{index_url()}/{project}/json"
     files = _get_json(url).get("releases", {}).get(version)
+    if not files:  # an index without the releases table answers per version
+        url = f"{index_url()}/{project}/{version}/json"
+        files = _get_json(url).get("urls")
     if not files:
         raise Unavailable(f"{project} {version} is not on the index")
     usable = [f for f in files if not f.get("yanked")] or files
