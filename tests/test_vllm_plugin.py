@@ -213,3 +213,18 @@ def test_the_worker_exports_with_its_own_pipeline_where_vllm_sends_over_vllms_pr
     otel_npu.configure(pipeline="auto")
     plugin._export_like_vllm(wrapper, env)
     assert env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf" and runtime.settings().pipeline == "auto"
+
+
+def test_the_docs_hook_table_says_for_each_hook_the_versions_it_applies_to_was_read_in_and_run_with():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "vllm.md").read_text()
+    rows = {row.split("`")[1]: [cell.strip() for cell in row.strip().strip("|").split("|")]
+            for row in doc.splitlines() if row.startswith("| `vllm.")}
+    assert len(rows) == len(plugin.HOOKS)
+    for hook in plugin.HOOKS:
+        _, _, gate, read, run = rows[f"{hook.module}.{hook.attr}"]
+        since = ".".join(map(str, hook.since))
+        assert gate == (f"{since} … {hook.before[0]}.{hook.before[1] - 1}" if hook.before else f"≥ {since}")
+        assert read == ", ".join(hook.read)
+        assert run.split(" (")[0] == ", ".join(hook.run)
