@@ -103,8 +103,9 @@ def steps_and_children(spans: list[tuple[dict, Any]]) -> tuple[list[Any], dict[b
     return steps, children
 
 
-def check_served(got: dict[str, Any], stages_expected: list[str] = STAGES) -> list[Any]:
-    """What every plugin-on run must show; returns the step spans."""
+def check_served(got: dict[str, Any], stages_expected: list[str] = STAGES, speculative: bool = False) -> list[Any]:
+    """What every plugin-on run must show; returns the step spans. ``speculative``: a step may give a request
+    more than one token."""
     assert got["status"] == 0, got["log"][-3000:]
     assert "otel-npu: vLLM 0.32.0 hooked" in got["log"]
     assert all(r["usage"]["completion_tokens"] == MAX_TOKENS for r in got["results"])
@@ -112,7 +113,11 @@ def check_served(got: dict[str, Any], stages_expected: list[str] = STAGES) -> li
     clients = {bytes.fromhex(trace_id): header for trace_id, header in got["clients"]}
     assert steps, got["log"][-3000:]
     # every step arrived: each scheduled request samples one token per step (short prompts: no chunking)
-    assert sum(attributes(s.attributes)["vllm.batch_size"] for s in steps) == len(clients) * MAX_TOKENS
+    scheduled = sum(attributes(s.attributes)["vllm.batch_size"] for s in steps)
+    if speculative:  # one step per request at least: the prefill, which proposes its first drafts
+        assert len(clients) < scheduled <= len(clients) * MAX_TOKENS
+    else:
+        assert scheduled == len(clients) * MAX_TOKENS
     assert {s.name for s in steps} == {"Prefill", "Decode"}
     assert max(attributes(s.attributes)["vllm.batch_size"] for s in steps) >= 2  # concurrent requests batched
     for step in steps:
@@ -169,6 +174,15 @@ def test_model_runner_v2_steps_and_stages(model, tmp_path):
                      v2=v2_path())
     assert "Using V2 Model Runner" in got["log"]
     check_served(got, V2_STAGES)
+
+
+def test_model_runner_v2_with_speculative_decoding_has_a_draft_stage(model, tmp_path):
+    # n-gram speculation (no draft model needed): the V2 runner's speculator proposes after every step
+    config = '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
+    got = run_server(model, tmp_path, plugin=True, v2=v2_path(), requests=4,
+                     args=["--enforce-eager", "--shutdown-timeout", "10", "--speculative-config", config])
+    assert "Using V2 Model Runner" in got["log"]
+    check_served(got, V2_STAGES + ["draft"], speculative=True)
 
 
 def test_without_otel_npu_enabled_nothing_of_otel_npu_appears(model, tmp_path):
