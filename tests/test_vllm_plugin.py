@@ -62,7 +62,9 @@ def test_the_table_rejects_a_global_that_record_function_or_nullcontext_does_not
 
 
 def test_a_hook_outside_its_version_gate_is_neither_applied_nor_warned_about(fake_vllm, caplog_otel):
-    make = (lambda original: lambda self, so: "patched")
+    def make(original):
+        return lambda self, so: "patched"
+
     hooks = (plugin.Hook("fake_vllm_runner", "Runner.execute_model", "steps", make, since=(0, 34)),
              plugin.Hook("no_such_vllm_module", "X.y", "the old runner", make, before=(0, 34)))
     assert plugin.install(hooks, (0, 33)) == []
@@ -76,11 +78,13 @@ def test_a_hook_outside_its_version_gate_is_neither_applied_nor_warned_about(fak
 
 def test_a_global_is_checked_against_its_reader_even_when_another_hook_wrapped_the_reader(fake_vllm):
     def reader(self, so):
-        return dispatch(so)
+        return dispatch(so)  # noqa: F821 - a global of the fake module, for the check to find; never called
 
     fake_vllm.Runner.execute_model = reader
     fake_vllm.dispatch = lambda so: "dispatched"  # the global ``dispatch`` that reader reads
-    wrap = (lambda original: lambda self, so: original(self, so))
+    def wrap(original):
+        return lambda self, so: original(self, so)
+
     hooks = (plugin.Hook("fake_vllm_runner", "Runner.execute_model", "stages", wrap),
              plugin.Hook("fake_vllm_runner", "dispatch", "graph mode", lambda original: original,
                          reader="Runner.execute_model"))

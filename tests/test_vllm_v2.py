@@ -84,7 +84,9 @@ def standin(src: Any, module: str, qualname: str, body: str, namespace: dict, ed
     args = fn.args
     for arg in args.posonlyargs + args.args + args.kwonlyargs + [a for a in (args.vararg, args.kwarg) if a]:
         arg.annotation = None
-    literal = (lambda d: d if isinstance(d, ast.Constant) else ast.Constant(None))
+    def literal(default: ast.expr) -> ast.expr:
+        return default if isinstance(default, ast.Constant) else ast.Constant(None)
+
     args.defaults = [literal(d) for d in args.defaults]
     args.kw_defaults = [None if d is None else literal(d) for d in args.kw_defaults]
     if edit is not None:

@@ -441,6 +441,7 @@ def _from_request(original: Any) -> Any:
 # Each only while the step is open on the engine thread: dummy runs, warm-up and graph capture pass through.
 
 _FORWARD_SEAM = "StepTimingCollector.forward_start"
+_FORWARD_HOOK = f"vllm.v1.worker.gpu.async_utils.{_FORWARD_SEAM}"
 
 
 def _v2_execute_model(original: Callable) -> Callable:
@@ -450,7 +451,7 @@ def _v2_execute_model(original: Callable) -> Callable:
         if not w.in_step() or dummy:
             return original(self, scheduler_output, *args, **kwargs)
         # without the forward seam the two cannot be told apart: one stage, named for what it holds
-        w.open_stage("prepare input" if _hooked("vllm.v1.worker.gpu.async_utils", _FORWARD_SEAM) else "prepare input and forward")
+        w.open_stage("prepare input" if _FORWARD_HOOK in _active else "prepare input and forward")
         try:
             out = original(self, scheduler_output, *args, **kwargs)
         except BaseException as exc:
@@ -511,7 +512,7 @@ def _hook_propose(runner: Any) -> None:
     class has its own ``propose``)."""
     speculator = getattr(runner, "speculator", None)
     original = getattr(speculator, "propose", None)
-    if original is None or getattr(original, "_otel_npu", False):
+    if speculator is None or original is None or getattr(original, "_otel_npu", False):
         return
 
     def propose(*args: Any, **kwargs: Any) -> Any:
@@ -552,9 +553,6 @@ def _v2_dispatch(original: Callable) -> Callable:
 
     return dispatch_cg_and_sync_dp
 
-
-def _hooked(module: str, attr: str) -> bool:
-    return f"{module}.{attr}" in _active
 
 #: The oldest vLLM these hooks were written for; older ones are left alone.
 MIN_VLLM = (0, 15)
@@ -647,7 +645,7 @@ def install(hooks: tuple[Hook, ...] = HOOKS, version: tuple[int, ...] = ()) -> l
                     continue
                 replacement = hook.make(current)
                 if callable(current) and isinstance(replacement, types.FunctionType):
-                    replacement.__wrapped__ = current  # what another hook's reader check looks through
+                    replacement.__wrapped__ = current  # type: ignore[attr-defined] # what a reader check looks through
                 setattr(owner, name, replacement)
             except Exception as exc:
                 _warn_once(f"hook:{hook.module}:{hook.attr}", "otel-npu: cannot hook %s.%s in this vLLM (%s); "
