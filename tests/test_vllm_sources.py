@@ -85,6 +85,9 @@ def release_problems(src: vs.Sources) -> list[str]:
             problems += found
             if not found:
                 resolving.append(hook)
+        # the step ends in the worker's sample_tokens, wrapped on the worker object at the first step
+        if src.function("vllm.v1.worker.gpu_worker", "Worker.sample_tokens") is None:
+            problems.append("vllm.v1.worker.gpu_worker.Worker.sample_tokens does not exist: steps would end early")
         roles = {hook.role for hook in resolving}
         if "step" not in roles:
             problems.append("no resolving hook opens the step")
@@ -97,6 +100,8 @@ def release_problems(src: vs.Sources) -> list[str]:
     elif src.project == "vllm-ascend":
         problems += scope_problems(src, ASCEND_RUNNER, plugin.ASCEND_STAGES)
         problems += ascend_runner_problems(src)
+        if src.function("vllm_ascend.worker.worker", "NPUWorker.sample_tokens") is None:
+            problems.append("vllm_ascend.worker.worker.NPUWorker.sample_tokens does not exist: steps would end early")
     return problems
 
 
