@@ -27,7 +27,8 @@ KEEP_PREFIXES = ("LC_", "PIP_", "XDG_", "CUDA_", "NVIDIA_", "ASCEND_", "HF_")
 #: The tests' own switches (not otel-npu settings): where vLLM and Phoenix are, what CI requires, where the
 #: GPU check writes. They stay in the tests' environment, and are not passed to the processes tests start.
 TEST_KNOBS = frozenset({"OTEL_NPU_VLLM_PYTHON", "OTEL_NPU_VLLM_V2_PATH", "OTEL_NPU_PHOENIX", "OTEL_NPU_SCREENSHOT",
-                        "OTEL_NPU_COMPILE_BACKEND", "OTEL_NPU_GPU_CHECK_OUT"})
+                        "OTEL_NPU_COMPILE_BACKEND", "OTEL_NPU_GPU_CHECK_OUT", "OTEL_NPU_SOURCES_CACHE",
+                        "OTEL_NPU_PYPI_JSON"})
 REQUIRE_PREFIX = "OTEL_NPU_REQUIRE_"
 
 
@@ -123,3 +124,23 @@ def enable(provider: tuple[Any, Any], **kwargs: Any) -> None:
     import otel_npu
 
     otel_npu.configure(enabled=True, tracer_provider=provider[0], **kwargs)
+
+
+# -- vLLM's scheduler output, as the worker receives it ------------------------------------------------------
+def new_request(req_id: str, prompt_len: int, traceparent: str | None = None) -> Any:
+    """A ``NewRequestData`` stand-in (what the plugin reads of it)."""
+    from types import SimpleNamespace as NS
+
+    return NS(req_id=req_id, prompt_token_ids=list(range(prompt_len)), prompt_embeds=None,
+              trace_headers={"traceparent": traceparent} if traceparent else None)
+
+
+def scheduler_output(new: Any = (), cached: Any = (), finished: Any = ()) -> Any:
+    """A ``SchedulerOutput`` stand-in. ``cached``: (req_id, num_computed_tokens, tokens scheduled now)."""
+    from types import SimpleNamespace as NS
+
+    scheduled = {r.req_id: len(r.prompt_token_ids) for r in new}
+    scheduled.update({req_id: n for req_id, _, n in cached})
+    return NS(scheduled_new_reqs=list(new), num_scheduled_tokens=scheduled,
+              total_num_scheduled_tokens=sum(scheduled.values()), finished_req_ids=set(finished),
+              scheduled_cached_reqs=NS(req_ids=[c[0] for c in cached], num_computed_tokens=[c[1] for c in cached]))

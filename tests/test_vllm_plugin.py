@@ -11,7 +11,8 @@ import pytest
 
 import otel_npu
 from otel_npu.integrations import vllm as plugin
-from .support import enable
+
+from .support import enable, new_request, scheduler_output
 
 
 @pytest.fixture
@@ -96,20 +97,6 @@ def test_a_target_whose_parameters_moved_is_refused(fake_vllm, caplog_otel):
                        params=("self", "scheduler_output"))
     assert plugin.install((hook,)) == []
     assert "does not start with ('self', 'scheduler_output')" in caplog_otel.text
-
-
-def new_request(req_id, prompt_len, traceparent=None):
-    return NS(req_id=req_id, prompt_token_ids=list(range(prompt_len)), prompt_embeds=None,
-              trace_headers={"traceparent": traceparent} if traceparent else None)
-
-
-def scheduler_output(new=(), cached=(), finished=()):
-    """``cached``: (req_id, num_computed_tokens, tokens scheduled now)."""
-    scheduled = {r.req_id: len(r.prompt_token_ids) for r in new}
-    scheduled.update({req_id: n for req_id, _, n in cached})
-    return NS(scheduled_new_reqs=list(new), num_scheduled_tokens=scheduled,
-              total_num_scheduled_tokens=sum(scheduled.values()), finished_req_ids=set(finished),
-              scheduled_cached_reqs=NS(req_ids=[c[0] for c in cached], num_computed_tokens=[c[1] for c in cached]))
 
 
 def run_steps(outputs):

