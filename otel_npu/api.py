@@ -15,7 +15,7 @@ from . import capturing, config, instrument, runtime
 from .accounting import stats_if_started
 from .capturing import capture, step
 from .compat import ProfileExecuteDuration
-from .devices import graphs
+from .devices import registry
 from .instrument import instrument_module
 
 __all__ = ["capture", "step", "flush", "shutdown", "configure", "enabled", "stats", "ProfileExecuteDuration",
@@ -121,8 +121,8 @@ def _start_for_hot_path() -> Any:
     Blocks the first capture for the runtime's start-up (device detection, events, the first clock anchor).
     """
     device = runtime.settings().device  # a SimDevice brings its own graph API
-    graphs.watch(cuda=getattr(device, "torch_cuda", None), torch_npu=getattr(device, "torch_npu", None))
-    if graphs.capture_in_progress(getattr(device, "is_current_stream_capturing", None)):
+    registry.watch_graphs(device)
+    if registry.graph_capture_in_progress(device):
         # Starting creates events and streams and waits for an anchor: device calls that would break (or be
         # captured into) the graph. Captures stay no-ops until a later one starts the runtime.
         return capturing.NOT_NOW

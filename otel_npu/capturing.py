@@ -75,6 +75,7 @@ from opentelemetry import context as _otel_context
 
 from .accounting import process_stats
 from .devices import graphs as _graphs
+from .devices import registry as _registry
 from .record import DROPPED as _DROPPED
 from .record import STEP_SLOTS, Record
 
@@ -823,7 +824,7 @@ def set_mode(enabled: bool) -> None:
     """Enabled: the next capture starts otel-npu. Disabled: captures do nothing (running ones finish)."""
     global _capture_cls, _step_cls
     if enabled:
-        _graphs.watch()  # as early as possible: a graph capture begun before we watch is not seen
+        _registry.watch_graphs()  # as early as possible: a graph capture begun before we watch is not seen
         if "torch" in sys.modules:
             _bind_compiler(sys.modules["torch"])
     with _state_lock:

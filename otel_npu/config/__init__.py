@@ -23,6 +23,8 @@ import dataclasses
 import re
 from typing import Any, Callable, Mapping
 
+from ..devices import registry
+from ..devices.base import DeviceBackend
 from . import otel
 from .env import env_bool, env_choice, env_number, invalid, process_env
 from .otel import OTLP_TIMEOUT_DEFAULT_S, otlp_timeout_s
@@ -40,7 +42,8 @@ ENV_PIPELINE = "OTEL_NPU_PIPELINE"
 ENV_KEEP_SLOW = "OTEL_NPU_KEEP_SLOW_STEPS"
 ENV_DETAIL_EVERY = "OTEL_NPU_DETAIL_EVERY"
 
-DEVICES = ("auto", "npu", "cuda", "cpu")
+#: ``OTEL_NPU_DEVICE`` / ``configure(device=...)``: ``auto`` or a kind of ``devices/registry.py``.
+DEVICES = ("auto", *registry.KINDS)
 PIPELINES = ("auto", "app", "own")
 _STAYS_OFF = "otel-npu stays disabled unless the program enables it (otel_npu.configure(enabled=True))"
 
@@ -161,7 +164,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
 _ARG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "enabled": (lambda v: isinstance(v, bool), "True or False"),
     "device": (lambda v: (isinstance(v, str) and v in DEVICES) or _is_backend(v),
-               "'auto', 'npu', 'cuda', 'cpu' or a DeviceBackend (e.g. otel_npu.testing.SimDevice)"),
+               f"{', '.join(map(repr, DEVICES))} or a DeviceBackend (e.g. otel_npu.testing.SimDevice)"),
     "max_pending": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_PENDING_MAX,
                     f"an int from 1 to {MAX_PENDING_MAX}"),
     "event_timeout_s": (lambda v: _positive_number(v, EVENT_TIMEOUT_MAX_S),
@@ -192,8 +195,6 @@ def _positive_number(v: Any, high: float = float("inf")) -> bool:
 
 
 def _is_backend(v: Any) -> bool:
-    from ..devices.base import DeviceBackend  # local: importing config must not import devices
-
     return isinstance(v, DeviceBackend) or callable(getattr(v, "otel_npu_backend", None))
 
 

@@ -1,6 +1,6 @@
 """CUDA backend over ``torch.cuda`` events.
 
-Facts it relies on (PyTorch, checked in ``../shared/NOTES.md``):
+Facts it relies on (PyTorch's ``CUDAEvent.h`` and ``torch/cuda/streams.py``, and the CUDA runtime API):
 
 * ``Event.record(stream)`` only enqueues (≈ 1-2.5 µs of host time); ``query()`` and ``elapsed_time()`` never
   wait; ``elapsed_time`` raises unless both events completed and returns float32 milliseconds (resolution
@@ -17,10 +17,27 @@ that device, made by the resolver thread the first time one is seen (see ``runti
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Hashable
 
 from . import graphs
 from .base import DeviceUnavailable, TorchEventBackend
+
+
+def graph_classes(cuda: Any = None) -> list[tuple[str, Any]]:
+    """The CUDA graph-capture class to watch (``graphs.py``): ``cuda``'s (a ``torch.cuda``-shaped object, e.g. a
+    simulated device's), else torch's if torch is imported (never imports it)."""
+    if cuda is not None:
+        return [("cuda.graphs.CUDAGraph", getattr(getattr(cuda, "graphs", None), "CUDAGraph", None))]
+    if sys.modules.get("torch") is None:
+        return []
+    return [("torch.cuda.graphs.CUDAGraph", getattr(sys.modules.get("torch.cuda.graphs"), "CUDAGraph", None))]
+
+
+def stream_capturing() -> bool:
+    """Whether the calling thread's current CUDA stream is capturing a graph (asked of torch only if imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class CudaBackend(TorchEventBackend):
@@ -52,7 +69,7 @@ class CudaBackend(TorchEventBackend):
         self.current_stream = cached_current_stream(cuda, torch_c) or cuda.current_stream
         self._anchor_stream = cuda.Stream(device=self._index)
         self._anchor_streams = {self._index: self._anchor_stream}
-        graphs.watch(cuda=cuda)  # no device call while a graph capture is in progress: see graphs.py
+        graphs.watch(graph_classes(cuda))  # no device call while a graph capture is in progress: see graphs.py
 
     def current_stream(self) -> Any:  # pragma: no cover - replaced in __init__
         raise NotImplementedError

@@ -9,16 +9,16 @@ mode at start-up. So while a capture is in progress, otel-npu's resolver makes n
 and a ``capture()`` entered then is a counted no-op (``graph_capture``): an event recorded on a capturing
 stream is not a timing record (replays record nothing into it).
 
-How we know: ``watch()`` wraps ``capture_begin``/``capture_end`` of torch's ``CUDAGraph`` class and of
-torch_npu's ``NPUGraph`` class (what ``torch.cuda.graph``/``torch.npu.graph``, ``make_graphed_callables``,
+How we know: ``watch()`` wraps ``capture_begin``/``capture_end`` of each device kind's graph class
+(``registry.py``: torch's ``CUDAGraph``, torch_npu's ``NPUGraph``; what ``torch.cuda.graph``/``torch.npu.graph``, ``make_graphed_callables``,
 torch.compile's CUDA graph trees, vLLM and vllm-ascend all go through), counting the captures in progress
 in ``active``. The wrappers cost a lock and a counter per capture begin/end (captures are rare: start-up,
 new shapes).
 
 Limits (documented in the README): a capture begun *without* those Python classes (a C++ extension calling
 ``cudaStreamBeginCapture`` itself, CuPy, TensorRT) is not seen; a capture begun before otel-npu started and
-ended after is seen only from the moment ``watch()`` ran (``capture_in_progress()`` also asks
-``torch.cuda.is_current_stream_capturing()`` for the calling thread, which covers the common case of the
+ended after is seen only from the moment ``watch()`` ran (``registry.graph_capture_in_progress()`` also asks
+each kind whether the calling thread's current stream is capturing, which covers the common case of the
 first capture being entered inside a graph capture). Wrapping classes that are already instantiated is
 fine: Python looks methods up on the class at call time.
 """
@@ -26,7 +26,6 @@ fine: Python looks methods up on the class at call time.
 from __future__ import annotations
 
 import functools
-import sys
 import threading
 import time
 from typing import Any
@@ -141,22 +140,11 @@ def _wrap(cls: Any) -> bool:
     return True
 
 
-def watch(*, cuda: Any = None, torch_npu: Any = None) -> list[str]:
-    """Watch the graph classes of the torch/torch_npu modules already imported (never imports them), and of
-    ``cuda`` (a ``torch.cuda``-shaped object, e.g. a simulated device's) or ``torch_npu`` when given.
-    Returns the names of the classes watched. Idempotent and cheap."""
+def watch(candidates: list[tuple[str, Any]]) -> list[str]:
+    """Watch each ``(name, graph class)`` of ``candidates`` (``registry.watch_graphs`` gathers them, per device
+    kind, from the modules already imported: never imports one). Returns the names of the classes watched
+    now. Idempotent and cheap."""
     watched = []
-    candidates = []
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        graphs = sys.modules.get("torch.cuda.graphs")
-        candidates.append(("torch.cuda.graphs.CUDAGraph", getattr(graphs, "CUDAGraph", None)))
-    npu_module = torch_npu if torch_npu is not None else sys.modules.get("torch_npu")
-    if npu_module is not None:
-        npu_graphs = getattr(getattr(npu_module, "npu", None), "graphs", None)
-        candidates.append(("torch_npu.npu.graphs.NPUGraph", getattr(npu_graphs, "NPUGraph", None)))
-    if cuda is not None:
-        candidates.append(("cuda.graphs.CUDAGraph", getattr(getattr(cuda, "graphs", None), "CUDAGraph", None)))
     for name, cls in candidates:
         try:
             if _wrap(cls):
@@ -164,30 +152,3 @@ def watch(*, cuda: Any = None, torch_npu: Any = None) -> list[str]:
         except Exception:  # never let watching break start-up
             pass
     return watched
-
-
-def capture_in_progress(probe: Any = None) -> bool:
-    """Whether a graph capture runs now: a watched one anywhere, or one on the calling thread's current
-    CUDA/NPU stream (asked only of modules already imported, and of ``probe()`` when given: a simulated
-    device's ``is_current_stream_capturing``). Not for the hot path (it reads ``active``)."""
-    if active:
-        return True
-    try:
-        if probe is not None and probe():
-            return True
-    except Exception:
-        pass
-    torch = sys.modules.get("torch")
-    try:
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            return True
-    except Exception:
-        pass
-    npu_module = sys.modules.get("torch_npu")
-    try:
-        npu = getattr(npu_module, "npu", None)
-        if npu is not None and npu.is_current_stream_capturing():
-            return True
-    except Exception:
-        pass
-    return False

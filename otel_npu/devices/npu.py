@@ -1,6 +1,6 @@
 """Ascend NPU backend over ``torch_npu.npu`` events. The only module that imports torch_npu.
 
-Facts it relies on (torch_npu, checked in ``../shared/NOTES.md``):
+Facts it relies on (torch_npu's ``NPUEvent.cpp`` and ``NPUQueue.cpp``, and CANN's runtime API):
 
 * ``Event.record(stream)`` is queued on torch_npu's host task queue; ``query()`` stays False until the
   queue thread has issued it, and never waits;
@@ -65,6 +65,23 @@ def load_acl_timestamp(torch_npu: Any = None) -> Callable[[int], int] | None:
     return read
 
 
+def graph_classes(torch_npu: Any = None) -> list[tuple[str, Any]]:
+    """The NPU graph-capture class to watch (``graphs.py``): ``torch_npu``'s (a stand-in, e.g. a simulated
+    device's), else the imported torch_npu's (never imports it)."""
+    module = torch_npu if torch_npu is not None else sys.modules.get("torch_npu")
+    if module is None:
+        return []
+    npu_graphs = getattr(getattr(module, "npu", None), "graphs", None)
+    return [("torch_npu.npu.graphs.NPUGraph", getattr(npu_graphs, "NPUGraph", None))]
+
+
+def stream_capturing() -> bool:
+    """Whether the calling thread's current NPU stream is capturing a graph (asked of torch_npu only if
+    imported)."""
+    npu = getattr(sys.modules.get("torch_npu"), "npu", None)
+    return npu is not None and bool(npu.is_current_stream_capturing())
+
+
 def import_torch_npu() -> Any:
     """Import torch_npu, or raise ``DeviceUnavailable`` saying why in words a user can act on."""
     loaded = sys.modules.get("torch_npu")
@@ -127,7 +144,7 @@ class NpuBackend(TorchEventBackend):
         self._current_stream = npu.current_stream
         self._anchor_stream = npu.Stream()
         self._anchor_streams = {self._index: self._anchor_stream}
-        graphs.watch(torch_npu=torch_npu)  # no device call while a graph capture is in progress: graphs.py
+        graphs.watch(graph_classes(torch_npu))  # no device call while a graph capture is in progress: graphs.py
         self._torch_npu = torch_npu
         self._acl_option = acl_timestamp
         self._acl: Callable[[int], int] | None = None
