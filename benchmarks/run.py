@@ -62,7 +62,7 @@ def hotpath(report: Report, device: Device, quick: bool) -> None:
     (what ``configure(enabled=False)`` does, without stopping the runtime), so they cost what a disabled
     ``capture()`` costs.
     """
-    from otel_npu import capturing
+    from otel_npu import capturing  # its dispatch: what configure(enabled=...) switches
 
     block = 200
     rounds = 20 if quick else 80
@@ -92,18 +92,18 @@ def hotpath(report: Report, device: Device, quick: bool) -> None:
     seed = SeedProfiler(device)
     sync = SyncTimer(device)
     otel_npu = _otel_npu_on(device)
-    enabled_dispatch = capturing._capture_cls
+    enabled_dispatch = (capturing.hot._capture_cls, capturing.hot._step_cls)
 
     def run_otel_npu() -> dict:
-        capturing._capture_cls = enabled_dispatch
+        capturing._set_dispatch(*enabled_dispatch)
         return timed(otel_npu.capture)
 
     def run_disabled() -> dict:
-        capturing._capture_cls = None
+        capturing._set_dispatch(None, None)
         try:
             return timed(otel_npu.capture)
         finally:
-            capturing._capture_cls = enabled_dispatch
+            capturing._set_dispatch(*enabled_dispatch)
 
     def run_record_function() -> dict:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):

@@ -20,6 +20,7 @@ import threading
 from typing import Any
 
 from . import capturing as _capture
+from .capturing.off import Off
 from . import durations, runtime
 from .record import DROPPED
 
@@ -47,7 +48,7 @@ class ProfileExecuteDuration:
     def capture_async(self, duration_tag: str) -> Any:
         """A capture named ``duration_tag`` (context manager). Non-blocking: records two device events."""
         cm = _capture.capture(duration_tag)
-        if not isinstance(cm, _capture._Off):
+        if not isinstance(cm, Off):
             cm.compat = "pending"
             self._captured.append(cm)
         return cm

@@ -30,6 +30,7 @@ import weakref
 from typing import Any
 
 from . import capturing as _capture_mod
+from .capturing import hot as _hot
 
 __all__ = ["instrument_module", "ModuleHooks", "MODULE_ATTR"]
 
@@ -100,10 +101,10 @@ class ModuleHooks:
 def _hooks(name: str, attrs: _HookAttributes) -> tuple[Any, Any]:
     capture = _capture_mod.capture
     current = _capture_mod.current
-    mod = _capture_mod
+    mod = _hot
 
     def pre_hook(module: Any, args: Any) -> None:
-        if mod._compiler._is_compiling_flag:  # torch.compile traces this hook: do nothing (see capturing.py)
+        if mod._compiler._is_compiling_flag:  # torch.compile traces this hook: do nothing (see capturing/compile_guard.py)
             return
         capture(name, attributes=attrs, detail=True).__enter__()
 
@@ -178,7 +179,7 @@ def instrument_module(module: Any, *, depth: int = 1, name_prefix: str | None = 
                 walk(child, dotted, level + 1)
 
     walk(module, "", 1)
-    _capture_mod._bind_compiler(sys.modules["torch"])  # the hooks read torch.compiler's flag directly
+    _capture_mod.bind_compiler(sys.modules["torch"])  # the hooks read torch.compiler's flag directly
     handle = ModuleHooks(targets)
     with _lock:
         _live.add(handle)

@@ -1,4 +1,8 @@
-"""The hot path: ``capture()`` and ``step()``.
+"""The hot path: ``capture()`` and ``step()``, the capture classes' entry and exit, and the state they read.
+
+Everything here runs on the capturing thread, per capture. The state is module globals (one ``LOAD_GLOBAL``
+each), bound by ``capturing.install`` when otel-npu starts; the start itself (first capture) is ``_start``,
+bound by the ``capturing`` package, so that nothing here imports the runtime or anything above it.
 
 What a capture costs the capturing thread, and nothing more:
 
@@ -27,7 +31,8 @@ Two states make a capture do nothing, each read as one attribute on the hot path
 * **torch.compile tracing** (``torch.compiler.is_compiling()``; read as the flag it returns): under
   ``fullgraph=True`` a ``ContextVar.set`` makes Dynamo fail, and with graph breaks allowed each capture
   would split the graph. Nothing is counted (a counter update would itself be traced); a capture around the
-  compiled call still times it, per-layer timings need eager mode.
+  compiled call still times it, per-layer timings need eager mode (``compile_guard.py``).
+
 Captures are handed to the resolver thread (``resolver.py``) through an unbounded-by-type but size-checked
 ``deque``: a capture *entered* while ``max_pending`` captures wait there is not timed, and is counted as a
 ``pending_limit`` drop (a lock is taken on that rare path only). The decision is made at entry, before any
@@ -43,7 +48,7 @@ call runs between the test and the store), every other use is timed by a fresh c
 again at exit as the current capture of the exiting thread/task. Each use becomes its own span. An object made
 while otel-npu was disabled (``FORWARD = capture("forward")`` at import, before ``configure(enabled=True)``)
 does nothing while otel-npu stays disabled; once it is enabled, each use is timed the same way, by a fresh
-capture made for it (so are its uses as a decorator).
+capture made for it (so are its uses as a decorator; ``off.py``).
 
 Exits that do not match their entry are detected at exit, by comparing the capture with the current one (one
 ``ContextVar.get``): a capture exited on another thread or task than the one that entered it, or exited while a
@@ -55,32 +60,32 @@ propagating: that exception is never replaced).
 
 How parents are found: the enclosing capture (a ``ContextVar``: per thread and per asyncio task), else the
 OpenTelemetry span current at entry, else a new trace (decided later, on the resolver thread).
+
+The entry of the two backends' classes (``_HostCapture``, ``_EventCapture``) is written out in each rather than
+shared through a helper: a shared helper is one more Python call per capture (≈ 0.1 µs, a tenth of an
+enabled capture on the CPU backend). The rare paths (re-entry, misnesting, drops) are shared functions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import functools
-import inspect
 import logging
-import os
-import sys
 import threading
 import time
-import traceback
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping
 
 from opentelemetry import context as _otel_context
 
-from .accounting import process_stats
-from .devices import graphs as _graphs
-from .devices import registry as _registry
-from .record import DROPPED as _DROPPED
-from .record import STEP_SLOTS, Record
+from ..devices import graphs as _graphs
+from ..record import DROPPED as _DROPPED
+from ..record import STEP_SLOTS, Record
+from . import compile_guard, off
+from .compile_guard import COMPILING as _COMPILING
+from .decorate import decorate
+from .errors import describe_error as _describe_error
+from .off import OffDetail, OffStep, off_capture, skipped
 
 _log = logging.getLogger("otel_npu")
-F = TypeVar("F", bound=Callable[..., Any])
 
 _current: contextvars.ContextVar[Any] = contextvars.ContextVar("otel_npu.capture", default=None)
 _get_current = _current.get
@@ -99,11 +104,13 @@ _now = time.perf_counter_ns
 _current_thread = threading.current_thread
 _tls = threading.local()
 _new = object.__new__
+# Bound by assignment, not imported by name: Python 3.11 compiles ``name.get(...)`` on an imported name without
+# the method-call optimization (a bound method object per call), which the disabled capture would pay.
+_OFF_CACHE = off.OFF_CACHE
 
 _GONE = object()  # ``_token`` of a capture exited elsewhere or out of order: not a parent for later captures
 
-# Bound by install() from the running runtime's Parts; read as module globals by the hot path (fast
-# LOAD_GLOBAL).
+# Bound by capturing.install() from the running runtime's Parts; read as module globals by the hot path.
 _parts: Any = None
 _pending_len: Callable[[], int] = lambda: 0
 _pending_append: Callable[[Any], None] = lambda item: None
@@ -111,205 +118,25 @@ _max_pending = 0
 _pools: dict = {}  # device index -> EventPool (the runtime's dict: devices are added by the resolver)
 _record: Callable[[Any, Any], None] = lambda event, stream: None
 _current_stream: Callable[[], Any] = lambda: None
-#: OTEL_NPU_DETAIL_EVERY's budget (``sampling.DetailBudget``), or None when every step may take detail (N = 1).
+#: OTEL_NPU_DETAIL_EVERY's budget (``sampling.DetailBudget``), or None when every step may take detail.
 _detail_budget: Any = None
 
-
-class _CompilerFlag:
-    """Stands in for ``torch.compiler`` until torch is imported: ``_is_compiling_flag`` is False before."""
-
-    @property
-    def _is_compiling_flag(self) -> bool:
-        torch = sys.modules.get("torch")
-        if torch is None:
-            return False
-        _bind_compiler(torch)
-        return _compiler._is_compiling_flag
+# What capture()/step() make: None while disabled; _LAZY while enabled but not started (the next call starts
+# otel-npu through _start); the Capture subclass for the running backend once started.
+_LAZY = object()
+_capture_cls: Any = None
+_step_cls: Any = None
+#: The first capture's start (bound by the capturing package): returns (capture class, step class).
+_start: Callable[[], tuple[Any, Any]] = lambda: (None, None)
 
 
-class _IsCompilingCall:
-    """Older torch: ``torch.compiler.is_compiling()`` (Dynamo folds the call to True while tracing)."""
-
-    def __init__(self, is_compiling: Callable[[], bool]) -> None:
-        self._call = is_compiling
-
-    @property
-    def _is_compiling_flag(self) -> bool:
-        return self._call()
-
-
-def _bind_compiler(torch: Any) -> None:
-    """Use ``torch.compiler._is_compiling_flag`` where torch holds it True during a whole compile session
-    (torch >= 2.10: one attribute read), else ``torch.compiler.is_compiling()``."""
+def _set_compiler(flag: Any) -> None:
     global _compiler
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "_compile_session_context") and isinstance(
-            getattr(compiler, "_is_compiling_flag", None), bool):
-        _compiler = compiler
-    elif compiler is not None and callable(getattr(compiler, "is_compiling", None)):
-        _compiler = _IsCompilingCall(compiler.is_compiling)
-    else:
-        _compiler = _Never()
-
-
-class _Never:
-    _is_compiling_flag = False
+    _compiler = flag
 
 
 #: ``torch.compiler`` (or a stand-in): ``_compiler._is_compiling_flag`` is True while torch.compile traces.
-_compiler: Any = _CompilerFlag()
-#: What capture()/step() return while torch.compile traces: Dynamo handles a nullcontext made before the
-#: trace (not an object of our own class, which would make ``fullgraph=True`` fail).
-_COMPILING = contextlib.nullcontext()
-
-
-#: Frames of a captured exception's traceback kept for ``exception.stacktrace`` (the innermost ones).
-STACK_FRAMES = 32
-
-
-def _describe_error(exc_type: type, exc: BaseException | None, tb: Any = None) -> tuple[str, str, Any]:
-    """``(type name, message, (frames, frames omitted))`` of an exception leaving a capture (error path only).
-
-    The frames are ``traceback.FrameSummary`` objects without their source lines (read later, on the
-    resolver thread, when the stack trace is formatted): no frame, local or the exception is kept alive.
-    Never raises: the program's exception is propagating, and whatever its ``__str__`` does must not replace
-    it."""
-    try:
-        qualname = exc_type.__qualname__
-        module = exc_type.__module__
-        full = qualname if module in ("builtins", None) else f"{module}.{qualname}"
-    except Exception:
-        full = "?"
-    try:
-        message = "" if exc is None else str(exc)
-        if message.__class__ is not str:
-            message = "?"
-    except Exception as str_exc:
-        message = f"<str() of the exception raised {type(str_exc).__name__}>"
-    stack = None
-    if tb is not None:
-        try:
-            frames = list(traceback.walk_tb(tb))
-            kept = frames[-STACK_FRAMES:]
-            stack = (traceback.StackSummary.extract(iter(kept), lookup_lines=False), len(frames) - len(kept))
-        except Exception:  # pragma: no cover - a traceback we cannot walk: no stack trace, nothing else lost
-            stack = None
-    return full, (message[:500] + "...") if len(message) > 500 else message, stack
-
-
-class _Off:
-    """What ``capture()``/``step()`` return while otel-npu is disabled. It remembers its arguments, so that
-    an object made while disabled (a module-level ``FORWARD = capture("forward")`` made at import) times its
-    uses once otel-npu is enabled: each use enters a fresh capture made then (``origin`` is this object),
-    found again at exit as a capture of the exiting thread/task, as a re-entered capture's uses are. While
-    otel-npu stays disabled each use costs one module-global read at entry and one at exit."""
-
-    __slots__ = ("name", "attributes", "extra")
-    is_step = False
-
-    def __init__(self, name: str, attributes: Any, extra: Any) -> None:
-        self.name = name
-        self.attributes = attributes
-        self.extra = extra
-
-    def __enter__(self) -> Any:
-        if _capture_cls is None:  # still disabled
-            return self
-        return _enter_live(self)
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        if _live_offs:  # some object made while disabled was used while enabled: is this one of its uses?
-            return _exit_live(self, exc_type, exc, tb)
-        return False
-
-    detail = False
-
-    def __call__(self, fn: F) -> F:
-        return _decorate(self.is_step, self.name, self.attributes, self.extra, fn, self.detail)
-
-
-class _OffStep(_Off):
-    __slots__ = ()
-    is_step = True
-
-
-class _OffDetail(_Off):
-    """A disabled ``capture(..., detail=True)``: remembers ``detail`` for a decorator made with it."""
-
-    __slots__ = ()
-    detail = True
-
-
-class _Skipped(_Off):
-    """A detail capture over its step's budget (enabled): does nothing, whatever the state."""
-
-    __slots__ = ()
-    detail = True
-
-    def __enter__(self) -> "_Skipped":
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        return False
-
-
-#: Set once an object made while disabled has been entered while enabled: from then on its exits look for
-#: their use among the current captures (before, an exit of such an object is one global read).
-_live_offs = False
-
-
-def _enter_live(off: _Off) -> Any:
-    """A use, while enabled, of ``off`` (made while disabled): timed by a fresh capture or step made now."""
-    global _live_offs
-    if off.is_step:
-        cm = step(off.name, links=off.extra or (), attributes=off.attributes)
-    else:
-        cm = capture(off.name, attributes=off.attributes, stream=off.extra, detail=off.detail)
-    if isinstance(cm, _Off) or cm is _COMPILING:  # not timed now: over the detail budget, not startable here,
-        return off  # or torch.compile tracing
-    _live_offs = True
-    cm.origin = off
-    return cm.__enter__()
-
-
-def _exit_live(off: _Off, exc_type: Any, exc: Any, tb: Any) -> bool:
-    """The exit of a use of ``off``: the innermost capture of this thread/task made for ``off``, if any (none:
-    the use began while otel-npu was disabled)."""
-    node = _get_current()
-    while node is not None and getattr(node, "origin", None) is not off:
-        node = node.parent
-    if node is None:
-        return False
-    return node.__exit__(exc_type, exc, tb)  # not the current capture: its exit handles the misnesting
-
-
-_OFF_CACHE: dict[str, _Off] = {}
-_OFF_CACHE_LIMIT = 4096  # distinct names remembered; beyond, each call allocates (still correct)
-_SKIP_CACHE: dict[str, _Skipped] = {}
-
-
-def _off_capture(name: str, attributes: Any, stream: Any) -> _Off:
-    """Disabled ``capture()``: the common call (a name only) returns a shared object, allocating nothing."""
-    if attributes is None and stream is None:
-        cm = _OFF_CACHE.get(name)
-        if cm is None:
-            cm = _Off(name, None, None)
-            if len(_OFF_CACHE) < _OFF_CACHE_LIMIT:
-                _OFF_CACHE[name] = cm
-        return cm
-    return _Off(name, attributes, stream)
-
-
-def _skipped(name: str, stream: Any) -> _Skipped:
-    """A detail capture over budget: a shared object per name (no allocation), a no-op even while enabled."""
-    if stream is None:
-        cm = _SKIP_CACHE.get(name)
-        if cm is None:
-            cm = _Skipped(name, None, None)
-            if len(_SKIP_CACHE) < _OFF_CACHE_LIMIT:
-                _SKIP_CACHE[name] = cm
-        return cm
-    return _Skipped(name, None, stream)
+_compiler: Any = compile_guard.Pending(_set_compiler)
 
 
 class Capture(Record):
@@ -326,9 +153,17 @@ class Capture(Record):
         self.start = None
         self.sampled = None  # read by spans.identify: set here, reading an unset slot would raise (slow)
 
-    def __call__(self, fn: F) -> F:
-        return _decorate(self.is_step, self.name, self.attributes, self._extra(), fn,
-                         not self.is_step and getattr(self, "detail", False) is True)
+    def __call__(self, fn: Any) -> Any:
+        name, attributes, extra = self.name, self.attributes, self._extra()
+        if self.is_step:
+            def make() -> Any:
+                return step(name, links=extra, attributes=attributes)
+        else:
+            detail = getattr(self, "detail", False) is True
+
+            def make() -> Any:
+                return capture(name, attributes=attributes, stream=extra, detail=detail)
+        return decorate(fn, make, "step" if self.is_step else "capture", name)
 
     def _extra(self) -> Any:
         """The ``stream`` given to ``capture()`` (not the one the first use filled in: each use has its own)."""
@@ -585,46 +420,6 @@ def _bad_links(links: Any) -> None:
                     f"Links, got {type(links).__name__} {links!r}")
 
 
-def _decorate(is_step: bool, name: str, attributes: Any, extra: Any, fn: F, detail: bool = False) -> F:
-    """Wrap ``fn`` so that each call runs inside a fresh capture (or step) made with the current settings."""
-    if is_step:
-        def make() -> Any:
-            return step(name, links=extra, attributes=attributes)
-    else:
-        def make() -> Any:
-            return capture(name, attributes=attributes, stream=extra, detail=detail)
-
-    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
-        kind = "an async generator" if inspect.isasyncgenfunction(fn) else "a generator"
-        what = "step" if is_step else "capture"
-        raise TypeError(
-            f"otel_npu.{what}({name!r}) cannot decorate {getattr(fn, '__qualname__', fn)!r}: it is {kind} "
-            f"function, and a decorator would time only the creation of the generator, not its consumption. "
-            f"Put `with otel_npu.{what}({name!r}):` around the loop that consumes it, or around the work "
-            f"between two yields")
-    if inspect.iscoroutinefunction(fn):
-        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            with make():
-                return await fn(*args, **kwargs)
-
-        return functools.wraps(fn)(async_wrapper)  # type: ignore[return-value]
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with make():
-            return fn(*args, **kwargs)
-
-    return functools.wraps(fn)(wrapper)  # type: ignore[return-value]
-
-
-# -- dispatch ------------------------------------------------------------------------------------------------
-# What capture()/step() make: None while disabled; _LAZY while enabled but not started (the next call starts
-# the runtime); the Capture subclass for the running backend once started.
-_LAZY = object()
-_capture_cls: Any = None
-_step_cls: Any = None
-_state_lock = threading.Lock()
-
-
 def _bad_name(what: str, name: Any) -> None:
     raise TypeError(f"otel_npu.{what}(name=...) takes a non-empty str as the span name, got {type(name).__name__}"
                     f" {name!r}")
@@ -658,11 +453,11 @@ def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: A
             cm = _OFF_CACHE.get(name)
             if cm is not None:
                 return cm
-        return _OffDetail(name, attributes, stream) if detail else _off_capture(name, attributes, stream)
+        return OffDetail(name, attributes, stream) if detail else off_capture(name, attributes, stream)
     if cls is _LAZY:
         cls = _start()[0]
         if cls is None or cls is _LAZY:
-            return _off_capture(name, attributes, stream)
+            return off_capture(name, attributes, stream)
     if detail:
         return _detail_capture(cls, name, attributes, stream)
     # Capture.__init__, inlined: one Python frame less on the hot path.
@@ -679,7 +474,7 @@ def _detail_capture(cls: Any, name: str, attributes: Any, stream: Any) -> Any:
     """``capture(..., detail=True)`` while enabled: a capture if the enclosing step's budget allows it, else
     the shared do-nothing object of this name (no allocation, no device events)."""
     if _detail_budget is not None and not _detail_allowed():
-        return _skipped(name, stream)
+        return skipped(name, stream)
     cm = _new(cls)
     cm.name = name
     cm.attributes = attributes
@@ -723,132 +518,8 @@ def step(name: str, *, links: Iterable[Any] = (), attributes: Mapping[str, Any] 
                 iter(links)
             except TypeError:
                 _bad_links(links)
-        return _OffStep(name, attributes, links)
+        return OffStep(name, attributes, links)
     return cls(name, links, attributes)
 
 
-class Parts:
-    """What the hot path needs of a running otel-npu, handed to ``install()`` by whoever starts it (the
-    runtime builds one; the hot path never imports the runtime). ``pools``/``record``/``current_stream`` are
-    used by device backends only (``host_timed`` False)."""
-
-    __slots__ = ("stats", "pending", "max_pending", "host_timed", "pools", "record", "current_stream",
-                 "want_device", "wake", "detail_budget")
-
-    def __init__(self, *, stats: Any, pending: Any, max_pending: int, host_timed: bool, pools: dict | None = None,
-                 record: Callable[[Any, Any], None] | None = None, current_stream: Callable[[], Any] | None = None,
-                 want_device: Callable[[int], None] | None = None, wake: Callable[[], None] | None = None,
-                 detail_budget: Any = None) -> None:
-        self.stats = stats                  # accounting.Stats: drops counted on the hot path (rare paths)
-        self.pending = pending              # the deque the resolver takes captures from
-        self.max_pending = max_pending      # the pending limit until the resolver says otherwise (set_room)
-        self.host_timed = host_timed
-        self.pools = pools if pools is not None else {}  # device index -> EventPool (devices added later)
-        self.record = record                # backend.record(event, stream)
-        self.current_stream = current_stream
-        self.want_device = want_device      # a capture on a device without events yet (rare)
-        self.wake = wake                    # wake the resolver now (rare: the event pool ran empty)
-        self.detail_budget = detail_budget  # spans.sampling.DetailBudget, or None (every step takes detail)
-
-
-#: Not started yet, try again at the next capture (``Starter``'s answer while a graph capture runs).
-NOT_NOW: Any = object()
-#: Called under ``_state_lock`` by the first capture while enabled: returns ``Parts`` (installed), ``None``
-#: (otel-npu cannot run here: captures stay no-ops until ``set_mode`` again) or ``NOT_NOW``. Bound by the API.
-_starter: Callable[[], Any] = lambda: None
-
-
-def set_starter(starter: Callable[[], Any]) -> None:
-    """Bind what the first enabled capture calls to start otel-npu (``api`` binds the runtime's start)."""
-    global _starter
-    _starter = starter
-
-
-def _start() -> tuple[Any, Any]:
-    """First capture in a process (or after configure()): start otel-npu, then capture normally."""
-    global _capture_cls, _step_cls
-    with _state_lock:
-        if _capture_cls is _LAZY:
-            parts = _starter()
-            if parts is NOT_NOW:
-                return _LAZY, _LAZY
-            if parts is None:
-                _capture_cls = _step_cls = None
-            else:
-                install(parts)
-    return _capture_cls, _step_cls
-
-
-def install(parts: Parts) -> None:
-    """Bind the hot path to ``parts``: captures from now on are timed and queued there."""
-    global _parts, _pending_len, _pending_append, _max_pending, _pools, _record, _current_stream
-    global _capture_cls, _step_cls, _detail_budget
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        _bind_compiler(torch)
-    _parts = parts
-    _detail_budget = parts.detail_budget
-    _pending_len = parts.pending.__len__
-    _pending_append = parts.pending.append
-    _max_pending = parts.max_pending
-    if parts.host_timed:
-        _capture_cls, _step_cls = _HostCapture, _HostStep
-    else:
-        _pools = parts.pools
-        _record = parts.record
-        _current_stream = parts.current_stream
-        _capture_cls, _step_cls = _EventCapture, _EventStep
-
-
-def set_room(parts: Parts, n: int) -> None:
-    """The resolver's word on how many captures may wait in ``pending`` now (the limit less those it holds);
-    ignored unless ``parts`` is the installed one."""
-    global _max_pending
-    if _parts is parts:
-        _max_pending = n
-
-
-def detach(parts: Parts) -> None:
-    """``parts``' runtime is shutting down: a capture that ends from now on is counted as lost, not queued
-    where nothing will take it (a capture open across ``shutdown()``/``configure()``)."""
-    global _pending_append
-    if _parts is parts:
-        _pending_append = _late
-
-
-def _late(item: Any) -> None:
-    process_stats().drop("resolver_stopped")
-
-
-def set_mode(enabled: bool) -> None:
-    """Enabled: the next capture starts otel-npu. Disabled: captures do nothing (running ones finish)."""
-    global _capture_cls, _step_cls
-    if enabled:
-        _registry.watch_graphs()  # as early as possible: a graph capture begun before we watch is not seen
-        if "torch" in sys.modules:
-            _bind_compiler(sys.modules["torch"])
-    with _state_lock:
-        _capture_cls = _step_cls = _LAZY if enabled else None
-
-
-def is_on() -> bool:
-    return _capture_cls is not None
-
-
-def current() -> Capture | None:
-    """The innermost open capture or step of this thread/task (``None`` outside any)."""
-    return _get_current()
-
-
-def _after_fork_in_child() -> None:
-    # The parent's runtime (threads, queue, events) does not exist in the child: start afresh on the next
-    # capture. Locks are replaced, not released: a lock held by another thread at fork time stays held.
-    global _state_lock, _parts, _pending_append
-    _state_lock = threading.Lock()
-    _parts = None
-    _pending_append = _late  # a capture open across fork ends in the child: counted there, not left in a copy
-    set_mode(_capture_cls is not None)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+off.bind(capture, step, _get_current)
