@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from otel_npu.clock import MIN_ANCHOR_INTERVAL_S, DeviceClock
+from otel_npu.resolve.clock import MIN_ANCHOR_INTERVAL_S, DeviceClock
 from otel_npu.testing import SimDevice, VirtualClock
 
 HORIZONS_S = (1, 10, 100, 3600)

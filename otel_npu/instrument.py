@@ -31,11 +31,10 @@ from typing import Any
 
 from . import capturing as _capture_mod
 from .capturing import hot as _hot
+from .spans.attributes import ATTR_MODULE
 
-__all__ = ["instrument_module", "ModuleHooks", "MODULE_ATTR"]
+__all__ = ["instrument_module", "ModuleHooks"]
 
-#: Span attribute: the class name of the instrumented module.
-MODULE_ATTR = "otel_npu.module"
 
 _lock = threading.Lock()
 _live: set["ModuleHooks"] = set()
@@ -53,7 +52,7 @@ class ModuleHooks:
 
     def __init__(self, targets: list[tuple[str, Any]]) -> None:
         self.names = [name for name, _ in targets]
-        self._targets = [(weakref.ref(module), name, _HookAttributes({MODULE_ATTR: type(module).__name__}))
+        self._targets = [(weakref.ref(module), name, _HookAttributes({ATTR_MODULE: type(module).__name__}))
                          for name, module in targets]
         self._handles: list[Any] = []
         self._removed = False

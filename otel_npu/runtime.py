@@ -29,12 +29,12 @@ from typing import Any
 
 from . import capturing, config, devices, durations
 from .accounting import process_stats
-from .clock import DeviceClock, HostClock
 from .devices.base import EventPool
 from .export import pipeline as telemetry
-from .resolver import POOL_MIN_FREE, Resolver
-from .sampling import DetailBudget
-from .spans import process_attributes
+from .resolve.clock import DeviceClock, HostClock
+from .resolve.resolver import POOL_MIN_FREE, Resolver
+from .spans.attributes import process_attributes
+from .spans.sampling import DetailBudget
 
 _log = logging.getLogger("otel_npu")
 
@@ -130,7 +130,7 @@ class Runtime:
         return resolved and exported
 
     def shutdown(self, timeout_s: float) -> bool:
-        """Flush, then stop within ``timeout_s`` in all; every capture not delivered is counted (resolver.py)."""
+        """Flush, then stop within ``timeout_s`` in all; every capture not delivered is counted (resolve/resolver.py)."""
         deadline = time.monotonic() + timeout_s
         # One loss report at the end, not two; a tenth of the bound is kept for stopping the resolver, so that
         # what it could not resolve is told apart from what it was held up on.

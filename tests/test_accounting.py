@@ -15,7 +15,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_npu
-from otel_npu import runtime, spans as spans_mod
+from otel_npu import runtime
+from otel_npu.spans import render as spans_mod
 
 from .support import enable
 

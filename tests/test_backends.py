@@ -12,7 +12,7 @@ import pytest
 import otel_npu
 from otel_npu import devices
 from otel_npu.devices.npu import import_torch_npu
-from otel_npu.spans import ATTR_CLOCK_ERROR, ATTR_DEVICE
+from otel_npu.spans.attributes import ATTR_CLOCK_ERROR, ATTR_DEVICE
 from otel_npu.testing import SimDevice
 
 from .support import TIME_BOUND_NS, enable, wall_of

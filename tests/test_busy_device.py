@@ -10,9 +10,9 @@ import time
 import pytest
 
 import otel_npu
-from otel_npu.clock import DeviceClock
+from otel_npu.resolve.clock import DeviceClock
 from otel_npu.devices.npu import NpuBackend
-from otel_npu.spans import ATTR_CLOCK_ERROR
+from otel_npu.spans.attributes import ATTR_CLOCK_ERROR
 from otel_npu.testing import SimDevice, SimEvent
 
 from .support import enable, wall_of

@@ -11,7 +11,7 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags
 
 import otel_npu
-from otel_npu.spans import ATTR_DEVICE, ATTR_ERROR_TYPE, ATTR_PID, ATTR_STEP, ATTR_STREAM
+from otel_npu.spans.attributes import ATTR_DEVICE, ATTR_ERROR_TYPE, ATTR_PID, ATTR_STEP, ATTR_STREAM
 
 from .support import enable
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from otel_npu.clock import ANCHOR_INTERVAL_S, DeviceClock, HostClock
+from otel_npu.resolve.clock import ANCHOR_INTERVAL_S, DeviceClock, HostClock
 from otel_npu.testing import SimDevice, VirtualClock
 
 
@@ -58,7 +58,7 @@ def test_drift_is_measured_and_events_stay_within_the_stated_bound_for_an_hour(a
 
 
 def test_a_stalled_device_makes_calibration_fail_cleanly():
-    from otel_npu.clock import CalibrationError
+    from otel_npu.resolve.clock import CalibrationError
 
     vclock, sim, clock = make("cuda", 0.0)
     vclock.tick = 100_000  # let the 1 s wait pass in ~10k reads

@@ -8,7 +8,7 @@ import threading
 import time
 
 import otel_npu
-from otel_npu.spans import ATTR_CLOCK_ERROR, ATTR_STREAM
+from otel_npu.spans.attributes import ATTR_CLOCK_ERROR, ATTR_STREAM
 from otel_npu.testing import SimDevice
 
 from .support import TIME_BOUND_NS, enable, truth

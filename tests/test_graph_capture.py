@@ -10,7 +10,7 @@ import pytest
 
 import otel_npu
 from otel_npu.devices import graphs
-from otel_npu.spans import ATTR_TIMED_OUT
+from otel_npu.spans.attributes import ATTR_TIMED_OUT
 from otel_npu.testing import SimDevice
 
 from .support import enable, wall_of

@@ -8,8 +8,7 @@ from opentelemetry.trace import StatusCode
 
 import otel_npu
 from otel_npu import capturing
-from otel_npu.instrument import MODULE_ATTR
-from otel_npu.spans import ATTR_ERROR_TYPE, ATTR_STEP
+from otel_npu.spans.attributes import ATTR_ERROR_TYPE, ATTR_MODULE, ATTR_STEP
 
 from .support import enable
 
@@ -127,7 +126,7 @@ def test_module_captures_nest_inside_the_stage_and_step(provider, spans):
             parent = next(p for p in spans.all if p.context.span_id == span.parent.span_id)
             assert parent.start_time <= span.start_time <= span.end_time <= parent.end_time
             assert span.attributes[ATTR_STEP] == "Prefill"
-    assert spans.one("layers.0.mlp").attributes[MODULE_ATTR] == "Sequential"
+    assert spans.one("layers.0.mlp").attributes[ATTR_MODULE] == "Sequential"
     assert capturing.current() is None
 
 

@@ -16,7 +16,7 @@ from opentelemetry.trace import Link, SpanContext, TraceFlags, TraceState
 
 from otel_npu.export import otlp
 from otel_npu.accounting import Stats
-from otel_npu.spans import SpanFactory
+from otel_npu.spans.render import SpanFactory
 
 
 def factory() -> SpanFactory:

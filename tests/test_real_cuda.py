@@ -16,7 +16,7 @@ import pytest
 
 import otel_npu
 from otel_npu.devices import graphs
-from otel_npu.spans import ATTR_CLOCK_ERROR, ATTR_DEVICE, ATTR_STREAM, ATTR_TIMED_OUT
+from otel_npu.spans.attributes import ATTR_CLOCK_ERROR, ATTR_DEVICE, ATTR_STREAM, ATTR_TIMED_OUT
 
 from .support import enable
 

@@ -12,7 +12,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, Sampler, Samp
 from opentelemetry.trace import Link
 
 import otel_npu
-from otel_npu import config, runtime, sampling
+from otel_npu import config, runtime
+from otel_npu.spans import sampling
 
 from .otlp_receiver import attributes
 from .support import ListMetricExporter

@@ -8,7 +8,7 @@ import time
 from opentelemetry.trace import StatusCode
 
 import otel_npu
-from otel_npu.spans import ATTR_CLOCK_ERROR, ATTR_DEVICE, ATTR_HOST_LEAD, ATTR_STREAM, ATTR_TIMED_OUT
+from otel_npu.spans.attributes import ATTR_CLOCK_ERROR, ATTR_DEVICE, ATTR_HOST_LEAD, ATTR_STREAM, ATTR_TIMED_OUT
 from otel_npu.testing import SimDevice
 
 from .support import TIME_BOUND_NS, enable, truth, wall_of

@@ -48,7 +48,7 @@ class Parts:
         self.current_stream = current_stream
         self.want_device = want_device      # a capture on a device without events yet (rare)
         self.wake = wake                    # wake the resolver now (rare: the event pool ran empty)
-        self.detail_budget = detail_budget  # sampling.DetailBudget, or None (every step takes detail)
+        self.detail_budget = detail_budget  # spans.sampling.DetailBudget, or None (every step takes detail)
 
 
 #: Not started yet, try again at the next capture (the starter's answer while a graph capture runs).

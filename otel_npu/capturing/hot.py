@@ -33,7 +33,7 @@ Two states make a capture do nothing, each read as one attribute on the hot path
   would split the graph. Nothing is counted (a counter update would itself be traced); a capture around the
   compiled call still times it, per-layer timings need eager mode (``compile_guard.py``).
 
-Captures are handed to the resolver thread (``resolver.py``) through an unbounded-by-type but size-checked
+Captures are handed to the resolver thread (``resolve/resolver.py``) through an unbounded-by-type but size-checked
 ``deque``: a capture *entered* while ``max_pending`` captures wait there is not timed, and is counted as a
 ``pending_limit`` drop (a lock is taken on that rare path only). The decision is made at entry, before any
 capture inside it exists, so that those re-parent to the nearest timed ancestor, as under a pool-empty drop:
@@ -118,7 +118,7 @@ _max_pending = 0
 _pools: dict = {}  # device index -> EventPool (the runtime's dict: devices are added by the resolver)
 _record: Callable[[Any, Any], None] = lambda event, stream: None
 _current_stream: Callable[[], Any] = lambda: None
-#: OTEL_NPU_DETAIL_EVERY's budget (``sampling.DetailBudget``), or None when every step may take detail.
+#: OTEL_NPU_DETAIL_EVERY's budget (``spans.sampling.DetailBudget``), or None when every step may take detail.
 _detail_budget: Any = None
 
 # What capture()/step() make: None while disabled; _LAZY while enabled but not started (the next call starts
@@ -439,7 +439,7 @@ def capture(name: str, *, attributes: Mapping[str, Any] | None = None, stream: A
 
     ``detail=True`` marks a fine-grained capture (per layer, as ``instrument_module`` makes): under
     ``OTEL_NPU_DETAIL_EVERY=N`` it is taken only inside one step in N of each step name, and elsewhere is the
-    shared do-nothing object (no device events; see ``sampling.py``). Costs nothing extra when False.
+    shared do-nothing object (no device events; see ``spans/sampling.py``). Costs nothing extra when False.
     """
     # The compile check comes first: Dynamo (torch 2.11) does not see a str constant's __class__ as str, so the
     # name check would raise inside a fullgraph compile; the check does nothing there anyway.

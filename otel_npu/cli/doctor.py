@@ -114,7 +114,7 @@ def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
     from otel_npu.devices.base import DeviceUnavailable
     from otel_npu.export import metrics
     from otel_npu.export import pipeline as telemetry
-    from otel_npu.spans import process_attributes
+    from otel_npu.spans.attributes import process_attributes
 
     collect = _Collect()
     loggers = [logging.getLogger("otel_npu"), logging.getLogger("opentelemetry.util.re")]
@@ -160,7 +160,7 @@ def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
             lines.append(("traces file", f"{traces_file} ({file_var}, OTLP/JSON lines)"
                           if traces_file else f"none ({file_var} unset)"))
             lines.append(("sampler", telemetry.sampler(otel).get_description()))
-            from otel_npu.spans import Limits
+            from otel_npu.spans.attributes import Limits
 
             limits = Limits(**otel.span_limits)
 

@@ -22,11 +22,11 @@ import re
 from typing import Any, Iterable, Iterator
 
 # The attribute names the readers rely on (chrome_trace.py uses them through this module too).
-from ..spans import ATTR_DEVICE as DEVICE_ATTR
-from ..spans import ATTR_HOST_LEAD as HOST_LEAD_ATTR  # noqa: F401  (used by chrome_trace)
-from ..spans import ATTR_KIND as KIND_ATTR
-from ..spans import ATTR_STEP as STEP_ATTR
-from ..spans import ATTR_STREAM as STREAM_ATTR  # noqa: F401  (used by chrome_trace)
+from ..spans.attributes import ATTR_DEVICE as DEVICE_ATTR
+from ..spans.attributes import ATTR_HOST_LEAD as HOST_LEAD_ATTR  # noqa: F401  (used by chrome_trace)
+from ..spans.attributes import ATTR_KIND as KIND_ATTR
+from ..spans.attributes import ATTR_STEP as STEP_ATTR
+from ..spans.attributes import ATTR_STREAM as STREAM_ATTR  # noqa: F401  (used by chrome_trace)
 
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 _HEX16 = re.compile(r"[0-9a-f]{16}\Z")

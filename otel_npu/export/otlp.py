@@ -15,7 +15,8 @@ from __future__ import annotations
 import struct
 from typing import Any, Iterable, Mapping
 
-from .. import spans as _spans
+from ..spans import attributes as _attrs
+from ..spans.render import SpanFactory
 from ..record import Record
 
 _pack_u64 = struct.Struct("<Q").pack
@@ -103,17 +104,17 @@ class SpanEncoder:
 
     _CACHE_LIMIT = 4096  # names/streams/steps remembered; beyond it, encoded each time
 
-    def __init__(self, factory: "_spans.SpanFactory", resource: Any, scope_name: str, scope_version: str) -> None:
+    def __init__(self, factory: SpanFactory, resource: Any, scope_name: str, scope_version: str) -> None:
         self._f = factory
         self._const = attributes(9, factory.const_attributes)
         self._names: dict[str, bytes] = {}
         self._streams: dict[Any, bytes] = {}
         self._steps: dict[str, bytes] = {}
         self._templates: dict[tuple, bytes] = {}
-        self._lead = _double_attr_prefix(_spans.ATTR_HOST_LEAD)
-        self._error = _double_attr_prefix(_spans.ATTR_CLOCK_ERROR)
-        self._timed_out = field(9, key_value(_spans.ATTR_TIMED_OUT, True))
-        self._step_kind = field(9, key_value(_spans.ATTR_KIND, "step"))
+        self._lead = _double_attr_prefix(_attrs.ATTR_HOST_LEAD)
+        self._error = _double_attr_prefix(_attrs.ATTR_CLOCK_ERROR)
+        self._timed_out = field(9, key_value(_attrs.ATTR_TIMED_OUT, True))
+        self._step_kind = field(9, key_value(_attrs.ATTR_KIND, "step"))
         resource_body = attributes(1, getattr(resource, "attributes", {}) or {})
         schema = getattr(resource, "schema_url", "") or ""
         self._resource = field(1, resource_body) + (field(3, schema.encode()) if schema else b"")
@@ -157,8 +158,8 @@ class SpanEncoder:
         """The bytes-format template of ``key``'s spans (see ``encode``): constants escaped, ``%b`` holes."""
         name, _, step_name, root, remote = key
         hole8, hole16 = b"\0" * 8, b"\0" * 16
-        step_attr = b"" if step_name is None else field(9, key_value(_spans.ATTR_STEP, step_name))
-        stream = field(9, key_value(_spans.ATTR_STREAM, self._f.stream_label(r.stream)))
+        step_attr = b"" if step_name is None else field(9, key_value(_attrs.ATTR_STEP, step_name))
+        stream = field(9, key_value(_attrs.ATTR_STREAM, self._f.stream_label(r.stream)))
 
         def esc(constant: bytes) -> bytes:
             return constant.replace(b"%", b"%%")
@@ -185,7 +186,7 @@ class SpanEncoder:
         stream = self._streams.get(r.stream)
         if stream is None:
             stream = self._cached(self._streams, r.stream,
-                                  lambda: field(9, key_value(_spans.ATTR_STREAM, f.stream_label(r.stream))))
+                                  lambda: field(9, key_value(_attrs.ATTR_STREAM, f.stream_label(r.stream))))
         step = r.step
         if step is None:
             step_attr = b""
@@ -194,7 +195,7 @@ class SpanEncoder:
             if step_attr is None:
                 step_name = step.name
                 step_attr = self._cached(self._steps, step_name,
-                                         lambda: field(9, key_value(_spans.ATTR_STEP, step_name)))
+                                         lambda: field(9, key_value(_attrs.ATTR_STEP, step_name)))
         parent = r.parent_span_id
         body = b"\x0a\x10%b\x12\x08%b%b%b%b%b%b%b%b%b%b%b" % (
             r.trace_id.to_bytes(16, "big"), r.span_id.to_bytes(8, "big"),
@@ -227,12 +228,12 @@ class SpanEncoder:
         if r.is_step:
             links = f.links(r)
             out.append(self._step_kind)
-            out.append(field(9, key_value(_spans.ATTR_LINKS, links.total)))
+            out.append(field(9, key_value(_attrs.ATTR_LINKS, links.total)))
             if links.dropped:
-                out.append(field(9, key_value(_spans.ATTR_LINKS_OVER, links.dropped)))
+                out.append(field(9, key_value(_attrs.ATTR_LINKS_OVER, links.dropped)))
             kept = getattr(r, "kept", None)  # steps made by otel-npu have it; test doubles may not
             if kept is not None:
-                out.append(attributes(9, _spans.kept_attributes(kept)))
+                out.append(attributes(9, _attrs.kept_attributes(kept)))
             for link in links:
                 ctx = link.context
                 attrs = link.attributes
@@ -253,7 +254,7 @@ class SpanEncoder:
         if r.timed_out:
             out.append(self._timed_out)
         if r.error is not None:
-            out.append(field(9, key_value(_spans.ATTR_ERROR_TYPE, r.error[0])))
+            out.append(field(9, key_value(_attrs.ATTR_ERROR_TYPE, r.error[0])))
             event = (b"\x09" + _pack_u64(r.end_ns) + field(2, b"exception")  # as record_exception adds
                      + attributes(3, self._f.exception_attributes(r)))
             out.append(field(11, event))

@@ -19,7 +19,8 @@ import json
 import math
 from typing import Any, Iterable, Mapping
 
-from .. import spans as _spans
+from ..spans import attributes as _attrs
+from ..spans.render import SpanFactory
 from ..record import Record
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
@@ -64,8 +65,8 @@ def _number(value: float) -> str:
     return _dumps(_double(value))
 
 
-_TIMING = (',{"key":"' + _spans.ATTR_HOST_LEAD + '","value":{"doubleValue":%s}}'
-           ',{"key":"' + _spans.ATTR_CLOCK_ERROR + '","value":{"doubleValue":%s}}')
+_TIMING = (',{"key":"' + _attrs.ATTR_HOST_LEAD + '","value":{"doubleValue":%s}}'
+           ',{"key":"' + _attrs.ATTR_CLOCK_ERROR + '","value":{"doubleValue":%s}}')
 
 
 class JsonSpanEncoder:
@@ -73,7 +74,7 @@ class JsonSpanEncoder:
 
     _CACHE_LIMIT = 4096
 
-    def __init__(self, factory: "_spans.SpanFactory", resource: Any, scope_name: str, scope_version: str) -> None:
+    def __init__(self, factory: SpanFactory, resource: Any, scope_name: str, scope_version: str) -> None:
         self._f = factory
         self._templates: dict[tuple, str] = {}
         self._names: dict[str, str] = {}
@@ -120,15 +121,15 @@ class JsonSpanEncoder:
             return text.replace("%", "%%")
 
         const = [{"key": k, "value": any_value(v)} for k, v in self._f.const_attributes.items()]
-        const.append({"key": _spans.ATTR_STREAM, "value": any_value(self._f.stream_label(r.stream))})
+        const.append({"key": _attrs.ATTR_STREAM, "value": any_value(self._f.stream_label(r.stream))})
         if step_name is not None:
-            const.append({"key": _spans.ATTR_STEP, "value": any_value(step_name)})
+            const.append({"key": _attrs.ATTR_STEP, "value": any_value(step_name)})
         const_text = esc(_dumps(const)[1:-1])
         template = ('{"traceId":"%s","spanId":"%s",' + ("" if root else '"parentSpanId":"%s",')
                     + '"name":' + esc(_dumps(name)) + ',"kind":1,"startTimeUnixNano":"%d","endTimeUnixNano":"%d",'
                     + '"attributes":[' + const_text
-                    + ',{"key":"' + _spans.ATTR_HOST_LEAD + '","value":{"doubleValue":%.3f}}'
-                    + ',{"key":"' + _spans.ATTR_CLOCK_ERROR + '","value":{"doubleValue":%.3f}}],'
+                    + ',{"key":"' + _attrs.ATTR_HOST_LEAD + '","value":{"doubleValue":%.3f}}'
+                    + ',{"key":"' + _attrs.ATTR_CLOCK_ERROR + '","value":{"doubleValue":%.3f}}],'
                     + '"status":{},"flags":' + str(_FLAGS_REMOTE if remote else _FLAGS_LOCAL) + "}")
         if len(self._templates) < self._CACHE_LIMIT:
             self._templates[key] = template
@@ -154,9 +155,9 @@ class JsonSpanEncoder:
         const = self._consts.get(key)
         if const is None:
             entries = key_values(f.const_attributes)
-            entries.append({"key": _spans.ATTR_STREAM, "value": any_value(f.stream_label(r.stream))})
+            entries.append({"key": _attrs.ATTR_STREAM, "value": any_value(f.stream_label(r.stream))})
             if step is not None:
-                entries.append({"key": _spans.ATTR_STEP, "value": any_value(step.name)})
+                entries.append({"key": _attrs.ATTR_STEP, "value": any_value(step.name)})
             const = _dumps(entries)[1:-1]
             if len(self._consts) < self._CACHE_LIMIT:
                 self._consts[key] = const
@@ -172,19 +173,19 @@ class JsonSpanEncoder:
             own += key_values(clean)
             dropped = getattr(clean, "dropped", 0)
         if r.timed_out:
-            own.append({"key": _spans.ATTR_TIMED_OUT, "value": {"boolValue": True}})
+            own.append({"key": _attrs.ATTR_TIMED_OUT, "value": {"boolValue": True}})
         if r.error is not None:
-            own.append({"key": _spans.ATTR_ERROR_TYPE, "value": {"stringValue": r.error[0]}})
+            own.append({"key": _attrs.ATTR_ERROR_TYPE, "value": {"stringValue": r.error[0]}})
         links = None
         if r.is_step:
             links = f.links(r)
-            own.append({"key": _spans.ATTR_KIND, "value": {"stringValue": "step"}})
-            own.append({"key": _spans.ATTR_LINKS, "value": {"intValue": str(links.total)}})
+            own.append({"key": _attrs.ATTR_KIND, "value": {"stringValue": "step"}})
+            own.append({"key": _attrs.ATTR_LINKS, "value": {"intValue": str(links.total)}})
             if links.dropped:
-                own.append({"key": _spans.ATTR_LINKS_OVER, "value": {"intValue": str(links.dropped)}})
+                own.append({"key": _attrs.ATTR_LINKS_OVER, "value": {"intValue": str(links.dropped)}})
             kept = getattr(r, "kept", None)
             if kept is not None:
-                own += key_values(_spans.kept_attributes(kept))
+                own += key_values(_attrs.kept_attributes(kept))
         if own:
             parts.append("," + _dumps(own)[1:-1])
         parts.append("]")

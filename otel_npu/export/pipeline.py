@@ -38,9 +38,10 @@ from ..config.env import keep_known
 from ..config.otel import OtelSettings
 from ..record import DROPPED as _DROPPED
 from ..record import Record
-from ..spans import Limits, SpanFactory
+from ..spans import sampling as step_sampling
+from ..spans.attributes import Limits
+from ..spans.render import SpanFactory
 from .. import config
-from .. import sampling as step_sampling
 from . import metrics as _metrics
 from . import otlp, otlp_json, redact
 from . import sinks as _sinks
@@ -67,7 +68,7 @@ class Pipeline:
     Per resolved capture (``emit``, resolver thread): the stage histogram always; then the sampler's decision
     (``SpanFactory.identify``). A sampled capture is handed to the sinks at once. A capture the sampler
     dropped costs nothing more — no ids, no span, no encoding — unless its step may still be exported
-    (``sampling.py``: slow steps, steps with detail): then it is held until its step finishes (the resolver
+    (``spans/sampling.py``: slow steps, steps with detail): then it is held until its step finishes (the resolver
     emits a step after all its captures) and is exported with it, or forgotten.
     """
 
@@ -94,7 +95,7 @@ class Pipeline:
         self._hold = slow is not None or self._detail_forces
         self._held: dict[Any, list] = {}
         #: For ``stats()["sampling"]``: the sampler, which steps are kept besides, the detail budget, exemplars.
-        parts = [f"sampler {getattr(factory._sampler, 'get_description', lambda: '?')()}",
+        parts = [f"sampler {getattr(factory.sampler, 'get_description', lambda: '?')()}",
                  slow.describe() if slow is not None else "slow steps not kept",
                  f"detail in 1 step in {detail_every} per name" if detail_every > 1 else "detail in every step"]
         if metrics is not None:

@@ -40,11 +40,11 @@ import threading
 import time
 from typing import Any, Callable
 
-from .accounting import Stats
+from ..accounting import Stats
+from ..devices import graphs as _graphs
+from ..devices.base import DeviceBackend, EventPool
+from ..record import DROPPED, Record
 from .clock import ANCHOR_SPIN_NS, CalibrationError, DeviceClock, HostClock
-from .devices import graphs as _graphs
-from .devices.base import DeviceBackend, EventPool
-from .record import DROPPED, Record
 
 _log = logging.getLogger("otel_npu")
 #: The clock of the periodic loss report (``Stats.report``: at most every ``REPORT_EVERY_S``). A module global

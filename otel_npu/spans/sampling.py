@@ -38,11 +38,6 @@ from __future__ import annotations
 import array
 from typing import Any
 
-#: Span attribute on a step exported although the sampler dropped it: why ("slow", "detail").
-ATTR_KEPT = "otel_npu.kept"
-#: On a step kept as slow: the threshold it exceeded, in ms.
-ATTR_SLOW_THRESHOLD = "otel_npu.slow_threshold_ms"
-
 #: Slow steps kept at once per step name at most, and how fast that allowance comes back (per second).
 BURST = 20
 RATE_PER_S = 2.0
@@ -144,4 +139,4 @@ class DetailBudget:
         return 1 if n == 0 else 0
 
 
-__all__ = ["SlowSteps", "DetailBudget", "ATTR_KEPT", "ATTR_SLOW_THRESHOLD"]
+__all__ = ["SlowSteps", "DetailBudget"]

@@ -44,8 +44,8 @@ import collections
 import time
 from typing import Any, Callable
 
-from .devices import graphs as _graphs
-from .devices.base import DeviceBackend
+from ..devices import graphs as _graphs
+from ..devices.base import DeviceBackend
 
 #: Longest time between anchors (once the drift is measured).
 ANCHOR_INTERVAL_S = 2.0
