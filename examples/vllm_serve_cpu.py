@@ -228,9 +228,9 @@ class Receiver:
     them); metrics requests counted."""
 
     def __init__(self, path: Path) -> None:
-        from otel_npu.export.sinks import file_transport
+        from otel_npu.export.transports import ProtoFileTransport
 
-        write = file_transport(str(path))
+        write = ProtoFileTransport(str(path))
         self.metrics_requests = 0
         receiver = self
 
@@ -238,7 +238,7 @@ class Receiver:
             def do_POST(self) -> None:  # noqa: N802 - http.server's API
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.path == "/v1/traces":
-                    write(body, 0)
+                    write.send(body, 0)
                 elif self.path == "/v1/metrics":
                     receiver.metrics_requests += 1
                 self.send_response(200)

@@ -12,7 +12,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, PeriodicExpor
 from opentelemetry.sdk.resources import Resource
 
 import otel_npu
-from otel_npu.export.metrics import BOUNDARIES_MS
+from otel_npu.export.metrics.aggregate import BOUNDARIES_MS
 
 from .otlp_receiver import attributes
 from .support import TIME_BOUND_NS, ListMetricExporter, truth
@@ -165,7 +165,7 @@ def test_a_pull_reader_gets_real_sdk_instruments(app_meter_provider, provider, s
 
 
 def test_min_and_max_are_right_for_every_exporter_of_a_round(monkeypatch, receiver, sim, capfd):
-    # Issue 11 item 17: with two exporters (console first, then OTLP asking for delta), building the console's
+    # With two exporters (console first, then OTLP asking for delta), building the console's
     # data started a new interval, and OTLP saw min=inf, max=-inf.
     own_metrics_env(monkeypatch, receiver, OTEL_METRICS_EXPORTER="console,otlp",
                     OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE="delta")

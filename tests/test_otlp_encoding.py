@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.sampling import DEFAULT_ON
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, TraceFlags, TraceState
 
-from otel_npu.export import otlp
+from otel_npu.export.encoding import otlp_proto as otlp
 from otel_npu.accounting import Stats
 from otel_npu.spans.render import SpanFactory
 
@@ -53,7 +53,7 @@ CASES = {
         SpanContext(0xAAA, 0xBBB, is_remote=True, trace_flags=TraceFlags(1)),
         SpanContext(0xCCC, 0xDDD, is_remote=False, trace_flags=TraceFlags(1), trace_state=TraceState([("k", "v")])),
     ]),
-    # issue 11 items 13-15: link attributes, the link limit (128 of 200 kept), and dropped counts
+    # link attributes, the link limit (128 of 200 kept), and dropped counts
     "step over the link limit, with link attributes": record(name="Prefill", is_step=True, links=[
         Link(SpanContext(0xA00 + n, 0xB00 + n, is_remote=True, trace_flags=TraceFlags(1)), {"request.id": f"r{n}"})
         for n in range(1, 201)]),

@@ -10,8 +10,9 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 
-from otel_npu.export import otlp, otlp_json
-from otel_npu.export.sinks import otlp_json_line
+from otel_npu.export.encoding import otlp_json
+from otel_npu.export.encoding import otlp_proto as otlp
+from otel_npu.export.encoding.otlp_json import request_to_json_line
 
 from .test_otlp_encoding import CASES, factory, record
 
@@ -22,7 +23,7 @@ def both(records):
     reference = otlp.SpanEncoder(factory(), resource, "otel_npu", "0.1.0")
     fast = otlp_json.JsonSpanEncoder(factory(), resource, "otel_npu", "0.1.0")
     # Each encoder converts a record's links/attributes once and caches the result on it: give each its copy.
-    ref_line = otlp_json_line(ExportTraceServiceRequest.FromString(
+    ref_line = request_to_json_line(ExportTraceServiceRequest.FromString(
         reference.request([reference.encode(copy.copy(r)) for r in records])))
     fast_line = fast.request([fast.encode(copy.copy(r)) for r in records])
     return json.loads(ref_line), fast_line

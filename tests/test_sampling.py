@@ -43,8 +43,8 @@ def provider_with(sampler):
 
 
 def test_the_sampler_gets_the_spans_attributes_and_links_as_link_objects():
-    """Issue 11 item 16: attributes=None and SpanContexts as links, unlike the SDK (a sampler reading
-    link.context raised, and the step was lost)."""
+    """As the SDK passes them: the span's attributes and Link objects (it was attributes=None and bare
+    SpanContexts, so a sampler reading link.context raised, and the step was lost)."""
     sampler = RecordingSampler()
     tp, exporter = provider_with(sampler)
     request = tp.get_tracer("app").start_span("request")
@@ -102,7 +102,7 @@ def exported_steps(receiver):
 
 @pytest.mark.parametrize("rule", ["p99", "10ms"])
 def test_ratio_sampling_keeps_every_slow_step_with_its_captures(monkeypatch, receiver, sim, rule):
-    """Done-when of issue 12: traceidratio 0.05 and injected slow steps: about 5 % of the ordinary steps and
+    """traceidratio 0.05 and injected slow steps: about 5 % of the ordinary steps and
     every slow step exported with all its captures; the histogram counts every step."""
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
@@ -371,7 +371,7 @@ def test_exemplars_point_at_exported_spans_and_favour_the_slowest(monkeypatch, r
     exported = {(s.trace_id, s.span_id): s for _, s in receiver.spans() if s.name == "forward"}
     assert 5 <= len(exported) <= 35
     point = forward_point(receiver)
-    from otel_npu.export.metrics import EXEMPLARS_PER_POINT
+    from otel_npu.export.metrics.aggregate import EXEMPLARS_PER_POINT
 
     assert len(point.exemplars) == EXEMPLARS_PER_POINT, "bounded per point per interval"
     durations = sorted(((s.end_time_unix_nano - s.start_time_unix_nano) / 1e6 for s in exported.values()),

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 import otel_npu
 from otel_npu.cli import main, tracefile
-from otel_npu.export.sinks import JsonLinesSpanExporter
+from otel_npu.export.sinks.file import JsonLinesSpanExporter
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_table_statistics_and_shares():
     assert "Decode" in text.splitlines()[2] and "  forward" in text and "50.0%" in text
 
 
-# -- OTLP/JSON written by others (issue 11 item 18) and several files (item 20) ---------------------------
+# -- OTLP/JSON written by others, and several files -----------------------------------------------------------
 
 def _kv(key, value):
     return {"key": key, "value": value}
@@ -186,7 +186,7 @@ def test_invalid_otlp_json_is_refused_with_file_line_and_reason(content, line, r
 
 
 def test_several_files_as_the_readmes_glob_gives_them(traces_file, tmp_path):
-    # The README's `otel-npu summary otel-npu-traces-*.jsonl` once the demo has run twice (issue 11 item 20).
+    # The README's `otel-npu summary otel-npu-traces-*.jsonl` once the demo has run twice.
     first = tmp_path / "otel-npu-traces-20260101-000000.jsonl"
     second = tmp_path / "otel-npu-traces-20260101-000100.jsonl"
     first.write_text(traces_file.read_text())

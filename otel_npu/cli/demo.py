@@ -72,7 +72,7 @@ def choose_threads(flag: int | None, env: Any) -> tuple[int, str]:
 
     Why 1 and not torch's default (one per core): the demo's model is small (hidden 256, batches of at most 8
     requests), so a step's operators are too short to gain from splitting across cores, while OpenMP threads
-    that wait on each other lose badly to any other load: on a 2-core machine shared with other work, the
+    that wait on each other lose badly to any other load: on 2 CPU cores shared with other work, the
     64-step loop took 11 s with 2 threads against 1.3 s with one (28 s in all was reported). On an NPU or GPU
     the host threads matter even less."""
     if flag is not None:
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"otel-npu demo needs the demo extra ({missing} is missing): pip install 'otel-npu[demo]' "
               "(from a checkout: pip install -e '.[demo]')", file=sys.stderr)
         return 2
-    from otel_npu.export import pipeline as _pipeline
+    from otel_npu.export import registry as _registry
 
     if env.get("OTEL_TRACES_EXPORTER", "").strip():
         # As the library reads it (config.env.keep_known): unknown names are left out, and a variable naming
@@ -258,11 +258,11 @@ def run(args: argparse.Namespace) -> int:
         from otel_npu.config import env as _env
 
         named = _env.env_names(env, "OTEL_TRACES_EXPORTER", "otlp")
-        known = [name for name in named if name in _pipeline.EXPORTERS]
-        for name in (name for name in named if name not in _pipeline.EXPORTERS):
+        known = [name for name in named if name in _registry.names(_registry.SPAN_EXPORTERS)]
+        for name in (name for name in named if name not in _registry.names(_registry.SPAN_EXPORTERS)):
             consequence = (f"ignored; using {', '.join(known)}" if known else
                            "ignored, as if OTEL_TRACES_EXPORTER were not set: the demo writes its traces to a file")
-            print("otel-npu demo: " + _env.unknown_name_message("OTEL_TRACES_EXPORTER", name, _pipeline.EXPORTERS,
+            print("otel-npu demo: " + _env.unknown_name_message("OTEL_TRACES_EXPORTER", name, _registry.names(_registry.SPAN_EXPORTERS),
                                                                  consequence), file=sys.stderr)
         if known:
             env["OTEL_TRACES_EXPORTER"] = ",".join(known)

@@ -112,7 +112,7 @@ def describe(env: Any = None) -> tuple[list[tuple[str, str]], list[str]]:
     process environment unless given)."""
     from otel_npu import config, devices
     from otel_npu.devices.base import DeviceUnavailable
-    from otel_npu.export import metrics
+    from otel_npu.export.metrics import exporter as metrics
     from otel_npu.export import pipeline as telemetry
     from otel_npu.spans.attributes import process_attributes
 

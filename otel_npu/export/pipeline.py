@@ -11,7 +11,9 @@ Decided once, when otel-npu starts (the first capture in a process):
   ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`` (``http/protobuf`` default, as the spec says; ``grpc``), and the
   ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT|HEADERS|TIMEOUT|COMPRESSION|CERTIFICATE...`` variables, which the SDK's
   exporter classes read themselves (they do not read the protocol: that choice is made here). OTLP spans are
-  encoded by otel-npu itself (``otlp.py``) and batched per ``OTEL_BSP_*``.
+  encoded by otel-npu itself (``encoding/``) and batched per ``OTEL_BSP_*``.
+
+Which exporter, transport and sampler each name builds: the tables of ``registry.py``.
 
 Invalid values are warned about once (variable, value, what is accepted) and replaced by the default.
 """
@@ -21,14 +23,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import time
 from typing import Any, Callable, Mapping
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace import sampling
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
@@ -42,24 +42,17 @@ from ..spans import sampling as step_sampling
 from ..spans.attributes import Limits
 from ..spans.render import SpanFactory
 from .. import config
-from . import metrics as _metrics
-from . import otlp, otlp_json, redact
-from . import sinks as _sinks
+from . import redact, registry
+from .encoding.otlp_json import JsonSpanEncoder
+from .metrics import exporter as _metrics
+from .sinks.file import JsonLinesSpanExporter
+from .sinks.otlp import OtlpSink
+from .sinks.sdk import SdkSink, sdk_batch_processor
+from .transports import JsonLinesFileTransport
 
 _log = logging.getLogger("otel_npu")
 
 SCOPE_NAME = "otel_npu"
-#: ``OTEL_TRACES_EXPORTER`` names otel-npu's own pipeline builds.
-EXPORTERS = ("otlp", "console", "none")
-#: ``OTEL_TRACES_SAMPLER`` name (``config.otel.SAMPLERS``) -> the SDK sampler, given the ratio.
-SAMPLERS: dict[str, Callable[[float], Any]] = {
-    "always_on": lambda ratio: sampling.ALWAYS_ON,
-    "always_off": lambda ratio: sampling.ALWAYS_OFF,
-    "traceidratio": lambda ratio: sampling.TraceIdRatioBased(ratio),
-    "parentbased_always_on": lambda ratio: sampling.DEFAULT_ON,
-    "parentbased_always_off": lambda ratio: sampling.DEFAULT_OFF,
-    "parentbased_traceidratio": lambda ratio: sampling.ParentBased(sampling.TraceIdRatioBased(ratio)),
-}
 
 
 class Pipeline:
@@ -219,9 +212,9 @@ def _begins_trace(step: Any) -> bool:
 
 
 def sampler(otel: OtelSettings) -> Any:
-    """The SDK sampler ``OTEL_TRACES_SAMPLER[_ARG]`` names."""
+    """The SDK sampler ``OTEL_TRACES_SAMPLER[_ARG]`` names (``registry.SAMPLERS``)."""
     name, ratio = otel.sampler
-    return SAMPLERS[name](ratio)
+    return registry.SAMPLERS[name](ratio)
 
 
 #: What an unset OTEL_TRACES_EXPORTER means (said when it names only exporters otel-npu does not know).
@@ -229,9 +222,10 @@ UNSET_TRACES_EXPORTER = "traces go over OTLP (the default)"
 
 
 def trace_exporters(otel: OtelSettings) -> list[str]:
-    """The ``OTEL_TRACES_EXPORTER`` names otel-npu builds, in order (an unknown one is warned about; naming
-    only unknown ones reads as unset)."""
-    return keep_known("OTEL_TRACES_EXPORTER", otel.traces_exporters, EXPORTERS, unset_means=UNSET_TRACES_EXPORTER)
+    """The ``OTEL_TRACES_EXPORTER`` names otel-npu builds (``registry.SPAN_EXPORTERS``), in order: an unknown
+    one is warned about and left out, and naming only unknown ones reads as unset."""
+    return keep_known("OTEL_TRACES_EXPORTER", otel.traces_exporters, registry.names(registry.SPAN_EXPORTERS),
+                      unset_means=UNSET_TRACES_EXPORTER)
 
 
 def resource_from_env(process_attrs: Mapping[str, Any]) -> Resource:
@@ -277,7 +271,7 @@ def build(settings: Any, otel: OtelSettings, *, process_attrs: Mapping[str, Any]
             # Its span limits (the SDK's SpanLimits, read from the OTEL_*_LIMIT variables when it was made).
             limits = Limits.from_sdk(getattr(tracer, "_span_limits", None) or getattr(provider, "_span_limits", None))
             factory = SpanFactory(sampler=tracer.sampler, id_generator=tracer.id_generator, limits=limits, **common)
-            sink = _sinks.SdkSink(tracer.span_processor, tracer.resource, scope, factory, owned=False)
+            sink = SdkSink(tracer.span_processor, tracer.resource, scope, factory, owned=False)
             return Pipeline(factory, [sink], stats, f"the application's TracerProvider ({type(provider).__name__})",
                             _build_metrics(settings, otel, process_attrs, resource_from_env(process_attrs),
                                            scope, stats), **_step_rules(settings, stats),
@@ -293,17 +287,17 @@ def build(settings: Any, otel: OtelSettings, *, process_attrs: Mapping[str, Any]
     traces_file = otel.traces_file
     if traces_file:
         try:
-            # Encoded straight to OTLP/JSON (otlp_json.py): ≈ 30x cheaper than protobuf + MessageToDict.
-            encoder = otlp_json.JsonSpanEncoder(factory, resource, scope.name, scope.version or "")
-            sinks.append(_sinks.OtlpSink(_sinks.json_file_transport(traces_file), encoder, stats,
-                                         schedule_delay_s=1.0))
+            # Encoded straight to OTLP/JSON (encoding/otlp_json.py): ≈ 30x cheaper than protobuf + MessageToDict.
+            encoder = JsonSpanEncoder(factory, resource, scope.name, scope.version or "")
+            sinks.append(OtlpSink(JsonLinesFileTransport(traces_file), encoder, stats, schedule_delay_s=1.0))
             described.append(f"file {traces_file}")
         except OSError as exc:
             _log.warning("%s=%r cannot be written (%s); no trace file", otel_config.TRACES_FILE_ENV, traces_file,
                          exc)
+    context = registry.SinkContext(otel=otel, factory=factory, resource=resource, scope=scope, stats=stats)
     for name in trace_exporters(otel):
         try:
-            sink, text = _own_sink(name, otel, factory, resource, scope, stats)
+            sink, text = registry.SPAN_EXPORTERS[name](context)
         except Exception as exc:
             _log.warning("otel-npu: cannot set up the %s exporter (%s); its spans are not exported",
                          name, redact.redact(f"{type(exc).__name__}: {exc}"))
@@ -324,7 +318,7 @@ def _step_rules(settings: Any, stats: Any) -> dict[str, Any]:
 
 def _build_metrics(settings: Any, otel: OtelSettings, process_attrs: Mapping[str, Any], resource: Resource,
                    scope: InstrumentationScope, stats: Any) -> Any:
-    """Stage metrics (``metrics.py``), or None. Never raises: a failure here must not cost the spans."""
+    """Stage metrics (``metrics/``), or None. Never raises: a failure here must not cost the spans."""
     if otel.sdk_disabled:
         return None
     try:
@@ -336,18 +330,6 @@ def _build_metrics(settings: Any, otel: OtelSettings, process_attrs: Mapping[str
         return None
     redact.install_exporter_log_filter()
     return built
-
-
-def sdk_batch_processor(exporter: Any, otel: OtelSettings, *, schedule_delay_ms: int | None = None) -> Any:
-    """The SDK's BatchSpanProcessor with otel-npu's validated batching (``OtelSettings.batching``) passed in:
-    left to read ``OTEL_BSP_*`` itself, it raises ``ValueError`` for a queue or batch size of 0 or less, or a
-    batch above the queue (the demo crashed so, leaving an empty traces file)."""
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    queue, batch, delay_s = otel.batching
-    return BatchSpanProcessor(exporter, max_queue_size=queue, max_export_batch_size=batch,
-                              schedule_delay_millis=round(delay_s * 1000) if schedule_delay_ms is None
-                              else schedule_delay_ms)
 
 
 def sdk_span_limits(otel: OtelSettings) -> Any:
@@ -377,9 +359,9 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
     from ``OTEL_TRACES_EXPORTER`` / ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``, plus the ``OTEL_NPU_TRACES_FILE``
     file (``env``: the process environment unless given). The caller installs it
     (``trace.set_tracer_provider``) and shuts it down. ``wrap_exporter(exporter, kind)`` (kind ``file``,
-    ``console`` or ``otlp``), when given, may replace each span exporter before its processor is built (the
-    demo counts what each one delivered)."""
-    from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+    ``console`` or ``otlp``: the ``registry.SDK_SPAN_EXPORTERS`` name), when given, may replace each span
+    exporter before its processor is built (the demo counts what each one delivered)."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
     otel = otel_config.read(env)
     redact.install_exporter_log_filter()
@@ -393,52 +375,10 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
         return exporter if wrap_exporter is None else wrap_exporter(exporter, kind)
 
     if otel.traces_file:
-        provider.add_span_processor(sdk_batch_processor(wrap(_sinks.JsonLinesSpanExporter(otel.traces_file), "file"),
+        provider.add_span_processor(sdk_batch_processor(wrap(JsonLinesSpanExporter(otel.traces_file), "file"),
                                                         otel, schedule_delay_ms=1000))
     for name in trace_exporters(otel):
-        if name == "console":
-            provider.add_span_processor(SimpleSpanProcessor(wrap(ConsoleSpanExporter(out=sys.stdout), "console")))
-        elif otel.protocol("TRACES") == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter(**_sinks.otlp_exporter_kwargs(otel, "TRACES", "grpc"))
-            provider.add_span_processor(sdk_batch_processor(wrap(exporter, "otlp"), otel))
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
-            exporter = HttpExporter(session=_sinks.http_session(otel, "TRACES"),
-                                    **_sinks.otlp_exporter_kwargs(otel, "TRACES", "http/protobuf"))
-            provider.add_span_processor(sdk_batch_processor(wrap(exporter, "otlp"), otel))
+        exporter, batched = registry.SDK_SPAN_EXPORTERS[name](otel)
+        exporter = wrap(exporter, name)
+        provider.add_span_processor(sdk_batch_processor(exporter, otel) if batched else SimpleSpanProcessor(exporter))
     return provider
-
-
-def _own_sink(name: str, otel: OtelSettings, factory: SpanFactory, resource: Resource,
-              scope: InstrumentationScope, stats: Any) -> tuple[Any, str]:
-    if name == "console":
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
-
-        # stdout as it is now: ConsoleSpanExporter's default is the one at its import
-        return _sinks.SdkSink(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout)), resource, scope, factory,
-                              owned=True), "console"
-    protocol = otel.protocol("TRACES")
-    send = _sinks.transport_for(protocol, otel)
-    if send is None:  # the installed exporter lacks the hooks: the SDK path works, more slowly
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter(**_sinks.otlp_exporter_kwargs(otel, "TRACES", protocol))
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter(session=_sinks.http_session(otel, "TRACES"),
-                                        **_sinks.otlp_exporter_kwargs(otel, "TRACES", protocol))
-        _log.info("otel-npu: this opentelemetry-exporter-otlp has no pre-encoded export path; using the SDK's")
-        return _sinks.SdkSink(sdk_batch_processor(exporter, otel), resource, scope, factory, owned=True), \
-            f"otlp {protocol} (SDK encoder)"
-    redact.install_exporter_log_filter()
-    encoder = otlp.SpanEncoder(factory, resource, scope.name, scope.version or "")
-    # Batching per OTEL_BSP_*, with larger defaults than the BatchSpanProcessor's (config.otel.BSP_DEFAULTS).
-    max_queue_size, max_export_batch_size, schedule_delay_s = otel.batching
-    sink = _sinks.OtlpSink(send, encoder, stats, max_queue_size=max_queue_size,
-                           max_export_batch_size=max_export_batch_size, schedule_delay_s=schedule_delay_s)
-    return sink, f"otlp {protocol} -> {sink.endpoint}"

@@ -10,8 +10,8 @@ host-to-wall conversion. Two renderings share these decisions:
   the spans are complete when we learn of them (start and end are in the past), and the SDK's live-span
   machinery costs 25-60 µs per span against ≈ 3 µs for this (measured on 2 CPU cores, ``benchmarks/``).
   Span processors therefore see ``on_end`` only, never ``on_start``.
-* ``export/otlp.py``, ``export/otlp_json.py``: OTLP protobuf bytes and OTLP/JSON text straight from the same
-  decisions (otel-npu's own pipeline).
+* ``export/encoding/``: OTLP protobuf bytes and OTLP/JSON text straight from the same decisions (otel-npu's
+  own pipeline).
 
 A capture under an unsampled parent produces no span (it still resolves, feeds the compat pop, the log line
 and the metrics).

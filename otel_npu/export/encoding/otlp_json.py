@@ -1,14 +1,14 @@
 """OTLP/JSON encoding of resolved captures, written by hand for speed: the ``OTEL_NPU_TRACES_FILE`` sink.
 
 Why: the file sink used to encode spans as protobuf and turn each batch into JSON through protobuf's
-``MessageToDict`` — ≈ 90-180 µs of CPU per span on a 2-core machine (``benchmarks/``), under the GIL the
+``MessageToDict`` — ≈ 90-180 µs of CPU per span (measured on 2 CPU cores, ``benchmarks/``), under the GIL the
 serving loop needs. Here a span is one ``str`` formatting operation on a cached template for the common span
 (same name, stream, step: only ids, times and two doubles differ), and a small dict through the C JSON encoder
 otherwise (steps, attributes, errors), ≈ 2-6 µs.
 
 Output: one ``ExportTraceServiceRequest`` per line, as the OTLP/JSON encoding says (trace and span ids as
 hex, enums as integers, 64-bit integers as strings, lowerCamelCase keys) — the same document, key for key,
-as ``sinks.otlp_json_line`` makes of ``otlp.SpanEncoder``'s bytes for the same span (checked in
+as ``request_to_json_line`` makes of ``otlp_proto.SpanEncoder``'s bytes for the same span (checked in
 ``tests/test_otlp_json.py``, over the cases of ``tests/test_otlp_encoding.py``).
 """
 
@@ -19,9 +19,9 @@ import json
 import math
 from typing import Any, Iterable, Mapping
 
-from ..spans import attributes as _attrs
-from ..spans.render import SpanFactory
-from ..record import Record
+from ...spans import attributes as _attrs
+from ...spans.render import SpanFactory
+from ...record import Record
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
@@ -223,3 +223,19 @@ class JsonSpanEncoder:
     def request(self, encoded_spans: Iterable[str]) -> str:
         """One OTLP/JSON line (an ``ExportTraceServiceRequest``) holding ``encoded_spans``."""
         return self._prefix + ",".join(encoded_spans) + self._suffix
+
+
+def request_to_json_line(request: Any) -> str:
+    """An ``ExportTraceServiceRequest`` as one line of OTLP/JSON: trace and span ids in hex (as the OTLP/JSON
+    encoding requires, not protobuf-JSON's base64), enums as integers, int64 as strings."""
+    from google.protobuf import json_format
+
+    message = json_format.MessageToDict(request, use_integers_for_enums=True)
+    for rs in message.get("resourceSpans", ()):
+        for ss in rs.get("scopeSpans", ()):
+            for span in ss.get("spans", ()):
+                for obj in (span, *span.get("links", ())):
+                    for key in ("traceId", "spanId", "parentSpanId"):
+                        if key in obj:
+                            obj[key] = base64.b64decode(obj[key]).hex()
+    return json.dumps(message, separators=(",", ":")) + "\n"

@@ -1,7 +1,7 @@
 """OTLP protobuf encoding of resolved captures, written by hand for speed.
 
 Why not the SDK's encoder: it builds a protobuf object per span, attribute and value, ≈ 75-90 µs per span
-on a 2-core machine (``benchmarks/``) — more than everything else otel-npu does per capture, and all of it
+(measured on 2 CPU cores, ``benchmarks/``) — more than everything else otel-npu does per capture, and all of it
 under the GIL the serving loop needs. otel-npu's spans are regular (same resource, scope and most attribute
 keys), so most bytes are encoded once and reused: a span costs a few ``bytes`` joins (≈ 3 µs).
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 import struct
 from typing import Any, Iterable, Mapping
 
-from ..spans import attributes as _attrs
-from ..spans.render import SpanFactory
-from ..record import Record
+from ...spans import attributes as _attrs
+from ...spans.render import SpanFactory
+from ...record import Record
 
 _pack_u64 = struct.Struct("<Q").pack
 _pack_u32 = struct.Struct("<I").pack
