@@ -5,7 +5,7 @@
 prints a table of every figure against its target, and writes ``results.json`` and ``chart.png`` to
 ``--out``. Sections (``--only`` picks some): ``hotpath`` (per-capture host cost), ``cpu`` (total CPU per
 capture across all threads), ``decode`` (serving-loop throughput), ``capacity`` (resolver), ``clock``
-(clock accuracy on the simulated device), ``sampling`` (issue 12: background CPU per exported / sampled-out /
+(clock accuracy on the simulated device), ``sampling`` (background CPU per exported / sampled-out /
 file-written capture, 2 ms decode steps, per-layer detail budgets, span volume; run with OMP_NUM_THREADS=1).
 Targets are printed, never asserted: a miss is reported.
 """
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         if "cpu" in sections:
             cpu_total(report, device, endpoint, collector_name, args.quick)
         if "decode" in sections:
-            # Short rounds, many of them: this machine's speed drifts by more than the 1 % to be seen, and
+            # Short rounds, many of them: a shared machine's speed drifts by more than the 1 % to be seen, and
             # a ratio within a round (variants run back to back) cancels most of that drift.
             steps, rounds = (30, 11) if args.quick else (30, 81)
             decode(report, device, endpoint, SyntheticDecode(device), "synthetic 5 ms decode step", steps, rounds)

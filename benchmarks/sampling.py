@@ -1,4 +1,4 @@
-"""Issue 12's cost targets, side by side in one run: what otel-npu costs when it is on all the time.
+"""The cost targets of sampling, side by side in one run: what otel-npu costs when it is on all the time.
 
 ``python -m benchmarks.run --only sampling`` (run it with ``OMP_NUM_THREADS=1``: torch on one thread, so that
 the background work per capture shows instead of hiding behind a second core torch already saturates).

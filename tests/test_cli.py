@@ -1,4 +1,4 @@
-"""The new-user paper cuts of the ``otel-npu`` command (issue 11 items 22-23), run as a user runs them."""
+"""The new-user paper cuts of the ``otel-npu`` command, run as a user runs them."""
 
 from __future__ import annotations
 
@@ -99,8 +99,7 @@ def test_demo_with_a_bad_switch_and_an_unknown_exporter_is_consistent(tmp_path):
     (None, {"OMP_NUM_THREADS": "lots"}, (1, "the default")),
 ])
 def test_demo_thread_count_is_chosen_deliberately(flag, env, expected):
-    # Issue 11 item 23: torch's default (a thread per core) fought other load on a busy 2-core machine
-    # (28 s instead of under 10 s).
+    # torch's default (a thread per core) fought other load on 2 busy CPU cores (28 s instead of under 10 s).
     from otel_npu.cli import demo
 
     threads, why = demo.choose_threads(flag, env)

@@ -107,7 +107,7 @@ def test_environment_is_read_once_at_import_and_a_bad_value_never_crashes_the_pr
     assert bad.stderr.count("OTEL_NPU_ENABLED='perhaps' is not valid") == 1
 
 
-# -- out-of-range numbers (issue 11 item 10): one warning naming variable, value and range, then the default --
+# -- out-of-range numbers: one warning naming variable, value and range, then the default --------------------
 @pytest.mark.parametrize("var, raw, field, default", [
     ("OTEL_NPU_POLL_INTERVAL_MS", "1e16", "poll_interval_s", 0.1),
     ("OTEL_NPU_POLL_INTERVAL_MS", "inf", "poll_interval_s", 0.1),

@@ -19,7 +19,7 @@ yaml = pytest.importorskip("yaml", reason="pyyaml is in the test extra: pip inst
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "otel-npu.json"
-METRIC = "otel_npu.stage.duration"  # what the dashboard is about (issue 4 adds it to otel-npu)
+METRIC = "otel_npu.stage.duration"  # what the dashboard is about
 
 
 def load(path: Path) -> Any:
@@ -246,7 +246,7 @@ def test_dashboard_queries_name_metrics_the_demo_really_exports(tmp_path):
     exported = receiver.metrics
     if METRIC not in exported:
         pytest.skip(f"the demo exported no {METRIC} metric (got: {sorted(exported) or 'no metrics at all'}): "
-                    f"otel-npu does not export it yet in this branch (issue 4 adds it); the dashboard's "
+                    f"otel-npu does not export it in this checkout; the dashboard's "
                     f"{sorted(metrics)} cannot be checked against a real export")
     problems = mismatches(exported, metrics, labels)
     assert not problems, problems
@@ -297,7 +297,7 @@ def test_prometheus_translation_matches_the_collectors_rules():
 
 
 def test_a_step_duration_panel_has_exemplars_that_open_traces_and_kept_slow_steps_are_listed(collector):
-    """Issue 12: from a slow bucket to its trace. The exemplars need, end to end: a Prometheus panel asking for
+    """From a slow bucket to its trace. The exemplars need, end to end: a Prometheus panel asking for
     them on the step series, a Prometheus datasource that sends their trace_id to Tempo, Prometheus keeping
     them (exemplar storage) and the collector's Prometheus exporter writing them (OpenMetrics)."""
     dashboard = json.loads(DASHBOARD.read_text())

@@ -33,8 +33,7 @@ def test_model_runner_links_steps_to_requests_from_their_traceparent(tmp_path):
 
 
 def test_model_runner_run_plainly_is_quiet_and_says_where_its_traces_went(tmp_path):
-    # Issue 11 item 21: run with no OTEL_* variable and no collector, it printed retry errors for 20 s and
-    # lost its traces.
+    # Run with no OTEL_* variable and no collector, it once printed retry errors for 20 s and lost its traces.
     env = child_env()
     env.update(OTEL_NPU_DEVICE="cpu")
     done = subprocess.run([sys.executable, str(EXAMPLES / "model_runner.py")], env=env, cwd=tmp_path,

@@ -204,7 +204,7 @@ def test_an_app_provider_from_env_puts_request_and_stage_spans_in_one_file(monke
 @pytest.mark.parametrize("traces", [{"OTEL_TRACES_EXPORTER": "console"},
                                     {"OTEL_TRACES_EXPORTER": "none", "OTEL_NPU_TRACES_FILE": "t.jsonl"}])
 def test_collector_less_runs_send_no_metrics_to_localhost(traces, monkeypatch, tmp_path, capfd, caplog_otel):
-    # Issue 11 item 21: with traces to the console or a file only, the stage metrics still went to
+    # With traces to the console or a file only, the stage metrics once went to
     # localhost:4318 (a warning, flush() blocking 5 s and returning False).
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("OTEL_METRICS_EXPORTER")

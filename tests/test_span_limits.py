@@ -1,4 +1,4 @@
-"""Span limits, attribute keys and link attributes, as the OpenTelemetry SDK applies them (issue 11 items 13-15).
+"""Span limits, attribute keys and link attributes, as the OpenTelemetry SDK applies them.
 
 Each scenario runs twice: through otel-npu's own pipeline (its hand-written OTLP encoder, read back by a real
 OTLP/HTTP receiver with the official protobuf classes) and through an application's SDK TracerProvider. Both
@@ -187,7 +187,7 @@ def _fails_deep(depth: int) -> None:
 
 
 def test_exception_events_carry_a_bounded_stacktrace(run):
-    # Issue 11 item 19: the semantic conventions recommend exception.stacktrace on the exception event.
+    # The semantic conventions recommend exception.stacktrace on the exception event.
     r = run()
     with pytest.raises(ValueError):
         with otel_npu.capture("shallow"):

@@ -5,7 +5,7 @@ Facts it relies on (PyTorch's ``CUDAEvent.h`` and ``torch/cuda/streams.py``, and
 * ``Event.record(stream)`` only enqueues (≈ 1-2.5 µs of host time); ``query()`` and ``elapsed_time()`` never
   wait; ``elapsed_time`` raises unless both events completed and returns float32 milliseconds (resolution
   ≈ 0.5 µs), so durations are read directly between a capture's own two events and offsets are taken from a
-  recent anchor (see ``clock.py``);
+  recent anchor (see ``resolve/clock.py``);
 * torch creates the underlying ``cudaEvent_t`` lazily on the first ``record``: ``new_event`` records each
   new event once on the backend's own stream so that the hot path never triggers a ``cudaEventCreate``;
 * current streams are per thread, so the hot path asks for the capturing thread's stream itself.
