@@ -144,3 +144,19 @@ def test_an_unknown_exporter_in_the_demo_is_as_if_unset_and_said_in_the_same_wor
     assert both.count(UNKNOWN) == 1 and f"{UNKNOWN}: the demo writes its traces to a file" in both, both
     (traces,) = tmp_path.glob("otel-npu-traces-*.jsonl")  # the demo's default when nothing is named: a file
     assert json.loads(traces.read_text().splitlines()[0])["resourceSpans"]
+
+
+def test_a_command_piped_into_head_ends_quietly(tmp_path):
+    """``otel-npu summary FILE | head -3`` printed a BrokenPipeError traceback once head had its lines (a table
+    longer than the pipe's buffer)."""
+    traces = tmp_path / "t.jsonl"
+    spans = [{"traceId": f"{n + 1:032x}", "spanId": f"{n + 1:016x}", "name": f"Step{n}", "kind": 1,
+              "startTimeUnixNano": "1000", "endTimeUnixNano": "2000",
+              "attributes": [{"key": "otel_npu.kind", "value": {"stringValue": "step"}}]} for n in range(3000)]
+    line = {"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [{"scope": {"name": "otel_npu"},
+                                                                               "spans": spans}]}]}
+    traces.write_text(json.dumps(line) + "\n")
+    done = subprocess.run(f"{sys.executable} -m otel_npu summary {traces} | head -1", shell=True, cwd=tmp_path,
+                          env=child_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert done.stdout.startswith(str(traces)), done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 #: subcommand -> module. A module that does not exist yet is simply not offered.
@@ -46,7 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``otel-npu summary FILE | head``): what it wanted was written. Quietly, as a
+        # command killed by SIGPIPE ends; stdout goes to devnull so that the interpreter's own flush at exit
+        # does not report it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover
