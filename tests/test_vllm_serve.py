@@ -194,7 +194,9 @@ def test_without_otel_npu_enabled_nothing_of_otel_npu_appears(model, tmp_path):
     assert not {"Prefill", "Decode"} & names
     assert not [s for _, s in got["spans"] if any(k.startswith("otel_npu.") for k in attributes(s.attributes))]
     assert not [m for _, m in got["metrics"] if m.name.startswith("otel_npu.")]
-    assert "otel-npu" not in got["log"]
+    # Nothing otel-npu says (its lines start "otel-npu"); paths into the checkout may name it, as a clone made
+    # by the README's `git clone ... otel-npu` does.
+    assert "otel-npu" not in got["log"].replace(str(ROOT), "<checkout>")
 
 
 def test_plugin_loaded_without_otel_npu_enabled_patches_nothing():
