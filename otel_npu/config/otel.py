@@ -333,3 +333,19 @@ def use_traces_file_unless_configured(env: MutableMapping[str, str] | None = Non
     path = f"otel-npu-traces-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     env[TRACES_FILE_ENV] = path
     return path
+
+
+def metrics_follow_traces(env: MutableMapping[str, str], default_protocol: str = "grpc") -> None:
+    """Stage metrics go where the traces go when no metrics endpoint is configured: to
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (over ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL``, else ``default_protocol``;
+    an HTTP ``.../v1/traces`` path becomes ``.../v1/metrics``). For an engine whose own tracing puts its endpoint
+    there (vLLM's ``--otlp-traces-endpoint``): without this, otel-npu's metrics would go to the OTLP default
+    (``localhost:4318``). Changes ``env``; call it before otel-npu starts."""
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if not traces or env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip() or default_protocol
+    if protocol != "grpc" and traces.rstrip("/").endswith("/v1/traces"):
+        traces = traces.rstrip("/")[: -len("traces")] + "metrics"
+    env["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"] = traces
+    env.setdefault("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", protocol)

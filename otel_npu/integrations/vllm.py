@@ -6,6 +6,11 @@ otel-npu is enabled (``OTEL_NPU_ENABLED=1``): no import of vLLM modules, no patc
 installs the hooks of ``HOOKS`` that the running vLLM's version admits, each checked to exist first; a missing
 one is named in one warning and skipped (fewer stages, no links...), never an error in the engine.
 
+Built on the engine-agnostic integration core: ``_patch.py`` (the hook table: version gates, checks,
+install/uninstall) and ``_engine_step.py`` (the step open between engine calls, the requests' trace contexts,
+the idle flusher, where spans go). What is here is vLLM's: its hooks, its stage names, and how a scheduler
+output becomes a step.
+
 What the hooks do, per process:
 
 * **worker** (the process that runs the model): ``WorkerWrapperBase.execute_model`` opens a step named
@@ -31,23 +36,23 @@ is ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (vLLM puts it there) over gRPC unless
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import importlib
-import inspect
 import logging
 import os
-import re
 import threading
-import types
-from collections.abc import Callable
-from typing import Any
-
-from opentelemetry import trace
-from opentelemetry.propagate import extract
+from typing import Any, Callable
 
 import otel_npu
 
+from ._engine_step import Both, EngineStep, RequestContexts, export_like_engine, metrics_follow_traces
+from ._patch import Hook, Patcher, admits, parse_version
+
+__all__ = ["register", "HOOKS", "Hook", "admits", "install", "uninstall", "STAGES", "V1_STAGES", "ASCEND_STAGES",
+           "MIN_VLLM"]
+
 _log = logging.getLogger("vllm.otel_npu")  # in vLLM's log, with its process prefixes
+#: The hooks installed in this process, and the one warning per missing target.
+_patcher = Patcher("vLLM", _log)
+_warn_once = _patcher.warn_once
 
 #: vLLM's V1 model runner (``vllm/v1/worker/gpu_model_runner.py``, vLLM < 0.34; the CPU runner inherits it):
 #: its ``record_function_or_nullcontext`` scope names -> otel-npu's stage names. ``None``: not captured.
@@ -90,65 +95,27 @@ ATTR_REQUEST_IDS = "vllm.request_ids"
 ATTR_GRAPH = "vllm.cudagraph_mode"
 
 
-@dataclasses.dataclass(frozen=True)
-class Hook:
-    """One place otel-npu patches in vLLM."""
-
-    module: str
-    attr: str  # ``Class.method`` or a module global
-    gives: str  # what is lost without it
-    make: Callable[[Any], Any]  # the original -> its replacement
-    role: str = ""  # "step", "stages", "links" or "graph mode"
-    since: tuple[int, ...] = ()  # the vLLM versions it applies to: since <= version < before (() = open)
-    before: tuple[int, ...] = ()
-    reader: str = ""  # a module global: the function or ``Class.method`` of the module that must read it
-    params: tuple[str, ...] = ()  # the leading parameters the replacement relies on, by position
-    read: tuple[str, ...] = ()  # vLLM versions whose sources were read for it (tests/test_vllm_sources.py)
-    run: tuple[str, ...] = ()  # vLLM versions it ran with
-
-
-def admits(hook: Hook, version: tuple[int, ...]) -> bool:
-    """Whether ``hook`` applies to vLLM ``version`` (``()``: unknown, every hook is tried)."""
-    if not version:
-        return True
-    return (not hook.since or version >= hook.since) and (not hook.before or version < hook.before)
-
-
-def _parse_version(text: str) -> tuple[int, ...]:
-    """``"0.32.0+cpu"`` -> ``(0, 32)``; ``()`` when it does not start with major.minor."""
-    found = re.match(r"(\d+)\.(\d+)", text)
-    return (int(found.group(1)), int(found.group(2))) if found else ()
-
-
 # -- the worker's state ----------------------------------------------------------------------------------------
 
 
-class _Worker:
-    """What a worker process remembers between steps, and the step in flight."""
+class _Worker(EngineStep):
+    """What a vLLM worker remembers between steps (the requests it serves), and the step in flight
+    (``EngineStep``: opened by ``execute_model``, closed by ``sample_tokens``)."""
 
     def __init__(self) -> None:
-        self.requests: dict[str, tuple[Any, int]] = {}  # req_id -> (client SpanContext or None, prompt length)
-        self.step: Any = None  # the open step's context manager (between execute_model and sample_tokens)
-        self.attributes: dict[str, Any] | None = None
-        self.thread: int | None = None
+        super().__init__()
+        #: req_id -> (client SpanContext or None, prompt length)
+        self.requests = RequestContexts(MAX_REQUESTS)
         self.prepared = False  # the first step's set-up is done
         self.sample_hooked = False  # the worker's sample_tokens ends the step
-        self.flusher: _Flusher | None = None
-        self.stage: Any = None  # the V2 runner's open stage capture, entered by one hook, left by the next
-        self.stage_name: str | None = None
 
     def forget(self, finished: Any) -> None:
-        requests = self.requests
-        for req_id in finished or ():
-            requests.pop(req_id, None)
+        self.requests.forget(finished)
 
     def learn(self, new_reqs: Any) -> None:
         requests = self.requests
         for new in new_reqs:
-            headers = getattr(new, "trace_headers", None)
-            requests[new.req_id] = (_client_context(headers) if headers else None, _prompt_len(new))
-        while len(requests) > MAX_REQUESTS:
-            requests.pop(next(iter(requests)))
+            requests.learn(new.req_id, getattr(new, "trace_headers", None), _prompt_len(new))
 
     def begin(self, so: Any) -> Any:
         """The step for scheduler output ``so``, entered; None when this step runs no model."""
@@ -167,80 +134,13 @@ class _Worker:
                 if known is not None and computed < known[1]:
                     prefill = True
                     break
-        links = []
-        for req_id in scheduled:
-            known = requests.get(req_id)
-            if known is not None and known[0] is not None:
-                links.append(known[0])
         ids = list(scheduled)
         attributes = {ATTR_BATCH: len(ids), ATTR_TOKENS: so.total_num_scheduled_tokens,
                       ATTR_REQUEST_IDS: ids[:MAX_REQUEST_IDS]}
-        step = otel_npu.step("Prefill" if prefill else "Decode", links=links, attributes=attributes)
-        step.__enter__()
-        self.step, self.attributes, self.thread = step, attributes, threading.get_ident()
-        return step
-
-    def open_stage(self, name: str) -> None:
-        """Leave the open stage (if any) and enter ``name``: the V2 runner's stages follow one another."""
-        self.close_stage()
-        stage = otel_npu.capture(name)
-        stage.__enter__()
-        self.stage, self.stage_name = stage, name
-
-    def close_stage(self, exc: BaseException | None = None) -> None:
-        stage, self.stage, self.stage_name = self.stage, None, None
-        if stage is not None:
-            stage.__exit__(None if exc is None else type(exc), exc, None if exc is None else exc.__traceback__)
-
-    def in_step(self) -> bool:
-        """A step is open, on this thread (the engine's)."""
-        return self.step is not None and self.thread == threading.get_ident()
-
-    def end(self, exc: BaseException | None = None) -> None:
-        self.close_stage(exc)
-        step, self.step, self.attributes, self.thread = self.step, None, None, None
-        if step is not None:
-            step.__exit__(None if exc is None else type(exc), exc, None if exc is None else exc.__traceback__)
-            if self.flusher is not None:
-                self.flusher.wake.set()
-
-
-class _Flusher(threading.Thread):
-    """Sends the worker's spans as soon as the engine goes idle, off the engine's thread.
-
-    vLLM's default shutdown (``--shutdown-timeout 0``) SIGKILLs the EngineCore and its workers as soon as the
-    API server gets SIGTERM, so what a worker still holds then is lost; exporters batch for seconds. This
-    thread flushes otel-npu (its resolver and its exporters) once the engine has been idle for ``IDLE_S``.
-    Not while it is busy: a flush makes the resolver poll every millisecond until it is done, which on a
-    starved machine took the engine's GIL time (and the exporters' batches of ≤ 5 s do that job then).
-    """
-
-    IDLE_S = 0.05
-
-    def __init__(self) -> None:
-        super().__init__(name="otel-npu-vllm-flush", daemon=True)
-        self.wake = threading.Event()
-
-    def run(self) -> None:
-        wake = self.wake
-        while True:
-            wake.wait()
-            wake.clear()
-            while wake.wait(self.IDLE_S):
-                wake.clear()
-            try:
-                otel_npu.flush(2.0)
-            except Exception:  # pragma: no cover - the exporters count and report their own failures
-                _log.debug("otel-npu: flush after steps failed", exc_info=True)
+        return self.open_step("Prefill" if prefill else "Decode", links=requests.links(ids), attributes=attributes)
 
 
 _worker = _Worker()
-
-
-def _client_context(headers: Any) -> Any:
-    """The SpanContext of the client's span in ``headers`` (``traceparent``), or None."""
-    ctx = trace.get_current_span(extract(dict(headers))).get_span_context()
-    return ctx if ctx.is_valid else None
 
 
 def _prompt_len(new: Any) -> int:
@@ -250,44 +150,22 @@ def _prompt_len(new: Any) -> int:
     return int(embeds.shape[0]) if embeds is not None else 0
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str, *args: Any) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        _log.warning(message, *args)
-
-
-def _export_like_vllm(wrapper: Any, env: Any = os.environ) -> None:
+def _export_like_vllm(wrapper: Any, env: Any = None) -> None:
     """Before otel-npu starts in the worker: its own pipeline (≈ 90 µs of CPU per step of 8 requests and five
     stages, against ≈ 430 µs through vLLM's TracerProvider, whose SDK processor and encoder cost ≈ 60 µs a
     span), sending where vLLM sends, as vLLM would: ``--otlp-traces-endpoint`` is in
     ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` of every vLLM process (vLLM puts it there), over gRPC unless
-    ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` says otherwise. ``OTEL_NPU_PIPELINE`` set: as it says."""
+    ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` says otherwise. ``OTEL_NPU_PIPELINE`` set: as it says. ``env``: the
+    process environment unless given."""
     config = getattr(getattr(wrapper, "vllm_config", None), "observability_config", None)
-    if getattr(config, "otlp_traces_endpoint", None):
-        env.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")  # vLLM's default, made explicit
-    _metrics_to_vllm_collector(env)
-    if not env.get("OTEL_NPU_PIPELINE", "").strip():
-        otel_npu.configure(pipeline="own")
+    export_like_engine(traces_endpoint_set=bool(getattr(config, "otlp_traces_endpoint", None)),
+                       default_protocol="grpc", env=env)
 
 
-def _metrics_to_vllm_collector(env: Any = os.environ) -> None:
-    """Stage metrics go where vLLM sends its traces when no metrics endpoint is configured.
-
-    vLLM puts ``--otlp-traces-endpoint`` into ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` of its processes, with
-    gRPC unless ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` says otherwise. Without this, otel-npu's metrics would go
-    to the OTLP default (``localhost:4318``). Called before otel-npu starts in this process.
-    """
-    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-    if not traces or env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        return
-    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip() or "grpc"
-    if protocol != "grpc" and traces.rstrip("/").endswith("/v1/traces"):
-        traces = traces.rstrip("/")[: -len("traces")] + "metrics"
-    env["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"] = traces
-    env.setdefault("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", protocol)
+def _metrics_to_vllm_collector(env: Any = None) -> None:
+    """Stage metrics go where vLLM sends its traces when no metrics endpoint is configured (vLLM's default
+    protocol is gRPC). Called before otel-npu starts in this process."""
+    metrics_follow_traces(env, "grpc")
 
 
 # -- the replacements ------------------------------------------------------------------------------------------
@@ -304,8 +182,7 @@ def _execute_model(original: Callable) -> Callable:
                 w.prepared = True
                 _export_like_vllm(self)
                 _hook_sample_tokens(self)
-                w.flusher = _Flusher()
-                w.flusher.start()
+                w.start_flusher("otel-npu-vllm-flush")
             step = w.begin(scheduler_output)
         except Exception as exc:
             _warn_once("begin", "otel-npu: could not open a step (%s: %s); the engine goes on, this batch "
@@ -369,33 +246,9 @@ def _scopes(original: Any) -> Callable[[str], Any]:
         if stage is None:
             return inner(name)
         cm = capture(stage)
-        return cm if plain else _Both(inner(name), cm)
+        return cm if plain else Both(inner(name), cm)
 
     return scope
-
-
-class _Both:
-    """vLLM's own scope (a profiler range, when profiling is on) around otel-npu's capture."""
-
-    __slots__ = ("outer", "inner")
-
-    def __init__(self, outer: Any, inner: Any) -> None:
-        self.outer = outer
-        self.inner = inner
-
-    def __enter__(self) -> Any:
-        self.outer.__enter__()
-        try:
-            return self.inner.__enter__()
-        except BaseException:
-            self.outer.__exit__(None, None, None)
-            raise
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        try:
-            self.inner.__exit__(exc_type, exc, tb)
-        finally:
-            return bool(self.outer.__exit__(exc_type, exc, tb))
 
 
 def _dispatch(original: Callable) -> Callable:
@@ -451,7 +304,7 @@ def _v2_execute_model(original: Callable) -> Callable:
         if not w.in_step() or dummy:
             return original(self, scheduler_output, *args, **kwargs)
         # without the forward seam the two cannot be told apart: one stage, named for what it holds
-        w.open_stage("prepare input" if _FORWARD_HOOK in _active else "prepare input and forward")
+        w.open_stage("prepare input" if _FORWARD_HOOK in _patcher.active else "prepare input and forward")
         try:
             out = original(self, scheduler_output, *args, **kwargs)
         except BaseException as exc:
@@ -590,81 +443,16 @@ HOOKS = (
          run=("0.32.0",)),
 )
 
-_installed: list[tuple[Any, str, Any]] = []
-_active: set[str] = set()  # "module.attr" of each hook applied
-_install_lock = threading.Lock()
-
-
-def _target(hook: Hook) -> tuple[Any, str, Any]:
-    """(owner, attribute name, current value) of ``hook``'s target; raises LookupError naming what is missing."""
-    try:
-        module: Any = importlib.import_module(hook.module)
-    except ImportError as exc:
-        raise LookupError(f"module {hook.module} cannot be imported ({exc})") from None
-    owner, name, current = _lookup(module, hook.module, hook.attr)
-    if hook.reader:  # a global: it must be what the reader reads
-        _, _, reader = _lookup(module, hook.module, hook.reader)
-        code = getattr(inspect.unwrap(reader), "__code__", None)
-        if code is None or name not in code.co_names:
-            raise LookupError(f"{hook.module}.{hook.reader} does not read {name}")
-    elif not (callable(current) or isinstance(current, classmethod)):
-        raise LookupError(f"{hook.module}.{hook.attr} is not callable")
-    if hook.params:
-        try:
-            names = list(inspect.signature(inspect.unwrap(current)).parameters)
-        except (TypeError, ValueError):
-            names = []
-        if names[: len(hook.params)] != list(hook.params):
-            raise LookupError(f"{hook.module}.{hook.attr}{tuple(names)} does not start with {hook.params}")
-    return owner, name, current
-
-
-def _lookup(module: Any, module_name: str, attr: str) -> tuple[Any, str, Any]:
-    owner = module
-    *path, name = attr.split(".")
-    for part in path:
-        owner = getattr(owner, part, None)
-        if owner is None:
-            raise LookupError(f"{module_name}.{part} does not exist")
-    if not hasattr(owner, name):
-        raise LookupError(f"{module_name}.{attr} does not exist")
-    return owner, name, vars(owner)[name] if name in vars(owner) else getattr(owner, name)
-
-
 def install(hooks: tuple[Hook, ...] = HOOKS, version: tuple[int, ...] = ()) -> list[str]:
     """Apply those of ``hooks`` that ``version`` admits (each once); returns the targets patched. A missing
-    target is warned about, not raised."""
-    done = []
-    with _install_lock:
-        for hook in hooks:
-            if not admits(hook, version):
-                continue
-            try:
-                owner, name, current = _target(hook)
-                if any(o is owner and n == name for o, n, _ in _installed):
-                    continue
-                replacement = hook.make(current)
-                if callable(current) and isinstance(replacement, types.FunctionType):
-                    replacement.__wrapped__ = current  # type: ignore[attr-defined] # what a reader check looks through
-                setattr(owner, name, replacement)
-            except Exception as exc:
-                _warn_once(f"hook:{hook.module}:{hook.attr}", "otel-npu: cannot hook %s.%s in this vLLM (%s); "
-                           "left out: %s", hook.module, hook.attr, exc, hook.gives)
-                continue
-            _installed.append((owner, name, current))
-            _active.add(f"{hook.module}.{hook.attr}")
-            done.append(f"{hook.module}.{hook.attr}")
-    return done
+    target is warned about, not raised (``_patch.Patcher``)."""
+    return _patcher.install(hooks, version)
 
 
 def uninstall() -> None:
     """Undo ``install()`` (for tests; a serving process keeps its hooks)."""
-    with _install_lock:
-        while _installed:
-            owner, name, original = _installed.pop()
-            setattr(owner, name, original)
-        _active.clear()
-        _worker.__init__()
+    _patcher.uninstall()
+    _worker.__init__()
 
 
 def register() -> None:
@@ -677,7 +465,7 @@ def register() -> None:
         version = str(getattr(vllm, "__version__", "0"))
     except Exception:  # pragma: no cover - vLLM calls us, so it imports
         return
-    parsed = _parse_version(version)
+    parsed = parse_version(version)
     if parsed and parsed < MIN_VLLM:  # unparsable (a source build's): the targets are checked one by one anyway
         _warn_once("version", "otel-npu: vLLM %s is older than the versions its plugin was written for (%s+); "
                    "not hooking it", version, ".".join(map(str, MIN_VLLM)))
