@@ -29,7 +29,6 @@ from typing import Any, Callable, Mapping
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from .._version import __version__
@@ -40,6 +39,7 @@ from ..record import DROPPED as _DROPPED
 from ..record import Record
 from ..spans import sampling as step_sampling
 from ..spans.attributes import Limits
+from ..spans.identity import IdGenerator
 from ..spans.render import SpanFactory
 from .. import config
 from . import redact, registry
@@ -277,7 +277,7 @@ def build(settings: Any, otel: OtelSettings, *, process_attrs: Mapping[str, Any]
                                            scope, stats), **_step_rules(settings, stats),
                             metrics_description=otel.metrics_off_reason or "none")
 
-    factory = SpanFactory(sampler=sampler(otel), id_generator=RandomIdGenerator(),
+    factory = SpanFactory(sampler=sampler(otel), id_generator=IdGenerator(),
                           limits=Limits(**otel.span_limits), **common)
     if otel.sdk_disabled:
         return Pipeline(factory, [], stats, "none (OTEL_SDK_DISABLED=true)")
@@ -357,7 +357,8 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
     """An SDK TracerProvider configured like otel-npu's own pipeline, for an application that has none
     (the demo uses it for its request spans): resource and sampler from the ``OTEL_*`` variables, exporters
     from ``OTEL_TRACES_EXPORTER`` / ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``, plus the ``OTEL_NPU_TRACES_FILE``
-    file (``env``: the process environment unless given). The caller installs it
+    file (``env``: the process environment unless given), and ids from otel-npu's own RNG
+    (``spans.identity.IdGenerator``: the application's ``random.seed()`` cannot repeat them). The caller installs it
     (``trace.set_tracer_provider``) and shuts it down. ``wrap_exporter(exporter, kind)`` (kind ``file``,
     ``console`` or ``otlp``: the ``registry.SDK_SPAN_EXPORTERS`` name), when given, may replace each span
     exporter before its processor is built (the demo counts what each one delivered)."""
@@ -366,7 +367,7 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None,
     otel = otel_config.read(env)
     redact.install_exporter_log_filter()
     provider = TracerProvider(resource=resource_from_env(dict(extra_attributes or {})), sampler=sampler(otel),
-                              span_limits=sdk_span_limits(otel))
+                              span_limits=sdk_span_limits(otel), id_generator=IdGenerator())
     if otel.sdk_disabled:
         return provider
     otel.batching  # noqa: B018  (validated, and warned about, before any exporter or the traces file exists)

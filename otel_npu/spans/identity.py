@@ -4,20 +4,62 @@ The sampler is asked once per *root* of a capture tree (an outermost capture or 
 that was current at its entry as parent context; nested captures inherit the decision, as every standard
 sampler would decide for a child of a local sampled parent. A capture under an unsampled parent gets no ids
 (its span is not made); ``rekey`` gives them later if its step is exported after all.
+
+**Where ids come from.** The id generator of the pipeline's TracerProvider, with one exception: the SDK's
+``RandomIdGenerator`` (the default) draws from Python's global ``random``, which applications seed —
+vLLM calls ``random.seed(seed)`` in every worker (``seed=0`` by default), so every rank and every server
+would emit the same trace and span ids, and the same again after each restart. So where the provider's
+generator is exactly the SDK's ``RandomIdGenerator`` (and in otel-npu's own pipeline), ids are drawn from an
+RNG of otel-npu's own instead (``IdGenerator``: the same distribution, uniform non-zero 128-bit trace and
+64-bit span ids), seeded from ``os.urandom`` at import and re-seeded in a forked child, so that neither the
+application's seeding nor a fork can make ids repeat. Any other id generator (a custom one, the AWS X-Ray
+one, ...) is honoured as it is.
 """
 
 from __future__ import annotations
 
 import collections.abc
 import functools
+import os
 import random
 from typing import Any, Callable, Sequence
 
 from opentelemetry import trace
+from opentelemetry.sdk.trace.id_generator import IdGenerator as SdkIdGenerator
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import Link, SpanKind
 
 from ..record import DROPPED, Record
+
+
+#: otel-npu's own source of ids (see the module docstring): seeded from the OS, never from the application.
+_rng = random.Random(os.urandom(32))
+
+
+def _reseed_in_child() -> None:
+    # A forked child has a copy of the parent's state: without this, both would draw the same ids.
+    _rng.seed(os.urandom(32))
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed_in_child)
+
+
+class IdGenerator(SdkIdGenerator):
+    """The SDK's ``RandomIdGenerator`` (uniform non-zero ids) drawing from otel-npu's own RNG, which
+    ``random.seed()`` does not touch and a forked child re-seeds."""
+
+    def generate_span_id(self) -> int:
+        span_id = _rng.getrandbits(64)
+        while span_id == 0:
+            span_id = _rng.getrandbits(64)
+        return span_id
+
+    def generate_trace_id(self) -> int:
+        trace_id = _rng.getrandbits(128)
+        while trace_id == 0:
+            trace_id = _rng.getrandbits(128)
+        return trace_id
 
 
 class _LazyAttributes(collections.abc.Mapping):
@@ -58,17 +100,19 @@ def _root_context(r: Record) -> Any:
 
 
 class Identity:
-    """Ids and sampling decisions for the records of one pipeline."""
+    """Ids and sampling decisions for the records of one pipeline. ``id_generator``: the provider's; the SDK's
+    ``RandomIdGenerator`` is replaced by ``IdGenerator`` (see the module docstring), any other is used."""
 
     def __init__(self, *, sampler: Any, id_generator: Any, start_attributes: Callable[[Record], dict],
                  sampler_links: Callable[[Record], Sequence[Link]]) -> None:
         self._sampler = sampler
-        self._ids = id_generator
-        self._new_span_id = id_generator.generate_span_id
-        if type(id_generator) is RandomIdGenerator:
+        own = type(id_generator) in (RandomIdGenerator, IdGenerator)
+        self._ids = IdGenerator() if own else id_generator
+        self._new_span_id = self._ids.generate_span_id
+        if own:
             # The same draw without the Python method around it (that loops only to avoid 0, which
-            # random.getrandbits(64) returns once in 2**64 draws).
-            self._new_span_id = functools.partial(random.getrandbits, 64)
+            # getrandbits(64) returns once in 2**64 draws).
+            self._new_span_id = functools.partial(_rng.getrandbits, 64)
         self.start_attributes = start_attributes
         self.sampler_links = sampler_links
 
