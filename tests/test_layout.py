@@ -1,0 +1,198 @@
+"""The package's layout holds: imports flow down the layers of docs/architecture.md, no cycle, devices know
+nothing of OpenTelemetry, spans nothing of devices, integrations only the public face and the integration
+core, and only ``config/`` reads the environment.
+
+Read from the sources with ``ast`` (every import, at module level or inside a function: a lazy import is still
+an arrow), never by importing them.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+from typing import Iterator
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "otel_npu"
+
+#: The layers, lowest first: a module may import its own layer (no cycle) and the layers below, never above.
+LAYERS: list[tuple[str, ...]] = [
+    ("record", "accounting", "_version", "config", "devices", "durations", "testing"),
+    ("capturing", "resolve", "spans"),
+    ("export",),
+    ("runtime",),
+    ("api", "compat", "instrument", "__init__"),
+]
+#: At the side: the command line (``cli``, and ``python -m otel_npu``) may import anything; ``integrations``
+#: are checked on their own (below). Nothing in the layers imports them.
+SIDE = ("cli", "__main__", "integrations")
+#: Imports forbidden within or below the layer order (what the order alone would allow).
+FORBIDDEN = {
+    "capturing": ("resolve", "spans", "export", "runtime"),
+    "resolve": ("spans", "export", "capturing"),
+    "spans": ("devices", "capturing", "resolve"),
+    "export": ("capturing", "resolve", "devices"),
+    "devices": ("opentelemetry",),
+    "record": ("opentelemetry",),
+    "accounting": ("opentelemetry",),
+    "config": ("opentelemetry",),
+}
+#: What integrations may import of otel-npu: the public face (the package itself), and for engine modules the
+#: integration core; the core may also read ``config``.
+INTEGRATION_CORE = ("otel_npu.integrations._patch", "otel_npu.integrations._engine_step")
+#: Modules outside ``config/`` that name the process environment, and why. Reading a variable is
+#: ``config``'s job; these only pass the mapping on.
+ENVIRONMENT_EXCEPTIONS: dict[str, str] = {}
+ENVIRONMENT = re.compile(r"\bos\.environ\b|\bos\.getenv\b|\bgetenv\(|\bfrom os import .*environ")
+
+
+def modules() -> Iterator[tuple[str, pathlib.Path]]:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        yield ".".join(parts[:-1] if parts[-1] == "__init__" else parts), path
+
+
+ALL = dict(modules())
+
+
+def resolve(module: str, path: pathlib.Path, level: int, name: str | None) -> str:
+    """The absolute name of a relative import's target."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    base = package.split(".")
+    if level > 1:
+        base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([name] if name else []))
+
+
+def imports(module: str, path: pathlib.Path) -> Iterator[str]:
+    """Every module ``module`` imports (an imported name that is a submodule counts as that submodule)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom):
+            target = resolve(module, path, node.level, node.module) if node.level else node.module or ""
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                yield sub if sub in ALL else target
+
+
+GRAPH = {module: sorted({t for t in imports(module, path) if t != module}) for module, path in ALL.items()}
+
+
+def top(module: str) -> str:
+    """The part of the package a module belongs to (``otel_npu.export.sinks.otlp`` -> ``export``)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def layer(module: str) -> int | None:
+    part = top(module)
+    for n, names in enumerate(LAYERS):
+        if part in names:
+            return n
+    return None
+
+
+def internal(target: str) -> bool:
+    return target == "otel_npu" or target.startswith("otel_npu.")
+
+
+def test_every_module_is_in_a_layer():
+    loose = [m for m in ALL if layer(m) is None and top(m) not in SIDE]
+    assert not loose, f"modules in no layer of LAYERS (add them where they belong): {loose}"
+
+
+def test_imports_flow_down_only():
+    up = []
+    for module, targets in GRAPH.items():
+        here = layer(module)
+        if here is None:
+            continue
+        for target in filter(internal, targets):
+            there = layer(target)
+            if top(target) in SIDE or (there is not None and there > here):
+                up.append(f"{module} -> {target}")
+    assert not up, "imports that run back up the layers:\n" + "\n".join(up)
+
+
+@pytest.mark.parametrize("part", sorted(FORBIDDEN))
+def test_forbidden_imports(part):
+    found = []
+    for module, targets in GRAPH.items():
+        if top(module) != part:
+            continue
+        for target in targets:
+            name = target.split(".")[0] if not internal(target) else top(target)
+            if name in FORBIDDEN[part] and (internal(target) or not name.startswith("otel_npu")):
+                found.append(f"{module} -> {target}")
+    assert not found, f"{part} must not import {FORBIDDEN[part]}:\n" + "\n".join(found)
+
+
+def test_the_package_root_only_reexports_and_nothing_imports_it_back():
+    root = [t for t in GRAPH["otel_npu"] if internal(t)]
+    assert sorted(root) == ["otel_npu._version", "otel_npu.api"]
+    inside = [m for m, targets in GRAPH.items() if "otel_npu" in targets and top(m) not in SIDE]
+    assert not inside, f"modules importing the package root (import what you need from its module): {inside}"
+
+
+def test_the_hot_path_and_the_runtime_are_imported_from_above_only():
+    runtime_importers = sorted(m for m, targets in GRAPH.items() if "otel_npu.runtime" in targets)
+    assert set(runtime_importers) <= {"otel_npu.api", "otel_npu.compat", "otel_npu.cli.doctor", "otel_npu.cli.demo"}, \
+        runtime_importers
+
+
+def test_integrations_use_the_public_face_and_the_integration_core_only():
+    wrong = []
+    for module, targets in GRAPH.items():
+        if top(module) != "integrations" or module == "otel_npu.integrations":
+            continue
+        allowed = {"otel_npu", *INTEGRATION_CORE}
+        if module in INTEGRATION_CORE:
+            allowed |= {m for m in ALL if top(m) == "config"}
+        wrong += [f"{module} -> {t}" for t in targets if internal(t) and t not in allowed]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_cycles():
+    internal_graph = {m: [t for t in targets if t in ALL] for m, targets in GRAPH.items()}
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in internal_graph[node]:
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = 2
+
+    for node in internal_graph:
+        if node not in state:
+            visit(node, [])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_only_config_reads_the_environment():
+    readers = []
+    for module, path in ALL.items():
+        if top(module) == "config" or module in ENVIRONMENT_EXCEPTIONS:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if ENVIRONMENT.search(code) and not code.lstrip().startswith(('"', "'", "``")):
+                readers.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+    assert not readers, "the environment read outside config/ (read it through config):\n" + "\n".join(readers)
+
+
+def test_the_import_reader_resolves_what_it_reads():
+    """The graph the checks above read is the real one: relative imports resolved, submodules told apart."""
+    assert layer("otel_npu.capturing.hot") < layer("otel_npu.runtime")
+    assert "otel_npu.record" in GRAPH["otel_npu.capturing.hot"]
+    assert "otel_npu.export.registry" in GRAPH["otel_npu.export.pipeline"]
+    assert resolve("otel_npu.export.sinks.otlp", ALL["otel_npu.export.sinks.otlp"], 2, "redact") == \
+        "otel_npu.export.redact"
