@@ -17,6 +17,11 @@ from otel_npu.cli import main, tracefile
 from otel_npu.export.sinks.file import JsonLinesSpanExporter
 
 
+#: Spans the ``traces_file`` fixture writes, counted from its own loops: three steps of three stages, and the
+#: request span.
+SPANS_IN_TRACES_FILE = 3 * (1 + 3) + 1
+
+
 @pytest.fixture
 def traces_file(tmp_path):
     """A real file: otel-npu spans and a request span through JsonLinesSpanExporter, one line per span."""
@@ -185,13 +190,13 @@ def test_invalid_otlp_json_is_refused_with_file_line_and_reason(content, line, r
     assert f"{path}:{line}: " in err and reason in err, err
 
 
-def test_several_files_as_the_readmes_glob_gives_them(traces_file, tmp_path):
+def test_several_files_as_the_readmes_glob_gives_them(traces_file, tmp_path, capsys):
     # The README's `otel-npu summary otel-npu-traces-*.jsonl` once the demo has run twice.
     first = tmp_path / "otel-npu-traces-20260101-000000.jsonl"
     second = tmp_path / "otel-npu-traces-20260101-000100.jsonl"
     first.write_text(traces_file.read_text())
     second.write_text(json.dumps(foreign_request()) + "\n")
-    total = len(tracefile.read(str(first))) + 2
+    total = SPANS_IN_TRACES_FILE + 2  # and the foreign request's step and child
     for command in ("otel-npu summary otel-npu-traces-*.jsonl",
                     "otel-npu chrome-trace otel-npu-traces-*.jsonl -o trace.json"):
         done = subprocess.run(command.replace("otel-npu", f"{sys.executable} -m otel_npu", 1), shell=True,
@@ -201,4 +206,7 @@ def test_several_files_as_the_readmes_glob_gives_them(traces_file, tmp_path):
     slices = [e for e in strict_json((tmp_path / "trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
     assert len(slices) == total
     # the same file twice: its spans once
+    capsys.readouterr()
     assert main(["summary", str(first), str(first)]) == 0
+    out = capsys.readouterr().out
+    assert f": {SPANS_IN_TRACES_FILE} spans;" in out and f"{2 * SPANS_IN_TRACES_FILE} spans" not in out, out
