@@ -6,7 +6,7 @@ Commands (one per line), each answered by one JSON line on stdout:
   queue and pending lengths seen (max), the longest loop iteration, and otel-npu's counters;
 * ``flush SECONDS`` — ``otel_npu.flush``; answers whether it finished and how long it took;
 * ``exit`` — answers the time, then exits normally: otel-npu's exit hook flushes within its bound, and the
-  final counters are printed as one more JSON line (``{"final": ...}``) after it.
+  final counters and the time it finished are printed as one more JSON line (``{"final": ..., "at": ...}``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def rss_bytes() -> int:
 def main() -> None:
     final: dict = {}
     # Registered before otel-npu's own hook, so it runs after it (atexit is last in, first out).
-    atexit.register(lambda: print(json.dumps({"final": final.get("rt").stats.snapshot()}), flush=True))
+    # "at": when otel-npu's exit hook had finished, so that the exit's time is otel-npu's, not the interpreter's.
+    atexit.register(lambda: print(json.dumps({"final": final.get("rt").stats.snapshot(), "at": time.time()}),
+                                  flush=True))
 
     import otel_npu
     from otel_npu import runtime

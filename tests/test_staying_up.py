@@ -8,7 +8,7 @@ Each test drives a separate serving process (``steady_loop.py``: a steady step l
   within ``RSS_GROWTH_BOUND``);
 * nothing was raised, no SDK exporter log line got through, and every lost span is counted: emitted = exported
   + lost, with the loss reported by otel-npu's rate-limited warning (how many, and why);
-* exit took at most the flush bound (OTEL_NPU_SHUTDOWN_TIMEOUT_S) plus interpreter start/stop slack.
+* otel-npu's exit hook took at most the flush bound (OTEL_NPU_SHUTDOWN_TIMEOUT_S) plus scheduling slack.
 
 ``test_process_life.test_exit_is_bounded_when_the_collector_never_answers`` covers the collector that accepts
 connections and never answers.
@@ -37,7 +37,10 @@ MAX_PENDING = 5000        # OTEL_NPU_MAX_PENDING for these runs
 #: the loop nests a capture in a step.
 PENDING_OVERSHOOT = 2
 SHUTDOWN_BOUND_S = 2.0    # OTEL_NPU_SHUTDOWN_TIMEOUT_S for these runs
-EXIT_SLACK_S = 2.5        # interpreter teardown and scheduling on a busy 2-core machine
+#: The exit is timed inside the serving process, from the "exit" answer to the end of otel-npu's exit hook, so
+#: the interpreter's start and teardown are not in it. The slack is for scheduling on a loaded 2-core machine; an
+#: exit that ignored the bound would wait for the slow receiver's exports (3 s each, up to the 10 s time-out).
+EXIT_SLACK_S = 3.0
 #: What otel-npu holds is small: pending captures (≈ 0.3 KB each, with their 2 events in the simulator), the event
 #: pool (≤ 2 x pending + 1024 events) and the export queue (≤ 8192 encoded spans of ≈ 0.5 KB): ≈ 6 MB of Python
 #: objects by tracemalloc. RSS grows more, by native memory that is not ours to bound one by one: the gRPC channel
@@ -46,9 +49,9 @@ EXIT_SLACK_S = 2.5        # interpreter teardown and scheduling on a busy 2-core
 #: (600 000 records with the collector absent: 67-79 MB throughout, from 49 MB). A leak of 0.5 KB per record
 #: (50 MB per 100 000-record run) would exceed the bound.
 RSS_GROWTH_BOUND = 48 * 1024 * 1024
-#: An export attempt lasts ≥ 1 s here (OTEL_EXPORTER_OTLP_TIMEOUT, the slow receiver): a loop that waited for one
-#: would show it.
-NEVER_BLOCKED_S = 0.75
+#: An export to the slow receiver takes 3 s (its answer delay): a loop that waited for one would take at least
+#: that. The bound leaves a loaded machine's scheduling stalls (tenths of a second) a wide margin.
+NEVER_BLOCKED_S = 2.0
 
 _LOSS = re.compile(r"(\d+) (captures|spans|clock anchors) \((\w+)\)")
 
@@ -93,14 +96,13 @@ class Serving:
         exit_at = self.ask("exit")["exit_at"]
         self.proc.stdin.close()
         self.proc.wait(timeout=60)  # stdout is one short line more: it fits in the pipe, so the child never waits
-        exited = time.time()
         # Through the same buffered reader as ask()'s readline, which may already hold the final line when it
         # came with the exit answer; communicate() reads the pipe's descriptor directly and would never see it.
         rest = self.proc.stdout.read()
         self._stderr.close()
         assert self.proc.returncode == 0, self.stderr()
-        final = json.loads(rest.strip().splitlines()[-1])["final"]
-        return exited - exit_at, final
+        last = json.loads(rest.strip().splitlines()[-1])
+        return last["at"] - exit_at, last["final"]
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
@@ -245,6 +247,9 @@ def test_receiver_answering_slowly(protocol, serving_factory):
         exit_s, final = serving.exit()
         assert final["dropped"]["export_queue_full"] > 0, "a slow receiver fills the queue: new spans dropped"
         assert_stayed_up(serving, exit_s, final)
-        assert receiver.wait_for(512, timeout_s=10.0), "the slow receiver still got the batches it answered"
+        answered = final.get("spans_exported", 0)
+        assert answered > 0, "the slow receiver answered some batches within the export time-out"
+        got = len(receiver.wait_for(answered, timeout_s=10.0))
+        assert got >= answered, f"the slow receiver got {got} spans, fewer than the {answered} it answered for"
     finally:
         receiver.close()
