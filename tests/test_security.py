@@ -152,7 +152,7 @@ def test_a_header_entry_without_equals_never_prints_its_secret(monkeypatch, capl
         otel_npu.flush(2.0)
         otel_npu.shutdown(2.0)
     everything = "\n".join([r.getMessage() for r in caplog.records] + [caplog.text, capfd.readouterr().err])
-    assert "Header format invalid" in everything or "header" in everything.lower(), "the SDK did complain"
+    assert "Header format invalid" in everything, "the SDK complained (the test would be empty without it)"
     assert NO_EQUALS not in everything
     masked = redact.redact(f"x Bearer {NO_EQUALS} y")
     assert NO_EQUALS not in masked and masked.startswith("x ***") and masked.endswith(" y")
