@@ -68,12 +68,32 @@ def test_a_stalled_device_makes_calibration_fail_cleanly():
     sim.close()
 
 
-def test_host_clock_offset_is_tight():
-    host = HostClock()
-    assert host.error_ns < 50_000
+def test_host_clock_keeps_the_tightest_sample():
+    """Scripted clocks with a known offset: one sample of five is quick, the others were preempted (one for
+    5 ms); the offset comes from the quick one, and its error bound is half its round trip."""
+    offset = 1_700_000_000_123_456_789
+    round_trips = [5_000_000, 40_000, 2_000, 900_000, 30_000]
+    mono_reads: list[int] = []
+    wall_reads: list[int] = []
+    t = 10**12
+    for rt in round_trips:  # the wall read a quarter of the way through: off the midpoint by rt / 4
+        mono_reads += [t, t + rt]
+        wall_reads.append(t + rt // 4 + offset)
+        t += 10**9
+    mono, wall = iter(mono_reads), iter(wall_reads)
+    host = HostClock(mono=lambda: next(mono), wall=lambda: next(wall))
+    assert host.error_ns == 2_000 // 2 + 1
+    assert abs(host.offset_ns - offset) == 2_000 // 4 <= host.error_ns
+    assert host.to_wall(5) == 5 + host.offset_ns
+
+
+def test_host_clock_on_the_real_clocks():
     import time
 
-    assert abs(host.to_wall(time.perf_counter_ns()) - time.time_ns()) < 1_000_000
+    host = HostClock()
+    # Units and sign only: a loaded machine may preempt any sample, so no tight bound is taken from real time
+    # (the test above checks the arithmetic with scripted clocks).
+    assert abs(host.to_wall(time.perf_counter_ns()) - time.time_ns()) < 2 * 10**9
 
 
 @pytest.mark.parametrize("api", ["cuda", "npu"])
@@ -86,7 +106,7 @@ def test_the_stated_bound_covers_the_timers_resolution(api):
     pool = [backend.new_event() for _ in range(8)]
     clock = DeviceClock(backend, lambda: pool.pop() if pool else backend.new_event(), pool.append, mono=vclock)
     clock.calibrate()
-    worst = 0.0
+    worst_ns = 0
     for i in range(200):
         vclock.advance(1_000 + 97 * i)  # events at every sub-µs phase
         begin, end = sim.Event(), sim.Event()
@@ -98,6 +118,8 @@ def test_the_stated_bound_covers_the_timers_resolution(api):
         vclock.advance(20_000)
         start_ns, end_ns, bound = clock.place(begin, end, host_start, host_end, vclock())
         error = max(abs(start_ns - begin.exec_mono_ns), abs(end_ns - end.exec_mono_ns))
-        worst = max(worst, error / bound)
+        worst_ns = max(worst_ns, error)
         assert error <= bound, (i, error, bound)
+    if api == "npu":  # the phases reach what whole-µs timestamps cost: more than CUDA's 0.5 µs resolution
+        assert worst_ns > 500, f"the largest error was {worst_ns} ns: the test never reached the case it is about"
     sim.close()
