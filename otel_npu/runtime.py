@@ -88,7 +88,8 @@ class Runtime:
             host_clock=self.host_clock, stats=self.stats, emit=self.pipeline.emit,
             on_step=durations.log_step if settings.log_durations else None,
             poll_interval_s=settings.poll_interval_s, event_timeout_s=settings.event_timeout_s,
-            max_pending=settings.max_pending, on_room=functools.partial(capturing.set_room, self.parts))
+            max_pending=settings.max_pending, on_room=functools.partial(capturing.set_room, self.parts),
+            on_idle=self.pipeline.export_now)
         self.resolver.start()
         self.pid = os.getpid()
 

@@ -230,3 +230,51 @@ def test_metrics_follow_the_traces_to_a_collector_by_default(monkeypatch, http_r
     assert otel_npu.flush(10.0)
     assert http_receiver.endpoint in otel_npu.stats()["metrics"]
     assert http_receiver.wait_for_metric("otel_npu.stage.duration") is not None
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_an_idle_process_sends_what_it_holds_without_a_flush(protocol, monkeypatch, http_receiver, grpc_receiver):
+    """Engines kill their workers soon after the last request: once nothing is in flight, what the exporters
+    hold is sent, though neither their batch size nor their schedule (here ten minutes) has come, and nobody
+    called flush()."""
+    receiver = http_receiver if protocol == "http/protobuf" else grpc_receiver
+    own_pipeline_env(monkeypatch, receiver.endpoint, protocol, OTEL_BSP_SCHEDULE_DELAY="600000",
+                     OTEL_METRIC_EXPORT_INTERVAL="600000", OTEL_METRICS_EXPORTER="otlp")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    run_steps()
+    received = receiver.wait_for(10, timeout_s=30)
+    assert len(received) == 10
+    assert receiver.wait_for_metric("otel_npu.stage.duration", timeout_s=30) is not None
+
+
+def test_idle_is_told_once_per_burst_of_work(monkeypatch, http_receiver):
+    """The exporters are told once when a burst of captures is done, not on every resolver pass, and not
+    while the process stays idle."""
+    import threading
+
+    from otel_npu.export.pipeline import Pipeline
+
+    told = []
+    changed = threading.Condition()
+    original = Pipeline.export_now
+
+    def export_now(self):
+        with changed:
+            told.append(1)
+            changed.notify_all()
+        original(self)
+
+    monkeypatch.setattr(Pipeline, "export_now", export_now)
+    own_pipeline_env(monkeypatch, http_receiver.endpoint, "http/protobuf", OTEL_NPU_POLL_INTERVAL_MS="10")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    for burst in range(1, 4):
+        for _ in range(5):
+            with otel_npu.step("Decode"):
+                with otel_npu.capture("forward"):
+                    pass
+        with changed:
+            assert changed.wait_for(lambda n=burst: len(told) >= n, timeout=30), f"burst {burst}: idle never told"
+    # Thirty more idle passes (10 ms apart): none of them tells the exporters again.
+    with changed:
+        assert not changed.wait_for(lambda: len(told) > 3, timeout=0.3)
+    assert len(told) == 3

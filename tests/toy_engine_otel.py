@@ -1,7 +1,6 @@
 """The toy engine's otel-npu integration (``toy_engine.py``), written on the public seams only: otel-npu's
 public API and the integration core (``otel_npu.integrations._patch``: the hook table;
-``otel_npu.integrations._engine_step``: the step between engine calls, the requests' trace contexts, the
-idle flusher). The worked example of ``docs/extending.md``: a real engine's module in
+``otel_npu.integrations._engine_step``: the step between engine calls, the requests' trace contexts). The worked example of ``docs/extending.md``: a real engine's module in
 ``otel_npu/integrations/`` has this shape, with an entry point calling ``install`` when otel-npu is enabled.
 """
 

@@ -183,6 +183,18 @@ class Pipeline:
             for r in records:
                 self._exemplar_all(r, False)
 
+    def export_now(self) -> None:
+        """Resolver thread, when the process went idle: each sink and the metrics start sending what they hold,
+        on their own threads. Never blocks (a sink that cannot start a send without waiting does nothing)."""
+        for sink in self.sinks:
+            export_now = getattr(sink, "export_now", None)
+            if export_now is not None:
+                export_now()
+        if self.metrics is not None:
+            export_now = getattr(self.metrics, "export_now", None)
+            if export_now is not None:
+                export_now()
+
     def flush(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         ok = True

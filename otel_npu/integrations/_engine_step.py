@@ -9,14 +9,14 @@
 * ``RequestContexts``: the trace context each request came with (``traceparent`` headers), kept until the
   engine says the request finished, bounded (a lost "finished" cannot grow memory); ``links(req_ids)`` gives
   a step's links.
-* ``IdleFlusher``: a thread that flushes otel-npu once the engine has been idle for a moment, so that an
-  engine killed soon after its last request (a common shutdown) loses nothing it had already run.
 * ``export_like_engine``/``metrics_follow_traces``: before otel-npu starts, send where the engine's own
   tracing sends (an engine with ``--otlp-traces-endpoint`` puts it into ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``).
 
 Uses otel-npu's public API (``otel_npu.step``/``capture``/``flush``/``configure``) and ``config`` only: an
 engine integration built on it sees nothing of otel-npu's internals. Everything here runs on the engine's
-threads except the flusher, and costs what the public calls it makes cost.
+threads and costs what the public calls it makes cost. Nothing here wakes another thread per step: an engine
+killed soon after its last request (a common shutdown) loses nothing it had already run because otel-npu's
+resolver tells the exporters to send as soon as the process goes idle (``resolve/resolver.py``).
 """
 
 from __future__ import annotations
@@ -87,34 +87,6 @@ class RequestContexts:
         return iter(self._requests)
 
 
-class IdleFlusher(threading.Thread):
-    """Flushes otel-npu (its resolver and its exporters) once the engine has been idle for ``IDLE_S``, off the
-    engine's thread: ``wake`` is set at each step's end.
-
-    Why: engines end their workers abruptly (vLLM's default shutdown SIGKILLs them as soon as the API server
-    gets SIGTERM), so what a worker still holds then is lost, and exporters batch for seconds. Not while the
-    engine is busy: a flush makes the resolver poll every millisecond until it is done, which on a starved
-    machine took the engine's GIL time (and the exporters' batches of at most 5 s do that job then)."""
-
-    IDLE_S = 0.05
-
-    def __init__(self, name: str = "otel-npu-engine-flush") -> None:
-        super().__init__(name=name, daemon=True)
-        self.wake = threading.Event()
-
-    def run(self) -> None:
-        wake = self.wake
-        while True:
-            wake.wait()
-            wake.clear()
-            while wake.wait(self.IDLE_S):
-                wake.clear()
-            try:
-                otel_npu.flush(2.0)
-            except Exception:  # pragma: no cover - the exporters count and report their own failures
-                _log.debug("otel-npu: flush after steps failed", exc_info=True)
-
-
 def _exc_args(exc: BaseException | None) -> tuple[Any, Any, Any]:
     return (None, None, None) if exc is None else (type(exc), exc, exc.__traceback__)
 
@@ -129,7 +101,6 @@ class EngineStep:
         self.thread: int | None = None  # the thread that opened it
         self.stage: Any = None  # the open stage capture, entered by one hook, left by the next
         self.stage_name: str | None = None
-        self.flusher: IdleFlusher | None = None
 
     def open_step(self, name: str, *, links: Any = (), attributes: dict[str, Any] | None = None) -> Any:
         """Enter a step named ``name`` on this thread (``otel_npu.step``: never blocks); returns it."""
@@ -161,20 +132,11 @@ class EngineStep:
             stage.__exit__(*_exc_args(exc))
 
     def end(self, exc: BaseException | None = None) -> None:
-        """Leave the open stage and step (``exc``: the exception the engine call raised, if any), and tell the
-        flusher."""
+        """Leave the open stage and step (``exc``: the exception the engine call raised, if any)."""
         self.close_stage(exc)
         step, self.step, self.attributes, self.thread = self.step, None, None, None
         if step is not None:
             step.__exit__(*_exc_args(exc))
-            if self.flusher is not None:
-                self.flusher.wake.set()
-
-    def start_flusher(self, name: str = "otel-npu-engine-flush") -> None:
-        """Start the idle flusher (once)."""
-        if self.flusher is None:
-            self.flusher = IdleFlusher(name)
-            self.flusher.start()
 
 
 class Both:

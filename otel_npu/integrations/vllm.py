@@ -8,7 +8,7 @@ one is named in one warning and skipped (fewer stages, no links...), never an er
 
 Built on the engine-agnostic integration core: ``_patch.py`` (the hook table: version gates, checks,
 install/uninstall) and ``_engine_step.py`` (the step open between engine calls, the requests' trace contexts,
-the idle flusher, where spans go). What is here is vLLM's: its hooks, its stage names, and how a scheduler
+where spans go). What is here is vLLM's: its hooks, its stage names, and how a scheduler
 output becomes a step.
 
 What the hooks do, per process:
@@ -182,7 +182,6 @@ def _execute_model(original: Callable) -> Callable:
                 w.prepared = True
                 _export_like_vllm(self)
                 _hook_sample_tokens(self)
-                w.start_flusher("otel-npu-vllm-flush")
             step = w.begin(scheduler_output)
         except Exception as exc:
             _warn_once("begin", "otel-npu: could not open a step (%s: %s); the engine goes on, this batch "

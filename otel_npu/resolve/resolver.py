@@ -9,8 +9,17 @@ So the resolver
   path never signals it (except on the rare empty-pool path).
   It wakes at once, and then polls every millisecond, only while someone waits on it (``flush()``, the
   compat pop);
-* **works in short slices**: it gives the GIL up (``time.sleep(0)``) every ``SLICE`` records, so a waiting
-  serving thread gets it back within tens of microseconds instead of the interpreter's 5 ms switch interval;
+* **works in slices of time, not of records**: it gives the GIL up (``time.sleep(0)``) once it has held it
+  for ``SLICE_NS`` (1 ms) of resolving, so a serving thread that asked for the GIL meanwhile waits at most about
+  that long instead of the interpreter's 5 ms switch interval. Not more often: each release is a hand-off the
+  serving thread pays for when it asks for the GIL back (it must wait until this thread is scheduled again,
+  which on a saturated host is a scheduler time slice), so a pass of ordinary size (a few hundred records)
+  runs in one piece;
+* **tells the exporters when the process went idle** (``on_idle``): after a pass that found nothing new and
+  nothing in flight, once per burst of work. Engines may end their workers abruptly (vLLM SIGKILLs them soon
+  after its API server gets SIGTERM), and exporters batch for seconds; an idle moment is when sending what
+  waits costs the serving loop nothing. Said from this thread, which wakes anyway: no thread is woken per
+  step for it;
 * **never waits for the device**: it only asks ``query()``, and reads timings (which may block on torch_npu)
   only for events already complete;
 * **makes no device call while a CUDA/ACL graph capture is in progress** anywhere in the process
@@ -54,8 +63,8 @@ _monotonic = time.monotonic
 _HOST_TIMED = -1  # "seen" of a host-timed capture: nothing to wait for or to place
 _FAILED = -2      # "seen" of a capture whose query() raised: host times, its events abandoned
 
-#: Records resolved between two voluntary GIL releases.
-SLICE = 32
+#: Resolving time (ns) between two voluntary GIL releases (see the module docstring).
+SLICE_NS = 1_000_000
 #: Free timing events kept ready at least (a capture takes two); more when passes take in more.
 POOL_MIN_FREE = 1024
 
@@ -114,7 +123,8 @@ class Resolver:
                  poll_interval_s: float, event_timeout_s: float, pools: dict | None = None,
                  clocks: dict | None = None, wanted_devices: set | None = None,
                  make_device: Callable[[int], tuple[EventPool, DeviceClock]] | None = None,
-                 max_pending: int | None = None, on_room: Callable[[int], None] | None = None) -> None:
+                 max_pending: int | None = None, on_room: Callable[[int], None] | None = None,
+                 on_idle: Callable[[], None] | None = None) -> None:
         self._pending = pending
         self._backend = backend
         self._query = backend.query
@@ -154,6 +164,8 @@ class Resolver:
         self._room = max_pending
         self._in_flight = 0
         self._abandoned = False
+        self._on_idle = on_idle
+        self._worked = False  # took captures in since ``on_idle`` was last called
         self.thread = threading.Thread(target=self._run, name="otel-npu-resolver", daemon=True)
         self.alive = False
 
@@ -255,6 +267,13 @@ class Resolver:
         taken = self._take_in()
         if taken:
             self._last_intake_ns = now
+            self._worked = True
+        elif self._worked and self._on_idle is not None and not (self._queues or self._steps or self._pending):
+            self._worked = False
+            try:
+                self._on_idle()
+            except Exception as exc:  # an exporter's problem: counted, the resolver goes on
+                self._stats.note_error("on_idle_failed", exc)
         # No device call while a graph capture is in progress; one that begins waits for this section,
         # which stops early once one is waiting (``_graphs.active`` is set first): see the docstring.
         if _graphs.enter_device_calls():
@@ -397,6 +416,8 @@ class Resolver:
         host_timed = self._backend.host_timed
         finish = self._finish
         graph_ns = self._graph_ns
+        perf = time.perf_counter_ns
+        give_up_at = perf() + SLICE_NS
         count = 0
         several = len(self._pools) > 1
         for key in list(self._queues):
@@ -427,8 +448,9 @@ class Resolver:
                 queue.popleft()
                 finish(r, seen)
                 count += 1
-                if count % SLICE == 0:
-                    time.sleep(0)  # let a waiting serving thread have the GIL
+                if not count & 15 and perf() >= give_up_at:  # the clock read every 16 records: ≈ 20 µs apart
+                    time.sleep(0)  # let a serving thread that asked for the GIL have it
+                    give_up_at = perf() + SLICE_NS
             if not queue:
                 del self._queues[key]
         self._stats.resolved += count

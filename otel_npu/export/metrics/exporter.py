@@ -121,6 +121,16 @@ class MetricsExport:
                                  error, self._interval)
         return ok
 
+    def export_now(self) -> None:
+        """Ask the export thread for a round now, without waiting for it (the pipeline calls it when the
+        process goes idle). A round already asked for and not yet done covers this call too."""
+        if not self._destinations or self._thread is None:
+            return
+        with self._cond:
+            if self._requested <= self._completed:
+                self._requested = self._completed + 1
+                self._cond.notify_all()
+
     def flush(self, timeout_s: float) -> bool:
         """Export now. Blocks up to ``timeout_s``; True when a round finished in time."""
         if not self._destinations:

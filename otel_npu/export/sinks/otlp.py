@@ -96,6 +96,14 @@ class OtlpSink:
             self._stats.drop("export_failed", ExportError(error or "unknown error"), len(batch))
 
     # -- any thread ---------------------------------------------------------------------------------
+    def export_now(self) -> None:
+        """Have the exporter thread send everything emitted so far, now, without waiting for it (the resolver
+        calls it when the process goes idle). Takes the sink's lock for a moment; never waits for a send."""
+        with self._cond:
+            if self._enqueued > self._flush_to:
+                self._flush_to = self._enqueued
+                self._cond.notify_all()
+
     def force_flush(self, timeout_s: float) -> bool:
         """Export everything emitted so far. Blocks up to ``timeout_s``; True when all were sent or failed."""
         deadline = time.monotonic() + timeout_s
