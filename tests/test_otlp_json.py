@@ -1,4 +1,6 @@
-"""The traces-file encoder writes, for every span, the document the protobuf encoder + MessageToDict wrote."""
+"""The traces-file encoder writes OTLP/JSON: the document the SDK's encoder gives for spans the SDK built
+(turned into OTLP/JSON by the test itself), and, over more cases, what otel-npu's protobuf encoder +
+MessageToDict write for the same records."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from otel_npu.export.encoding import otlp_json
 from otel_npu.export.encoding import otlp_proto as otlp
 from otel_npu.export.encoding.otlp_json import request_to_json_line
 
-from .test_otlp_encoding import CASES, factory, record
+from .otlp_cases import CASES, RESOURCE, factory, record, sdk_cases
 
 
 def both(records):
@@ -52,3 +54,42 @@ def test_values_json_cannot_carry_as_numbers_are_strings():
     expected, line = both([record(attributes={"nan": math.nan, "inf": math.inf, "big": 2**63 - 1})])
     assert json.loads(line) == expected
     assert "NaN" in line and "Infinity" in line and '"9223372036854775807"' in line
+
+
+def otlp_json_of(message) -> dict:
+    """OTLP/JSON as the OTLP specification defines it, made here from a protobuf message: the protobuf JSON
+    mapping with enums as integers, and trace and span ids as hex strings instead of base64."""
+    import base64
+
+    from google.protobuf import json_format
+
+    data = json_format.MessageToDict(message, use_integers_for_enums=True)
+    for rs in data.get("resourceSpans", ()):
+        rs["resource"]["attributes"] = sorted(rs["resource"].get("attributes", []), key=lambda kv: kv["key"])
+        for ss in rs.get("scopeSpans", ()):
+            for span in ss.get("spans", ()):
+                span["attributes"] = sorted(span.get("attributes", []), key=lambda kv: kv["key"])
+                for obj in (span, *span.get("links", ())):
+                    for key in ("traceId", "spanId", "parentSpanId"):
+                        if key in obj:
+                            obj[key] = base64.b64decode(obj[key]).hex()
+    return data
+
+
+def test_same_document_as_the_sdk_encodes_for_spans_the_sdk_built():
+    """The expected side has no otel-npu code in it: spans built by the SDK's tracer (``test_otlp_encoding``'s
+    cases), encoded by the SDK's encoder, turned into OTLP/JSON here."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    for case, sdk in sdk_cases().items():
+        fast = otlp_json.JsonSpanEncoder(factory(), Resource.create(RESOURCE), "otel_npu", "0.1.0")
+        line = fast.request([fast.encode(copy.copy(CASES[case]))])
+        document = json.loads(line)
+        for rs in document["resourceSpans"]:
+            rs["resource"]["attributes"] = sorted(rs["resource"]["attributes"], key=lambda kv: kv["key"])
+            for span in rs["scopeSpans"][0]["spans"]:
+                span["attributes"] = sorted(span.get("attributes", []), key=lambda kv: kv["key"])
+                for link in span.get("links", []):  # the SDK's encoder leaves a link's trace state out
+                    if link.get("traceState") == "k=v":
+                        del link["traceState"]
+        assert document == otlp_json_of(encode_spans([sdk])), case
