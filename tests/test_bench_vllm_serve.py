@@ -1,0 +1,206 @@
+"""The parts of ``benchmarks/vllm_serve.py`` that can be checked without vLLM: the pairing and its statistics,
+vLLM's ``/metrics`` histograms, what otel-npu's loss reports say, and the GIL-wait probe (built with gcc and
+run under a toy C program and a toy Python program)."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from benchmarks import gilprobe
+from benchmarks import vllm_serve as bench
+
+
+def test_pairs_alternate_their_order_abba():
+    assert [bench.pair_order(p, ["A", "B"]) for p in range(4)] == [["A", "B"], ["B", "A"], ["A", "B"], ["B", "A"]]
+    assert bench.pair_order(1, ["A", "B", "C"]) == ["C", "B", "A"]
+
+
+def test_pair_statistics_are_taken_per_pair():
+    a = [100.0, 200.0, 50.0, 0.0]
+    b = [90.0, 190.0, 50.0, 5.0]
+    st = bench.pair_stats(a, b)
+    ratios = [0.9, 0.95, 1.0]  # the pair with a = 0 has no ratio, but a difference
+    assert st["ratio_pairs"] == 3 and st["ratios"] == pytest.approx(ratios)
+    assert st["ratio_mean"] == pytest.approx(sum(ratios) / 3)
+    sd = math.sqrt(sum((r - 0.95) ** 2 for r in ratios) / 2)
+    assert st["ratio_2se"] == pytest.approx(2 * sd / math.sqrt(3))
+    assert st["ratio_median"] == pytest.approx(0.95)
+    assert st["diff_pairs"] == 4 and st["diff_mean"] == pytest.approx((-10 - 10 + 0 + 5) / 4)
+    single = bench.pair_stats([2.0], [1.0])
+    assert single["ratio_mean"] == 0.5 and math.isnan(single["ratio_2se"])
+
+
+def test_summary_pairs_windows_by_pair_not_by_position():
+    windows = []
+    for pair, (a, b) in enumerate([(100.0, 50.0), (400.0, 200.0)]):
+        for v, tps in bench.pair_order(pair, [("A", a), ("B", b)]):
+            w = {m: float("nan") for m, _ in bench.METRICS}
+            w.update(pair=pair, variant=v, tokens_per_s=tps)
+            windows.append(w)
+    summary = bench.summarize(windows, ["A", "B"])
+    assert summary["tokens_per_s"]["B/A"]["ratios"] == [0.5, 0.5]
+    assert summary["tokens_per_s"]["median"] == {"A": 250.0, "B": 125.0}
+    assert "B/A" in bench.markdown({"settings": {"pairs": 2, "window_s": 8.0}, "machine": {},
+                                    "configs": {"grpc-eager": {"config": {"streams": 8, "protocol": "grpc",
+                                                                          "args": []},
+                                                               "variants": {"A": "", "B": ""},
+                                                               "windows": windows, "summary": summary}}})
+
+
+METRICS_TEXT = textwrap.dedent("""\
+    # HELP vllm:inter_token_latency_seconds Histogram of inter-token latency in seconds.
+    # TYPE vllm:inter_token_latency_seconds histogram
+    vllm:inter_token_latency_seconds_bucket{engine="0",le="0.01",model_name="tiny"} %d
+    vllm:inter_token_latency_seconds_bucket{engine="0",le="0.025",model_name="tiny"} %d
+    vllm:inter_token_latency_seconds_bucket{engine="0",le="0.05",model_name="tiny"} %d
+    vllm:inter_token_latency_seconds_bucket{engine="0",le="+Inf",model_name="tiny"} %d
+    vllm:inter_token_latency_seconds_count{engine="0",model_name="tiny"} %d
+    vllm:inter_token_latency_seconds_sum{engine="0",model_name="tiny"} %f
+    vllm:iteration_tokens_total_count{engine="0",model_name="tiny"} %d
+    vllm:inter_token_latency_seconds_created{engine="0",model_name="tiny"} 1.79e+09
+    """)
+
+
+def test_histogram_deltas_give_the_windows_mean_and_interpolated_p99():
+    before = METRICS_TEXT % (10, 10, 10, 10, 10, 0.05, 7)
+    # the window adds 100 latencies: 50 in (0, 10 ms], 40 in (10, 25], 10 in (25, 50]; 2.0 s in all
+    after = METRICS_TEXT % (60, 100, 110, 110, 110, 2.05, 57)
+    itl = bench.parse_histogram(after, bench.ITL).minus(bench.parse_histogram(before, bench.ITL))
+    assert itl.count == 100 and itl.mean() == pytest.approx(0.02)
+    assert itl.quantile(0.5) == pytest.approx(0.01)  # rank 50: the top of the first bucket
+    assert itl.quantile(0.99) == pytest.approx(0.025 + 0.025 * 9 / 10)  # rank 99: 9 of 10 into (25, 50]
+    assert itl.quantile(0.7) == pytest.approx(0.01 + 0.015 * 20 / 40)
+    steps = bench.parse_histogram(after, bench.STEPS).count - bench.parse_histogram(before, bench.STEPS).count
+    assert steps == 50
+    assert math.isnan(bench.Histogram().quantile(0.99))
+
+
+def test_a_quantile_in_the_inf_bucket_is_the_highest_finite_bound():
+    h = bench.Histogram({0.01: 1.0, 0.05: 1.0, math.inf: 10.0}, 5.0, 10.0)
+    assert h.quantile(0.99) == 0.05
+
+
+def test_losses_are_read_from_otel_npus_reports_in_the_servers_log():
+    log = textwrap.dedent("""\
+        (Worker pid=1) INFO 12-02 19:23:54 [vllm.py:474] otel-npu: vLLM 0.32.0 hooked (pid 1): steps
+        otel-npu lost data since its last report: 12 spans (export_queue_full): the export queue was full
+        (APIServer pid=2) INFO something else
+        otel-npu lost data since its last report: 3 captures (pending_limit): entered while ...; 288 spans \
+(export_failed): the collector did not accept them (first error: ExportError: not delivered before shutdown)
+        otel-npu lost data since its last report: 5 spans (export_queue_full): the export queue was full
+        otel-npu: exporting the stage metrics failed (otlp grpc); retried every 60 s
+        """)
+    got = bench.losses(log)
+    assert got["lost_by_reason"] == {"export_queue_full": 17, "pending_limit": 3, "export_failed": 288}
+    assert got["lost_total"] == 308 and len(got["reports"]) == 3 and got["plugin_hooked_in_processes"] == 1
+    assert got["other_warnings"] == ["otel-npu: exporting the stage metrics failed (otlp grpc); retried every 60 s"]
+    assert bench.losses("nothing here")["lost_total"] == 0
+
+
+def test_process_cpu_and_context_switches_are_read_from_proc():
+    assert bench.cpu_s(os.getpid()) >= 0
+    assert bench.nonvoluntary_switches(os.getpid(), os.getpid()) >= 0
+    assert math.isnan(bench.cpu_s(2 ** 22 + 1))  # above pid_max: no such process
+    assert os.getpid() in bench.session_pids(os.getsid(0))
+
+
+# ------------------------------------------------------------------------------------------------ gilprobe
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    return gilprobe.build(tmp_path_factory.mktemp("gilprobe"))
+
+
+TOY_C = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+int main(void) {
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+    pthread_mutex_lock(&m);
+    for (int i = 0; i < 5; i++) {
+        struct timespec t;
+        clock_gettime(CLOCK_REALTIME, &t);
+        t.tv_nsec += 2000000;
+        if (t.tv_nsec >= 1000000000) { t.tv_sec++; t.tv_nsec -= 1000000000; }
+        pthread_cond_timedwait(&c, &m, &t);
+    }
+    pthread_mutex_unlock(&m);
+    printf("%d\n", (int)getpid());
+    return 0;
+}
+"""
+
+
+def test_the_probe_counts_a_c_programs_condvar_waits_as_other(probe, tmp_path):
+    (tmp_path / "toy.c").write_text(TOY_C)
+    subprocess.run(["gcc", "-O1", "-o", str(tmp_path / "toy"), str(tmp_path / "toy.c"), "-lpthread"], check=True)
+    env = dict(os.environ, LD_PRELOAD=probe, GILPROBE_DIR=str(tmp_path))
+    pid = int(subprocess.run([str(tmp_path / "toy")], env=env, capture_output=True, text=True,
+                             check=True).stdout)
+    threads = gilprobe.read(tmp_path, pid)
+    assert list(threads) == [pid]
+    waits = threads[pid]
+    other = waits.kinds["other"]
+    assert other.calls == 5 and other.timeouts == 5
+    assert other.ns >= 5 * 2_000_000  # a timed-out wait cannot end before its deadline
+    assert sum(other.hist) == 5 and other.hist[0] == 0  # none under 1 µs
+    assert waits.gil.calls == 0  # no Python here: no GIL
+
+
+TOY_PY = """
+import os, sys, threading, time
+sys.path.insert(0, {root!r})
+from benchmarks import gilprobe
+
+def spin(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+before = gilprobe.read(os.environ["GILPROBE_DIR"], os.getpid())
+other = threading.Thread(target=spin, args=(0.3,))
+other.start()
+spin(0.3)
+other.join()
+after = gilprobe.read(os.environ["GILPROBE_DIR"], os.getpid())
+waits = gilprobe.delta(after, before)
+main = waits[threading.main_thread().native_id]
+print(main.gil.calls, main.gil.ns, main.kinds["take"].calls, other.native_id in waits,
+      waits[other.native_id].gil.ns)
+"""
+
+
+def test_the_probe_sees_two_busy_python_threads_wait_for_the_gil(probe, tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, LD_PRELOAD=probe, GILPROBE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", TOY_PY.format(root=root)], env=env, capture_output=True,
+                         text=True, check=True, timeout=60).stdout.split()
+    calls, ns, take_calls, other_seen, other_ns = int(out[0]), int(out[1]), int(out[2]), out[3], int(out[4])
+    # Two threads that both only run Python for 0.3 s share the GIL: each waits for it, repeatedly.
+    assert calls > 0 and take_calls > 0 and ns > 0
+    assert other_seen == "True" and other_ns > 0
+
+
+def test_reading_a_process_without_a_probe_file_gives_nothing(tmp_path):
+    assert gilprobe.read(tmp_path, 12345) == {}
+    (tmp_path / "gilprobe-12345").write_bytes(b"")
+    assert gilprobe.read(tmp_path, 12345) == {}
+
+
+def test_the_histogram_quantile_interpolates_within_powers_of_two():
+    k = gilprobe.Kind(hist=[0] * gilprobe.BUCKETS)
+    k.hist[3] = 10  # [4, 8) µs
+    assert k.quantile_us(0.5) == pytest.approx(6.0)
+    assert math.isnan(gilprobe.Kind().quantile_us(0.5))
