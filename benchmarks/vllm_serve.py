@@ -51,7 +51,8 @@ What each figure is (per window and server; the load runs on that server only):
   GIL, waiting until that thread has taken it), measured by ``benchmarks/gilprobe.c``, an ``LD_PRELOAD``
   library (built here with gcc; both servers run under it) that times ``pthread_cond_(timed)wait`` per
   thread; ``engine_gil_switch_us_per_step`` is the forced-switch part alone, ``other_threads_gil_wait_ms``
-  the waits of the worker's other threads (vLLM's and otel-npu's) in the window.
+  the waits of the worker's other threads (vLLM's and otel-npu's) in the window (per thread, as
+  ``"pid/tid": [waits, ms]``, in the JSON's ``threads_gil_waits_ms``: how often each thread asked for the GIL).
 
 Per configuration and figure the report gives each server's median over its windows, the per-pair ratio
 B/A (and C's, with ``--with-off``) as mean ± 2 standard errors and median, and the per-pair difference B − A
@@ -431,12 +432,15 @@ def window_figures(before: dict[str, Any], after: dict[str, Any], tokens_in: int
     steps = after["steps"] - before["steps"]
     nan = float("nan")
     gil_engine, gil_other = gilprobe.Waits(), gilprobe.Waits()
+    threads_gil: dict[str, list[float]] = {}  # "pid/tid": [GIL waits, ms waited], threads that waited
     for pid, threads in after["gil"].items():
         for tid, waits in gilprobe.delta(threads, before["gil"].get(pid, {})).items():
             if tid == pid:
                 gil_engine = gil_engine.plus(waits)
             else:
                 gil_other = gil_other.plus(waits)
+            if waits.gil.calls:
+                threads_gil[f"{pid}/{tid}"] = [waits.gil.calls, waits.gil.ns / 1e6]
     engine = gil_engine.gil
     per_step = (lambda v: v / steps) if steps > 0 else (lambda v: nan)
     per_token = (lambda v: v / tokens_all) if tokens_all > 0 else (lambda v: nan)
@@ -453,6 +457,7 @@ def window_figures(before: dict[str, Any], after: dict[str, Any], tokens_in: int
         "other_threads_gil_wait_ms": gil_other.gil.ns / 1e6,
         "steps": steps, "tokens_in_window": tokens_in, "tokens_with_drain": tokens_all,
         "itl_count": itl.count, "engine_gil_p99_wait_us": engine.quantile_us(0.99),
+        "threads_gil_waits_ms": threads_gil,
     }
 
 

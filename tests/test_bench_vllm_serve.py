@@ -204,3 +204,32 @@ def test_the_histogram_quantile_interpolates_within_powers_of_two():
     k.hist[3] = 10  # [4, 8) µs
     assert k.quantile_us(0.5) == pytest.approx(6.0)
     assert math.isnan(gilprobe.Kind().quantile_us(0.5))
+
+
+def test_a_windows_figures_come_from_the_snapshots_around_it():
+    def waits(take_ns: int, switch_ns: int, calls: int) -> gilprobe.Waits:
+        w = gilprobe.Waits()
+        w.kinds["take"] = gilprobe.Kind(calls, take_ns, 0, [0] * gilprobe.BUCKETS)
+        w.kinds["switch"] = gilprobe.Kind(calls, switch_ns, 0, [0] * gilprobe.BUCKETS)
+        return w
+
+    itl = bench.parse_histogram(METRICS_TEXT % (0, 0, 0, 0, 0, 0.0, 0), bench.ITL)
+    before = {"itl": itl, "steps": 100.0, "worker_cpu": 10.0, "server_cpu": 20.0, "csw": 5.0,
+              "gil": {7: {7: waits(1_000, 0, 1), 8: waits(0, 0, 0)}}}
+    after = {"itl": bench.parse_histogram(METRICS_TEXT % (60, 100, 110, 110, 110, 2.2, 0), bench.ITL),
+             "steps": 300.0, "worker_cpu": 11.0, "server_cpu": 22.0, "csw": 45.0,
+             "gil": {7: {7: waits(401_000, 100_000, 21), 8: waits(3_000_000, 0, 5), 9: waits(0, 0, 0)}}}
+    f = bench.window_figures(before, after, tokens_in=4000, tokens_all=5000, seconds=2.0)
+    assert f["tokens_per_s"] == 2000.0
+    assert f["itl_mean_ms"] == pytest.approx(20.0)
+    assert f["worker_cpu_us_per_token"] == pytest.approx(200.0)  # 1 s of CPU over 5000 tokens
+    assert f["server_cpu_us_per_token"] == pytest.approx(400.0)
+    assert f["engine_nonvol_csw_per_step"] == pytest.approx(40 / 200)
+    # the engine thread (tid = pid): 400 µs take + 100 µs switch over 200 steps, 40 waits
+    assert f["engine_gil_wait_us_per_step"] == pytest.approx(500 / 200)
+    assert f["engine_gil_switch_us_per_step"] == pytest.approx(100 / 200)
+    assert f["engine_gil_waits_per_step"] == pytest.approx(40 / 200)
+    assert f["other_threads_gil_wait_ms"] == pytest.approx(3.0)
+    assert f["threads_gil_waits_ms"] == {"7/7": [40, 0.5], "7/8": [10, 3.0]}
+    idle = bench.window_figures(before, dict(after, steps=100.0), 0, 0, 2.0)
+    assert math.isnan(idle["engine_gil_wait_us_per_step"]) and math.isnan(idle["worker_cpu_us_per_token"])
