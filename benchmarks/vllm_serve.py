@@ -43,6 +43,8 @@ What each figure is (per window and server; the load runs on that server only):
 * ``worker_cpu_us_per_token``: utime + stime (``/proc/<pid>/stat``) of the worker process(es)
   (``VLLM::Worker*``; both ranks with TP=2) over window + drain / the tokens generated then;
   ``server_cpu_us_per_token``: the same for all processes of the server (API server, EngineCore, workers);
+* ``idle_servers_cpu_cores`` (raw data, and a line under each table): the CPU the other, idle server(s) used
+  during the window, in cores: the method assumes it is ≈ 0;
 * ``engine_nonvol_csw_per_step``: involuntary context switches of the worker's main thread (the engine
   thread: it runs the model), from ``/proc/<pid>/task/<pid>/status``, per step (summed over ranks);
 * ``engine_gil_wait_us_per_step``, ``engine_gil_waits_per_step``: time the engine thread spent waiting for
@@ -393,12 +395,14 @@ class Bench:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.server.port}/metrics", timeout=30) as r:
             return r.read().decode()
 
+    def server_cpu(self) -> float:
+        """CPU seconds of all the server's processes."""
+        return sum(c for c in (cpu_s(p) for p in session_pids(self.server.proc.pid)) if math.isfinite(c))
+
     def snapshot(self) -> dict[str, Any]:
         text = self.metrics()
-        pids = session_pids(self.server.proc.pid)
         return {"itl": parse_histogram(text, ITL), "steps": parse_histogram(text, STEPS).count,
-                "worker_cpu": sum(cpu_s(p) for p in self.workers),
-                "server_cpu": sum(c for c in (cpu_s(p) for p in pids) if math.isfinite(c)),
+                "worker_cpu": sum(cpu_s(p) for p in self.workers), "server_cpu": self.server_cpu(),
                 "csw": sum(nonvoluntary_switches(p, p) for p in self.workers),
                 "gil": {p: gilprobe.read(self.probe_dir, p) for p in self.workers}}
 
@@ -554,14 +558,17 @@ def run_config(name: str, config: Config, args: argparse.Namespace, python: str,
         for pair in range(args.pairs):
             for v in pair_order(pair, variants):
                 bench = benches[v]
+                idle = [b for other, b in benches.items() if other != v]
+                idle_before = sum(b.server_cpu() for b in idle)
                 before = bench.snapshot()
                 start, end, drained = load.window(bench, window_id, args.window_s)
                 after = bench.snapshot()
+                idle_cores = (sum(b.server_cpu() for b in idle) - idle_before) / (drained - start)
                 tokens_in, tokens_all, errors = load.tokens(window_id, start, end)
                 figures = window_figures(before, after, tokens_in, tokens_all, end - start)
                 figures.update(pair=pair, variant=v, window=window_id, start_unix=time.time() - (
                     time.monotonic() - start), seconds=end - start, drain_s=drained - end, errors=errors[:5],
-                    error_count=len(errors))
+                    error_count=len(errors), idle_servers_cpu_cores=idle_cores)
                 result["windows"].append(figures)
                 print(f"[{name}] pair {pair + 1}/{args.pairs} {v}: {figures['tokens_per_s']:7.0f} tokens/s, "
                       f"ITL p99 {figures['itl_p99_ms']:.1f} ms, engine GIL wait "
@@ -643,6 +650,10 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"- {v} ({r['variants'][v]}): otel-npu reported lost: **{lost}**; workers "
                          f"{loss['worker_exit']}; {len(loss['other_warnings'])} other otel-npu warnings; "
                          f"plugin hooked in {loss['plugin_hooked_in_processes']} processes")
+        idle = [w["idle_servers_cpu_cores"] for w in r["windows"] if "idle_servers_cpu_cores" in w]
+        if idle:
+            lines.append(f"- the idle server's CPU while the other was loaded (the method assumes ≈ 0): median "
+                         f"{statistics.median(idle):.3f} cores, max {max(idle):.3f}")
         failed = sum(w.get("error_count", 0) for w in r["windows"])
         if failed:
             lines.append(f"- **{failed} requests failed** (see the JSON's windows)")

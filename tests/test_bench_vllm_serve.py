@@ -4,12 +4,15 @@ run under a toy C program and a toy Python program)."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
+from typing import ClassVar
 
 import pytest
 
@@ -233,3 +236,61 @@ def test_a_windows_figures_come_from_the_snapshots_around_it():
     assert f["threads_gil_waits_ms"] == {"7/7": [40, 0.5], "7/8": [10, 3.0]}
     idle = bench.window_figures(before, dict(after, steps=100.0), 0, 0, 2.0)
     assert math.isnan(idle["engine_gil_wait_us_per_step"]) and math.isnan(idle["worker_cpu_us_per_token"])
+
+
+class FakeServer:
+    def __init__(self, log_path):
+        self.log_path = log_path
+        self.requests = 0
+
+    def complete(self, prompt, max_tokens, traceparent=None, stream=False, timeout_s=120.0):
+        assert traceparent and traceparent.startswith("00-")
+        self.requests += 1
+        time.sleep(0.002)
+        return {"usage": {"completion_tokens": max_tokens}}
+
+    def log(self):
+        return self.log_path.read_text()
+
+
+class FakeBench:
+    """A server that answers at once and reads nothing from /proc: run_config's loop without vLLM."""
+
+    made: ClassVar[dict] = {}
+
+    def __init__(self, name, python, model, workdir, config, endpoints, probe, probe_dir):
+        self.name, self.workers, self.worker_exit, self.stopped = name, [1], "running", False
+        log = workdir / f"{name}.log"
+        lost = "otel-npu lost data since its last report: 2 spans (export_queue_full): full\n" if name == "B" else ""
+        log.write_text(lost)
+        self.server = FakeServer(log)
+        FakeBench.made[name] = self
+
+    def ready(self, timeout_s):
+        return 1.0
+
+    def server_cpu(self):
+        return 0.0
+
+    def snapshot(self):
+        return {"itl": bench.Histogram(), "steps": float(self.server.requests), "worker_cpu": 0.0,
+                "server_cpu": 0.0, "csw": 0.0, "gil": {}}
+
+    def stop(self, timeout_s=60.0):
+        self.stopped, self.worker_exit = True, "exited"
+
+
+def test_run_config_alternates_the_servers_and_stops_them(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "Bench", FakeBench)
+    args = argparse.Namespace(with_off=True, ready_timeout_s=10, window_s=0.05, pairs=2)
+    config = bench.Config("grpc", streams=2)
+    got = bench.run_config("grpc-eager", config, args, "python", tmp_path / "model", tmp_path, {}, None,
+                           tmp_path / "out")
+    assert [(w["pair"], w["variant"]) for w in got["windows"]] == [
+        (0, "A"), (0, "B"), (0, "C"), (1, "C"), (1, "B"), (1, "A")]
+    assert all(w["tokens_with_drain"] >= w["tokens_in_window"] > 0 for w in got["windows"])
+    assert all(b.stopped for b in FakeBench.made.values())
+    assert got["losses"]["B"]["lost_by_reason"] == {"export_queue_full": 2}
+    assert got["losses"]["A"]["lost_total"] == 0 and got["losses"]["A"]["worker_exit"] == "exited"
+    assert (tmp_path / "out" / "logs" / "grpc-eager-B.log").exists()
+    assert got["summary"]["tokens_per_s"]["B/A"]["ratio_pairs"] == 2
