@@ -29,13 +29,15 @@ def test_capturing_thread_never_waits_for_the_device(provider, spans, sim):
         pass
     assert otel_npu.flush(5.0)
     stream = sim.current_stream()
-    t0 = time.perf_counter()
+    gate = threading.Event()
     with otel_npu.capture("forward") as c:
-        stream.launch(0.3)  # 300 ms of device work
-    host_s = time.perf_counter() - t0
-    expected = truth(c)
-    assert host_s < 0.05, f"the capture blocked the host for {host_s * 1e3:.1f} ms"
-    assert not stream.query(), "the device had finished before the host returned: the test proves nothing"
+        stream.call(lambda: gate.wait(30))  # the device cannot finish before the test lets it
+        stream.launch(0.3)  # then 300 ms of device work
+    # No clock: a capture that waited for its device work would have come back only after the gate's 30 s.
+    assert not stream.query(), "the capture returned only once its device work was done"
+    gate.set()
+    stream.synchronize()
+    expected = truth(c)  # the events' execution times, known once they ran
     assert otel_npu.flush(5.0)
     span = spans.one("forward")
     assert_device_times(span, expected)
@@ -141,7 +143,9 @@ def test_drops_at_the_pending_limit_are_counted_and_reported(provider, spans, si
     for _ in range(50):
         with otel_npu.capture("c"):
             pass
-    assert time.perf_counter() - t0 < 1.0, "dropping must never block the capturing thread"
+    # A drop that waited for the resolver (polling every 30 s here) would take that long: a bound of a few
+    # seconds catches it and leaves a loaded machine room.
+    assert time.perf_counter() - t0 < 5.0, "dropping must never block the capturing thread"
     assert otel_npu.flush(5.0)
     assert len(spans.named("c")) == 10
     assert otel_npu.stats()["dropped"] == {"pending_limit": 40}
