@@ -93,12 +93,21 @@ class _Recorder:
 class HttpReceiver(_Recorder):
     """OTLP/HTTP protobuf receiver: ``POST /v1/traces``."""
 
-    def __init__(self, tls: tuple[str, str] | None = None) -> None:
-        """``tls``: ``(certificate file, key file)`` to serve HTTPS instead of HTTP."""
+    def __init__(self, tls: tuple[str, str] | None = None, keep_alive: bool = False) -> None:
+        """``tls``: ``(certificate file, key file)`` to serve HTTPS instead of HTTP; ``keep_alive``: answer in
+        HTTP/1.1 and keep connections open (``connections`` counts those made)."""
         super().__init__()
         recorder = self
+        self.connections = 0
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
+            def setup(self) -> None:
+                super().setup()
+                with recorder._lock:
+                    recorder.connections += 1
+
             def do_POST(self) -> None:  # noqa: N802 - http.server API
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 encoding = self.headers.get("Content-Encoding", "")

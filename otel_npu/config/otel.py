@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import re
 import time
+import urllib.parse
 from typing import Any, Mapping, MutableMapping
 
 from .env import env_choice, env_flag, env_names, env_number, get, invalid, process_env
@@ -190,6 +191,22 @@ class OtelSettings:
 
     def otlp_option(self, signal: str, name: str) -> str:
         return otlp_option(self._env, signal, name)
+
+    def proxied(self, url: str) -> bool:
+        """Whether an HTTP client that honours the ``*_proxy`` variables (``requests``, ``urllib``) would send a
+        request for ``url`` through a proxy: one is set for its scheme (or ``all_proxy``) and ``no_proxy`` does
+        not exempt its host. Lower-case names win over upper-case ones, as in ``urllib``."""
+        import urllib.request  # not at import: it brings http.client and email with it
+
+        parsed = urllib.parse.urlsplit(url)
+        proxies: dict[str, str] = {}
+        for upper in (True, False):  # upper case first, so that lower case overrides it
+            for name, value in self._env.items():
+                if value and name.lower().endswith("_proxy") and (name.isupper() if upper else name.islower()):
+                    proxies[name[:-6].lower()] = value
+        if not (proxies.get(parsed.scheme) or proxies.get("all")):
+            return False
+        return not urllib.request.proxy_bypass_environment(parsed.hostname or "", proxies)
 
     def otlp_endpoint(self, signal: str, protocol: str) -> str | None:
         """See ``otlp_endpoint``: each invalid variable is warned about once."""

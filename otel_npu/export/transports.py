@@ -3,9 +3,20 @@
 
 * ``GrpcTransport``/``HttpTransport`` go through the SDK's OTLP exporter classes, which bring the standard
   endpoint/headers/timeout/compression/TLS variables and their retry policy. Only their transport is used:
-  ``export()`` with a pre-encoded batch (via ``_translate_data``) for gRPC, ``_client.export(bytes)`` for
-  HTTP. ``build()`` checks that those hooks exist and returns ``None`` otherwise (the caller then falls back
-  to the SDK's own encoder: slower, same output).
+  ``export()`` with a pre-encoded batch for gRPC, ``_client.export(bytes)`` for HTTP. ``build()`` checks that
+  those hooks exist and returns ``None`` otherwise (the caller then falls back to the SDK's own encoder:
+  slower, same output).
+
+Why each batch goes out in as few Python steps as possible: this runs on a thread of the serving process,
+and every time it takes the GIL back from the serving loop (after a system call, say) that loop is made to
+stop and wait until this thread has run. So
+
+* over gRPC, the encoded bytes go to the channel as they are (a stub with no serializer): no parse into
+  protobuf objects and serialization back, which the SDK's stub would do;
+* over plain ``http://`` with no proxy in force, the batch is one ``http.client`` request on a kept-alive
+  connection (``PlainHttpTransport``, in the SDK exporter's transport seam, so its retries, headers and
+  compression still apply) instead of ``requests``' many Python layers. ``https://``, a proxy or a
+  certificate setting keep ``requests``, which knows them.
 * ``JsonLinesFileTransport`` appends OTLP/JSON lines (``OTEL_NPU_TRACES_FILE``); ``ProtoFileTransport`` does the
   same from protobuf-encoded batches.
 
@@ -14,6 +25,7 @@ Runs on the exporter thread; nothing here runs on the capturing thread.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import Any
@@ -77,8 +89,20 @@ class EncodedBatch:
         return self.count
 
 
+#: The OTLP trace service's one method, as gRPC names it.
+GRPC_TRACE_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+class _RawTraceStub:
+    """The trace service stub with bytes in and out: the request is already encoded, the reply is not read."""
+
+    def __init__(self, channel: Any) -> None:
+        self.Export = channel.unary_unary(GRPC_TRACE_EXPORT, request_serializer=None, response_deserializer=None)
+
+
 class GrpcTransport:
-    """OTLP/gRPC: pre-encoded batches through the SDK's gRPC span exporter."""
+    """OTLP/gRPC: pre-encoded batches through the SDK's gRPC span exporter (its channel, credentials, headers,
+    time-out and retries), sent as bytes."""
 
     def __init__(self, exporter: Any) -> None:
         from opentelemetry.sdk.trace.export import SpanExportResult
@@ -95,11 +119,18 @@ class GrpcTransport:
 
         if not hasattr(OTLPSpanExporter, "_translate_data") or not hasattr(OTLPSpanExporter, "_export"):
             return None
+        # Where the SDK (re)builds its channel and stub (at start and after UNAVAILABLE), the stub is swapped
+        # for one that sends bytes; without that seam, batches are parsed into the SDK's request type instead.
+        raw = callable(getattr(OTLPSpanExporter, "_initialize_channel_and_stub", None))
 
         class _PreEncodedGrpcExporter(OTLPSpanExporter):
-            def _translate_data(self, data: Any) -> Any:  # the one hook: bytes we encoded, parsed in C
+            def _initialize_channel_and_stub(self) -> None:
+                super()._initialize_channel_and_stub()
+                self._client = _RawTraceStub(self._channel)
+
+            def _translate_data(self, data: Any) -> Any:  # the one hook: the bytes otel-npu encoded
                 if isinstance(data, EncodedBatch):
-                    return ExportTraceServiceRequest.FromString(data.data)
+                    return data.data if raw else ExportTraceServiceRequest.FromString(data.data)
                 return super()._translate_data(data)
 
             def _count_data(self, data: Any) -> int:
@@ -120,7 +151,8 @@ class GrpcTransport:
 
 
 class HttpTransport:
-    """OTLP/HTTP (protobuf): pre-encoded batches through the SDK's HTTP span exporter's client."""
+    """OTLP/HTTP (protobuf): pre-encoded batches through the SDK's HTTP span exporter's client (``requests``,
+    or ``PlainHttpTransport`` where it applies: see the module docstring)."""
 
     def __init__(self, exporter: Any, client: Any) -> None:
         self._exporter = exporter
@@ -132,8 +164,12 @@ class HttpTransport:
         """Configured from the standard variables; ``None`` if the installed exporter lacks the hooks used."""
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-        exporter = HttpExporter(session=http_session(otel, "TRACES"),
-                                **otlp_exporter_kwargs(otel, "TRACES", "http/protobuf"))
+        kwargs = otlp_exporter_kwargs(otel, "TRACES", "http/protobuf")
+        exporter = HttpExporter(session=http_session(otel, "TRACES"), **kwargs)
+        plain = plain_http_transport(otel, exporter)
+        if plain is not None:
+            exporter.shutdown()
+            exporter = HttpExporter(_transport=plain, **kwargs)
         client = getattr(exporter, "_client", None)
         if client is None or not callable(getattr(client, "export", None)):
             exporter.shutdown()
@@ -150,6 +186,106 @@ class HttpTransport:
 
     def shutdown(self) -> None:
         self._exporter.shutdown()
+
+
+def _http_transport_base() -> Any:
+    """The SDK's HTTP transport interface, or ``None`` when the installed exporter has no transport seam."""
+    try:
+        from opentelemetry.exporter.http.transport._base import BaseHTTPResult, BaseHTTPTransport
+    except ImportError:
+        return None
+    return BaseHTTPResult, BaseHTTPTransport
+
+
+@functools.cache
+def _plain_http_classes() -> Any:
+    """``PlainHttpTransport``, built on the SDK's transport interface, or ``None`` without it."""
+    base = _http_transport_base()
+    if base is None:
+        return None
+    import dataclasses
+    import http.client
+    import urllib.parse
+
+    BaseHTTPResult, BaseHTTPTransport = base
+
+    @dataclasses.dataclass(frozen=True)
+    class PlainHttpResult(BaseHTTPResult):
+        body: bytes = b""
+        reply_headers: Any = None
+
+        def content(self) -> bytes:
+            return self.body
+
+        def headers(self) -> Any:
+            return self.reply_headers if self.reply_headers is not None else http.client.HTTPMessage()
+
+    class PlainHttpTransport(BaseHTTPTransport):
+        """One kept-alive ``http.client`` connection per host: a batch is one ``request()`` and one read.
+        Used by the exporter thread only; the SDK's client retries a stale connection once."""
+
+        def __init__(self) -> None:
+            self._connections: dict[tuple[str, int], http.client.HTTPConnection] = {}
+
+        @staticmethod
+        def applies(otel: OtelSettings, exporter: Any) -> bool:
+            """Plain ``http://`` with no proxy in force, and an exporter with the SDK's transport seam."""
+            import inspect
+
+            endpoint = getattr(exporter, "_endpoint", "")
+            try:
+                seam = "_transport" in inspect.signature(type(exporter).__init__).parameters
+            except (TypeError, ValueError):
+                seam = False
+            return (seam and isinstance(endpoint, str) and endpoint.lower().startswith("http://")
+                    and not otel.proxied(endpoint))
+
+        def request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
+                    timeout: float | None = None, data: bytes | None = None) -> Any:
+            parts = urllib.parse.urlsplit(url)
+            key = (parts.hostname or "localhost", parts.port or 80)
+            path = parts.path or "/"
+            if parts.query:
+                path += "?" + parts.query
+            connection = self._connections.get(key)
+            try:
+                if connection is None:
+                    connection = self._connections[key] = http.client.HTTPConnection(key[0], key[1], timeout=timeout)
+                else:
+                    connection.timeout = timeout
+                    if connection.sock is not None:
+                        connection.sock.settimeout(timeout)
+                connection.request(method, path, body=data, headers=headers or {})
+                reply = connection.getresponse()
+                body = reply.read()
+            except Exception as exc:  # a connection error or time-out: the SDK's client decides what follows
+                self._drop(key)
+                return PlainHttpResult(error=exc)
+            if reply.will_close:
+                self._drop(key)
+            return PlainHttpResult(status_code=reply.status, reason=reply.reason, body=body,
+                                   reply_headers=reply.headers)
+
+        def _drop(self, key: tuple[str, int]) -> None:
+            connection = self._connections.pop(key, None)
+            if connection is not None:
+                connection.close()
+
+        def is_connection_error(self, exception: Exception | None) -> bool:
+            return isinstance(exception, (OSError, http.client.HTTPException))
+
+        def close(self) -> None:
+            for key in list(self._connections):
+                self._drop(key)
+
+    return PlainHttpTransport
+
+
+def plain_http_transport(otel: OtelSettings, exporter: Any) -> Any | None:
+    """A ``PlainHttpTransport`` for the SDK HTTP exporter ``exporter`` when it applies (plain ``http://``, no
+    proxy in force, an SDK with the transport seam), else ``None`` (``requests`` stays)."""
+    cls = _plain_http_classes()
+    return cls() if cls is not None and cls.applies(otel, exporter) else None
 
 
 class LineFile:
