@@ -176,17 +176,14 @@ def test_real_cuda_stages_are_device_timed(provider, spans):
     (x @ x).sum()
     torch.cuda._sleep(1000)
     torch.cuda.synchronize()
-    import time
-
-    t0 = time.perf_counter()
     with otel_npu.step("Decode"):
         with otel_npu.capture("forward"):
-            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time, queued instantly
+            torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time, queued instantly
             y = x @ x
         with otel_npu.capture("post process"):
             y.sum()
-    host_s = time.perf_counter() - t0
-    assert host_s < 0.05, "capturing must not wait for the GPU"
+    # No stopwatch: the GPU is still busy, so capturing did not wait for it.
+    assert not torch.cuda.current_stream().query(), "capturing waited for the GPU"
     assert otel_npu.flush(10.0)
     forward = spans.one("forward")
     assert forward.attributes[ATTR_DEVICE].startswith("cuda:")
