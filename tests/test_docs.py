@@ -81,3 +81,29 @@ def test_the_docs_site_builds_strictly(tmp_path):
     for name in ("capture", "step", "flush", "shutdown", "configure", "enabled", "stats", "instrument_module",
                  "ProfileExecuteDuration", "testing.SimDevice"):
         assert f'id="otel_npu.{name}"' in reference, name
+
+
+def test_every_test_named_in_the_promises_table_exists():
+    """docs/promises.md maps each promise to the test that proves it: each name there is a test function of
+    that module (``Class::test`` for a method), and every test of tests/test_promises.py is named there."""
+    import ast
+
+    table = (ROOT / "docs" / "promises.md").read_text()
+    named = re.findall(r"`(tests/test_\w+\.py)::([\w:]+)`", table)
+    assert len(named) >= 30, len(named)
+    missing = []
+    for path, name in named:
+        module = ROOT / path
+        if not module.exists():
+            missing.append(f"{path} (no such file)")
+            continue
+        tree = ast.parse(module.read_text())
+        scope: list = tree.body
+        *classes, function = name.split("::")
+        for cls in classes:
+            scope = next((n.body for n in scope if isinstance(n, ast.ClassDef) and n.name == cls), [])
+        if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == function for n in scope):
+            missing.append(f"{path}::{name}")
+    assert not missing, missing
+    own = re.findall(r"^def (test_\w+)", (ROOT / "tests" / "test_promises.py").read_text(), flags=re.MULTILINE)
+    assert set(own) <= {name for path, name in named if path == "tests/test_promises.py"}
