@@ -16,9 +16,14 @@ Public API::
 Off by default; ``OTEL_NPU_ENABLED=1`` (or ``configure(enabled=True)``) turns it on.
 """
 
+# First: the compiled twins of the background modules load in their place when built (``_compiled.py``).
+from . import _compiled
+
+_compiled.install()
+
 from ._version import __version__
-from .api import (ProfileExecuteDuration, capture, configure, enabled, flush, instrument_module, shutdown,
-                  stats, step)
+from .api import (ProfileExecuteDuration, capture, configure, enabled, flush, instrument_module,
+                  shutdown, stats, step)
 
 __all__ = ["capture", "step", "flush", "shutdown", "configure", "enabled", "stats", "ProfileExecuteDuration",
            "instrument_module", "__version__"]

@@ -11,7 +11,7 @@ import os
 import threading
 from typing import Any
 
-from . import capturing, config, instrument, runtime
+from . import _compiled, capturing, config, instrument, runtime
 from .accounting import stats_if_started
 from .capturing import capture, step
 from .compat import ProfileExecuteDuration
@@ -91,7 +91,8 @@ def shutdown(timeout_s: float = 5.0) -> bool:
 def stats() -> dict[str, Any]:
     """Counters of this process (kept across ``configure()`` and after ``shutdown()``): resolved, timed out,
     spans emitted/unsampled/exported, drops by reason (every capture or span lost is counted here), metrics
-    exports; while running, also the device and where spans and metrics go."""
+    exports; while running, also the device, where spans and metrics go, and which background modules run
+    compiled (``core``: ``_compiled.py``)."""
     rt = runtime.current()
     if rt is None:
         counted = stats_if_started()
@@ -104,7 +105,7 @@ def stats() -> dict[str, Any]:
     out.update(running=True, device=rt.backend.label(), pipeline=rt.pipeline.description,
                metrics=rt.pipeline.metrics_description,
                sampling=getattr(rt.pipeline, "sampling_description", ""),
-               pending=len(rt.pending), resolver_alive=rt.resolver.alive)
+               pending=len(rt.pending), resolver_alive=rt.resolver.alive, core=_compiled.describe())
     reads = getattr(rt.backend, "timing_read_stats", None)
     if reads is not None:
         out["timing_reads"] = reads()

@@ -22,6 +22,9 @@ KEEP = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TMP", "TEMP",
     "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
     "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    # Which implementation runs, not what it does: CI's second pass runs the tests (and their processes) with
+    # the pure-Python modules instead of the compiled core (otel_npu/_compiled.py).
+    "OTEL_NPU_PURE_PYTHON",
 })
 KEEP_PREFIXES = ("LC_", "PIP_", "XDG_", "CUDA_", "NVIDIA_", "ASCEND_", "HF_")
 #: The tests' own switches (not otel-npu settings): where vLLM and Phoenix are, what CI requires, where the

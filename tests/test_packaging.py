@@ -12,6 +12,7 @@ nothing underneath, is the release workflow's (.github/workflows/release.yml), w
 
 from __future__ import annotations
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import tarfile
 import zipfile
 
 import pytest
+
+from otel_npu import _compiled
 
 from .support import child_env
 
@@ -48,7 +51,8 @@ def dist(tmp_path_factory) -> dict[str, pathlib.Path]:
     # [build-system]; the wheel is built from the unpacked sdist, so a file the sdist lacks fails here.
     run([sys.executable, "-m", "build", "--outdir", out, ROOT], timeout=600)
     (sdist,) = out.glob("otel_npu-*.tar.gz")
-    (wheel,) = out.glob("otel_npu-*-py3-none-any.whl")
+    # A platform wheel: it carries the compiled core built for this Python (setup.py).
+    (wheel,) = out.glob(f"otel_npu-*-{sys.implementation.cache_tag.replace('-', '')}-*.whl")
     return {"sdist": sdist, "wheel": wheel}
 
 
@@ -69,6 +73,23 @@ def test_the_wheel_carries_every_module_the_licence_and_the_entry_points(dist):
     assert "License-Expression: Apache-2.0" in metadata
     assert "otel-npu = otel_npu.cli:main" in entry_points
     assert "otel_npu = otel_npu.integrations.vllm:register" in entry_points  # the vLLM plugin
+
+
+def test_the_wheel_carries_the_compiled_core_and_its_manifest(dist):
+    with zipfile.ZipFile(dist["wheel"]) as whl:
+        names = set(whl.namelist())
+        manifest = json.loads(whl.read(f"otel_npu/{_compiled.MANIFEST_NAME}"))
+    assert manifest["failed"] == {}, manifest["failed"]
+    assert sorted(manifest["modules"]) == sorted(_compiled.MODULES)
+    for module, entry in manifest["modules"].items():
+        package = module.rpartition(".")[0].replace(".", "/")
+        assert f"{package}/{entry['twin']}" in names, entry
+        # built from the sources the wheel carries (.pxd included): it loads compiled once installed
+        for source in entry["sources"]:
+            assert f"{package}/{source}" in names
+        assert entry["sources"] == _compiled.source_hashes(module, str(ROOT)), module
+    pxd = {p.relative_to(ROOT).as_posix() for p in (ROOT / "otel_npu").rglob("*.pxd")}
+    assert pxd <= names, sorted(pxd - names)
 
 
 def test_the_sdist_carries_the_source_its_tests_and_docs(dist):
@@ -101,6 +122,9 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_the_demo(dist, tmp_path):
     where = run([python, "-c", "import otel_npu; print(otel_npu.__file__, otel_npu.__version__)"], timeout=120,
                 cwd=work, env=env).stdout
     assert where.startswith(str(site / "otel_npu" / "__init__.py")), where
+    core = run([python, "-c", "import otel_npu, otel_npu._compiled as c; print(c.describe()['compiled'])"],
+               timeout=120, cwd=work, env=env).stdout
+    assert core.strip() == str(sorted(_compiled.MODULES)), core  # the installed wheel runs its compiled core
 
     demo = run([venv / "bin" / "otel-npu", "demo", "--device", "cpu", "--model-size", "tiny", "--steps", "8",
                 "--requests", "2", "--no-progress"], timeout=300, cwd=work, env=env)

@@ -41,6 +41,9 @@ ENV_SHUTDOWN_TIMEOUT = "OTEL_NPU_SHUTDOWN_TIMEOUT_S"
 ENV_PIPELINE = "OTEL_NPU_PIPELINE"
 ENV_KEEP_SLOW = "OTEL_NPU_KEEP_SLOW_STEPS"
 ENV_DETAIL_EVERY = "OTEL_NPU_DETAIL_EVERY"
+#: Read once, when otel_npu is imported (``_compiled.py``): run the background modules as pure Python even
+#: where their compiled twins are built.
+ENV_PURE_PYTHON = "OTEL_NPU_PURE_PYTHON"
 
 #: ``OTEL_NPU_DEVICE`` / ``configure(device=...)``: ``auto`` or a kind of ``devices/registry.py``.
 DEVICES = ("auto", *registry.KINDS)
@@ -112,6 +115,13 @@ def parse_keep_slow(raw: Any) -> tuple[str, float] | None:
         if 0 < value < 1e15:
             return "threshold", value
     raise ValueError(f"{raw!r} is not valid: accepted values are {ACCEPTED_KEEP}")
+
+
+def pure_python_from_env(env: Mapping[str, str] | None = None) -> bool:
+    """``OTEL_NPU_PURE_PYTHON``: true to load the pure-Python modules instead of the compiled core (``_compiled``).
+    An invalid value warns and leaves the compiled core on."""
+    return env_bool(process_env() if env is None else env, ENV_PURE_PYTHON, False,
+                    "the compiled core is used where it is built")
 
 
 def _keep_slow_from_env(env: Mapping[str, str]) -> str:
