@@ -52,7 +52,8 @@ def dist(tmp_path_factory) -> dict[str, pathlib.Path]:
     run([sys.executable, "-m", "build", "--outdir", out, ROOT], timeout=600)
     (sdist,) = out.glob("otel_npu-*.tar.gz")
     # A platform wheel: it carries the compiled core built for this Python (setup.py).
-    (wheel,) = out.glob(f"otel_npu-*-{sys.implementation.cache_tag.replace('-', '')}-*.whl")
+    python_tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    (wheel,) = out.glob(f"otel_npu-*-{python_tag}-{python_tag}-*.whl")
     return {"sdist": sdist, "wheel": wheel}
 
 

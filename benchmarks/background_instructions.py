@@ -1,0 +1,143 @@
+"""Instructions per capture on otel-npu's background threads, counted by valgrind's callgrind: pure Python
+against the compiled core (``otel_npu/_compiled.py``), a figure that does not drift with the machine's load.
+
+``python -m benchmarks.background_instructions [--n 2000]`` runs, under ``valgrind --tool=callgrind
+--separate-threads=yes``, a loop of ``n`` and of ``2n`` steps (a step and 4 captures each, on the CPU backend),
+then waits until everything is resolved and exported, and prints, per variant, the instructions of every
+thread but the main one per capture: ``(I(2n) - I(n)) / (5 n)``, so that start-up, import and the threads'
+own start cancel out. Variants: resolved only (no exporter), sampled out (``traceidratio`` 1 %, p99 keeping,
+OTLP/HTTP), every capture exported over OTLP/HTTP; each with ``OTEL_NPU_PURE_PYTHON=1`` and with the compiled
+core (which must be built: ``pip install -e .`` or ``python setup.py build_ext --inplace``). The collector is
+a minimal OTLP/HTTP endpoint in a process of its own (not counted). The cyclic GC is off and hash
+randomization fixed. Needs ``valgrind``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+#: name -> the OTEL_* settings of the variant (the endpoint is added for those that export).
+VARIANTS: dict[str, dict[str, str]] = {
+    "resolved only": {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"},
+    "sampled out (1 %, p99)": {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+    "exported (OTLP/HTTP)": {"OTEL_TRACES_SAMPLER": "always_on"},
+}
+
+LOOP = r"""
+import os, sys
+import otel_npu
+from otel_npu import _compiled, runtime
+otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+with otel_npu.capture("warm-up"):
+    pass
+otel_npu.flush(60.0)
+want_compiled = os.environ.get("OTEL_NPU_PURE_PYTHON") != "1"
+assert (_compiled.describe()["compiled"] != []) == want_compiled, _compiled.describe()
+import gc
+gc.disable()
+n = int(sys.argv[1])
+capture, step = otel_npu.capture, otel_npu.step
+for _ in range(n):
+    with step("Decode"):
+        with capture("prepare input"):
+            pass
+        with capture("forward"):
+            pass
+        with capture("post process"):
+            pass
+        with capture("sample"):
+            pass
+rt = runtime.current()
+assert rt.resolver.wait(600.0)
+for sink in rt.pipeline.sinks:
+    assert sink.force_flush(600.0)
+stats = otel_npu.stats()
+assert stats["dropped_total"] == 0, stats
+print(stats["resolved"], stats["spans_emitted"], stats["spans_exported"])
+sys.stdout.flush()
+os._exit(0)
+"""
+
+#: A collector that accepts every OTLP/HTTP request (an empty ExportTraceServiceResponse is zero bytes).
+SINK = r"""
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def background_instructions(settings: dict[str, str], n: int, root: pathlib.Path) -> tuple[int, str]:
+    """Instructions of every thread but the main one, for ``n`` steps; and what the loop printed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "cg.out"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env.update(settings, PYTHONPATH=str(root), PYTHONHASHSEED="0", OTEL_NPU_ENABLED="1")
+        done = subprocess.run(["valgrind", "--tool=callgrind", "--separate-threads=yes",
+                               f"--callgrind-out-file={out}", sys.executable, "-c", LOOP, str(n)],
+                              env=env, check=True, capture_output=True, text=True, cwd=tmp)
+        total = 0
+        for part in pathlib.Path(tmp).glob("cg.out-*"):
+            if part.name.endswith("-01"):
+                continue  # the main thread: the loop itself
+            for line in part.read_text().splitlines():
+                if line.startswith(("totals:", "summary:")):
+                    total += int(line.split()[1])
+                    break
+        return total, done.stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=2000, help="steps of the shorter loop (5 captures each)")
+    parser.add_argument("--root", default=str(pathlib.Path(__file__).resolve().parent.parent),
+                        help="the checkout whose otel_npu is measured (default: this one)")
+    parser.add_argument("--only", choices=sorted(VARIANTS), action="append", help="these variants only")
+    args = parser.parse_args(argv)
+    root = pathlib.Path(args.root)
+    port = free_port()
+    sink = subprocess.Popen([sys.executable, "-c", SINK, str(port)])
+    try:
+        time.sleep(1.0)
+        endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                    "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+        captures = 5 * args.n
+        print(f"background-thread instructions per capture (callgrind, {args.n} vs {2 * args.n} steps of a step "
+              f"and 4 captures), {root}:")
+        print(f"  {'variant':28s} {'pure':>9s} {'compiled':>9s} {'ratio':>6s}")
+        for name in args.only or VARIANTS:
+            row = []
+            for pure in ("1", "0"):
+                settings = dict(VARIANTS[name], OTEL_NPU_PURE_PYTHON=pure, **endpoint)
+                short, _ = background_instructions(settings, args.n, root)
+                long, printed = background_instructions(settings, 2 * args.n, root)
+                row.append((long - short) / captures)
+            print(f"  {name:28s} {row[0]:9.0f} {row[1]:9.0f} {row[1] / row[0]:6.2f}", flush=True)
+    finally:
+        sink.terminate()
+        sink.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
