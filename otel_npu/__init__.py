@@ -22,8 +22,8 @@ from . import _compiled
 _compiled.install()
 
 from ._version import __version__
-from .api import (ProfileExecuteDuration, capture, configure, enabled, flush, instrument_module,
+from .api import (ProfileExecuteDuration, capture, configure, enabled, flush, host_step, instrument_module,
                   shutdown, stats, step)
 
-__all__ = ["capture", "step", "flush", "shutdown", "configure", "enabled", "stats", "ProfileExecuteDuration",
+__all__ = ["capture", "step", "host_step", "flush", "shutdown", "configure", "enabled", "stats", "ProfileExecuteDuration",
            "instrument_module", "__version__"]

@@ -13,12 +13,12 @@ from typing import Any
 
 from . import _compiled, capturing, config, instrument, runtime
 from .accounting import stats_if_started
-from .capturing import capture, step
+from .capturing import capture, host_step, step
 from .compat import ProfileExecuteDuration
 from .devices import registry
 from .instrument import instrument_module
 
-__all__ = ["capture", "step", "flush", "shutdown", "configure", "enabled", "stats", "ProfileExecuteDuration",
+__all__ = ["capture", "step", "host_step", "flush", "shutdown", "configure", "enabled", "stats", "ProfileExecuteDuration",
            "instrument_module"]
 
 _configure_lock = threading.Lock()
@@ -33,9 +33,10 @@ def configure(*, enabled: bool | None = None, device: Any = None, max_pending: i
               event_timeout_s: float | None = None, log_durations: bool | None = None,
               poll_interval_s: float | None = None, shutdown_timeout_s: float | None = None,
               pipeline: str | None = None, tracer_provider: Any = None, keep_slow_steps: str | None = None,
-              detail_every: int | None = None) -> None:
+              detail_every: int | None = None, attributes: Any = None) -> None:
     """Override the environment's settings in code (``None`` keeps the current value).
 
+    ``attributes``: a mapping put on every span and stage metric of this process (a worker's ranks, say).
     Raises ``ValueError`` naming the argument for an invalid value. If otel-npu is running, it is flushed
     and shut down first (bounded by ``shutdown_timeout_s``); the new settings take effect at the next capture.
     """
@@ -43,7 +44,7 @@ def configure(*, enabled: bool | None = None, device: Any = None, max_pending: i
         runtime.settings(), enabled=enabled, device=device, max_pending=max_pending,
         event_timeout_s=event_timeout_s, log_durations=log_durations, poll_interval_s=poll_interval_s,
         shutdown_timeout_s=shutdown_timeout_s, pipeline=pipeline, tracer_provider=tracer_provider,
-        keep_slow_steps=keep_slow_steps, detail_every=detail_every)
+        keep_slow_steps=keep_slow_steps, detail_every=detail_every, attributes=attributes)
     with _configure_lock:
         capturing.set_mode(False)
         runtime.stop(runtime.settings().shutdown_timeout_s)

@@ -71,7 +71,7 @@ class Runtime:
             self.pools[self.backend.index] = self.pool
         otel = config.otel.read()  # the OTEL_* variables, as they are when otel-npu starts
         self.pipeline = telemetry.build(
-            settings, otel, process_attrs=process_attributes(self.backend.label(), otel.ranks),
+            settings, otel, process_attrs=process_attributes(self.backend.label(), otel.ranks, settings.attributes),
             stream_label=self.backend.stream_label, to_wall=self.host_clock.to_wall, stats=self.stats)
         if settings.log_durations:
             durations.ensure_visible()

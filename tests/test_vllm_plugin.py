@@ -219,3 +219,127 @@ def test_the_docs_hook_table_says_for_each_hook_the_versions_it_applies_to_was_r
         assert gate == (f"{since} … {hook.before[0]}.{hook.before[1] - 1}" if hook.before else f"≥ {since}")
         assert read == ", ".join(hook.read)
         assert run.split(" (")[0] == ", ".join(hook.run)
+
+
+# -- one trace per engine step, every rank ------------------------------------------------------------------
+def engine_and_ranks(sos, ranks=2, env=None, keep="p99"):
+    """The EngineCore opens an engine step per scheduler output, each of ``ranks`` workers receives it pickled
+    (as vLLM's executor sends it) and runs its step, then the EngineCore processes the outputs."""
+    import pickle
+    import time
+
+    engine = plugin._EngineCore()
+    engine.setup(env or {"OTEL_NPU_KEEP_SLOW_STEPS": keep})
+    engine.active = True
+    workers = [plugin._Worker() for _ in range(ranks)]
+    requests = {}
+    for so in sos:
+        requests.update({new.req_id: NS(trace_headers=new.trace_headers) for new in so.scheduled_new_reqs})
+        scheduler = NS(requests=requests, waiting=[1, 2], running=[3], kv_cache_manager=NS(usage=0.25))
+        engine.schedule(scheduler, so, time.perf_counter_ns())
+        received = [pickle.loads(pickle.dumps(so)) for _ in workers]
+        for worker, copy in zip(workers, received):
+            if worker.begin(copy) is not None:
+                with otel_npu.capture("forward"):
+                    pass
+                worker.end()
+        assert engine.close(so)
+    otel_npu.flush()
+    return engine
+
+
+def test_each_engine_step_is_one_trace_with_one_step_per_rank_under_it_and_the_links_once(provider, spans):
+    enable(provider, device="cpu")
+    a = "00-0000000000000000000000000000000a-000000000000000b-01"
+    engine_and_ranks([
+        scheduler_output(new=[new_request("r1", 5, a)]),
+        scheduler_output(cached=[("r1", 5, 1)]),
+    ])
+    everything = spans.all
+    engine_steps = spans.named("engine step")
+    assert len(engine_steps) == 2
+    assert len({s.context.trace_id for s in engine_steps}) == 2  # no two steps share a trace
+    assert len({s.context.span_id for s in everything}) == len(everything)  # no span id repeats
+    for engine_step, kind in zip(sorted(engine_steps, key=lambda s: s.start_time), ["Prefill", "Decode"]):
+        assert engine_step.parent is None
+        assert engine_step.attributes["vllm.num_waiting_requests"] == 2
+        assert engine_step.attributes["vllm.kv_cache_usage"] == 0.25
+        assert [(l.context.trace_id, l.context.span_id) for l in engine_step.links] == [(0xA, 0xB)]
+        children = spans.children_of(engine_step)
+        assert [c.name for c in children] == [kind, kind]  # one per rank
+        for child in children:
+            assert child.context.trace_id == engine_step.context.trace_id and child.parent.is_remote
+            assert not child.links  # linked once, on the engine step
+            assert [g.name for g in spans.children_of(child)] == ["forward"]
+    assert {s.context.trace_id for s in everything} == {s.context.trace_id for s in engine_steps}
+
+
+def test_the_engine_step_decides_sampling_and_every_rank_follows(provider, spans):
+    enable(provider, device="cpu")
+    engine_and_ranks([scheduler_output(cached=[("r1", 5, 1)]) for _ in range(4)], keep="off",
+                     env={"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0",
+                          "OTEL_NPU_KEEP_SLOW_STEPS": "off"})
+    assert spans.all == []  # dropped where it was opened: no rank exports a part of it
+    engine = engine_and_ranks([scheduler_output(cached=[("r1", 5, 1)]) for _ in range(4)],
+                              env={"OTEL_TRACES_SAMPLER": "always_on"})
+    assert engine.promise
+    assert len(spans.named("engine step")) == 4 and len(spans.named("Decode")) == 8
+
+
+def test_a_step_a_rank_keeps_as_slow_has_its_engine_step_exported(provider, spans):
+    # the sampler drops every step; the ranks keep every one as slow (threshold 1 ns): each has its parent
+    enable(provider, device="cpu", keep_slow_steps="0.000001ms")
+    env = {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}
+    engine_and_ranks([scheduler_output(cached=[("r1", 5, 1)]) for _ in range(3)], env=env)
+    engine_steps = {s.context.span_id: s for s in spans.named("engine step")}
+    decodes = spans.named("Decode")
+    assert len(engine_steps) == 3 and len(decodes) == 6
+    for step in decodes:
+        assert step.attributes["otel_npu.kept"] == "slow"
+        parent = engine_steps[step.parent.span_id]
+        assert parent.context.trace_id == step.context.trace_id
+        assert parent.attributes["otel_npu.kept"] == "ranks"
+    # an EngineCore that keeps no steps the sampler dropped promises no parent: no rank keeps a child then
+    # (here the engine step itself is kept as slow, by the rule of this one process)
+    spans.exporter.clear()
+    engine_and_ranks([scheduler_output(cached=[("r1", 5, 1)])], env={**env, "OTEL_NPU_KEEP_SLOW_STEPS": "off"})
+    assert [(s.name, s.attributes["otel_npu.kept"]) for s in spans.all] == [("engine step", "slow")]
+
+
+def test_async_scheduling_overlapping_steps_each_end_their_own_engine_step(provider, spans):
+    import time
+
+    enable(provider, device="cpu")
+    engine = plugin._EngineCore()
+    engine.setup({})
+    first, second = scheduler_output(cached=[("r1", 5, 1)]), scheduler_output(cached=[("r1", 6, 1)])
+    engine.open(first, time.perf_counter_ns(), ["r1"], {"vllm.num_scheduled_tokens": 1})
+    engine.open(second, time.perf_counter_ns(), ["r1"], {"vllm.num_scheduled_tokens": 2})  # before first's outputs
+    assert first.otel_npu_step[:2] != second.otel_npu_step[:2]
+    assert engine.close(first) and engine.close(second) and not engine.close(second)  # each once
+    otel_npu.flush()
+    got = sorted((s.attributes["vllm.num_scheduled_tokens"], s.context.trace_id) for s in spans.named("engine step"))
+    assert [(n, t) for n, t in got] == [(1, first.otel_npu_step[0]), (2, second.otel_npu_step[0])]
+
+
+def test_ranks_are_on_every_span_and_stage_metric_of_the_worker(provider, spans):
+    from otel_npu import runtime
+
+    enable(provider, device="cpu", attributes={"vllm.tp_rank": 1, "vllm.pp_rank": 0, "vllm.dp_rank": 0,
+                                               "vllm.rank": 1})
+    run_steps([scheduler_output(new=[new_request("r1", 5)])])
+    assert spans.all
+    for span in spans.all:
+        assert {k: span.attributes[k] for k in ("vllm.tp_rank", "vllm.pp_rank", "vllm.dp_rank", "vllm.rank")} == \
+            {"vllm.tp_rank": 1, "vllm.pp_rank": 0, "vllm.dp_rank": 0, "vllm.rank": 1}
+    metrics = runtime.current().pipeline.metrics
+    if metrics is not None:
+        attrs = metrics.aggregator.attributes(("forward", "Prefill"))
+        assert attrs["vllm.tp_rank"] == 1 and "process.pid" not in attrs
+
+
+def test_configure_refuses_attributes_that_are_not_a_mapping_of_scalars():
+    with pytest.raises(ValueError, match="attributes"):
+        otel_npu.configure(attributes={"vllm.tp_rank": [1]})
+    with pytest.raises(ValueError, match="attributes"):
+        otel_npu.configure(attributes=[("a", 1)])

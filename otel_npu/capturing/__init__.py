@@ -21,9 +21,9 @@ from typing import Any, Callable
 from ..accounting import process_stats
 from ..devices import registry
 from . import compile_guard, hot, off
-from .hot import Capture, capture, step
+from .hot import Capture, capture, host_step, step
 
-__all__ = ["capture", "step", "current", "Capture", "Parts", "NOT_NOW", "set_starter", "install", "set_room",
+__all__ = ["capture", "step", "host_step", "current", "Capture", "Parts", "NOT_NOW", "set_starter", "install", "set_room",
            "detach", "set_mode", "is_on", "bind_compiler"]
 
 

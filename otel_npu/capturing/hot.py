@@ -522,4 +522,42 @@ def step(name: str, *, links: Iterable[Any] = (), attributes: Mapping[str, Any] 
     return cls(name, links, attributes)
 
 
+def host_step(name: str, start_ns: int, end_ns: int, *, trace_id: int, span_id: int, sampled: bool,
+              kept: str | None = None, trace_state: Any = None, links: Iterable[Any] = (),
+              attributes: Mapping[str, Any] | None = None) -> bool:
+    """Hand over a finished step timed by the host, whose ids were decided by the caller: a span named
+    ``name`` from ``start_ns`` to ``end_ns`` (host monotonic ns, ``time.perf_counter_ns()``), with trace id
+    ``trace_id`` and span id ``span_id``, a root, exported when ``sampled`` (then ``kept``, when given, is
+    why: its ``otel_npu.kept`` attribute). For a step opened and closed on different calls of an engine loop
+    whose context was sent elsewhere before it ended (an engine's scheduler step, parent of its workers' steps):
+    nothing is entered, no context variable is touched.
+
+    Only where captures are host-timed (the ``cpu`` device): returns False and does nothing elsewhere (a
+    device backend's spans are placed from events), when disabled, or when the pending limit is reached (a
+    ``pending_limit`` drop). Never blocks (after otel-npu's start, which the first call may make)."""
+    cls = _step_cls
+    if cls is _LAZY:
+        cls = _start()[1]
+    if cls is not _HostStep:
+        return False
+    if _pending_len() >= _max_pending:
+        _parts.stats.drop("pending_limit")
+        return False
+    r = cls(name, links, attributes)
+    r.parent = r.otel_ctx = r.error = None
+    r.detail = 0
+    try:
+        r.stream = _tls.thread
+    except AttributeError:
+        r.stream = _tls.thread = _current_thread()
+    r.start = r.host_start = start_ns
+    r.end = r.host_end = end_ns
+    r.trace_id, r.span_id, r.parent_span_id, r.parent_remote = trace_id, span_id, 0, False
+    r.trace_state = trace_state
+    r.sampled = bool(sampled or kept)
+    r.kept = (kept, None) if kept else None
+    _pending_append(r)
+    return True
+
+
 off.bind(capture, step, _get_current)

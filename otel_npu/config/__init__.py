@@ -81,6 +81,9 @@ class Settings:
     keep_slow_steps: str = "p99"
     #: Detail captures (``instrument_module``, ``capture(detail=True)``) in one step in this many per name.
     detail_every: int = 1
+    #: Attributes every span and every stage metric of this process carries, besides otel-npu's own (an
+    #: engine integration sets the worker's ranks here: ``vllm.tp_rank``...). Read when otel-npu starts.
+    attributes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 #: Accepted ranges of the numeric settings (above the low end, up to the high end). The high ends keep every
@@ -189,7 +192,13 @@ _ARG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "keep_slow_steps": (lambda v: _valid_keep(v), "'off', 'p99', 'p999' or a duration such as '25ms'"),
     "detail_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= DETAIL_EVERY_MAX,
                      f"an int from 1 to {DETAIL_EVERY_MAX}"),
+    "attributes": (lambda v: _valid_attributes(v), "a mapping of non-empty str keys to str, bool, int or float"),
 }
+
+
+def _valid_attributes(v: Any) -> bool:
+    return isinstance(v, Mapping) and all(
+        isinstance(k, str) and k and isinstance(x, (str, bool, int, float)) for k, x in v.items())
 
 
 def _valid_keep(v: Any) -> bool:
@@ -219,7 +228,7 @@ def override(base: Settings, **changes: Any) -> Settings:
         check, accepted = _ARG_CHECKS[key]
         if not check(value):
             raise ValueError(f"configure({key}={value!r}) is not valid: expected {accepted}")
-        applied[key] = value
+        applied[key] = dict(value) if key == "attributes" else value
     return dataclasses.replace(base, **applied)
 
 

@@ -219,8 +219,15 @@ class Pipeline:
 
 
 def _begins_trace(step: Any) -> bool:
-    """Whether ``step`` is the root of its trace (no enclosing capture, no valid parent span at its entry)."""
-    return step.parent is None and not step.parent_span_id
+    """Whether ``step`` may be kept although the sampler dropped it: it is the root of its trace (no enclosing
+    capture, no valid parent span at its entry), or its parent is a span exported whatever the sampler decided
+    (an engine's scheduler step says so in its trace state: ``step_sampling.PARENT_EXPORTED``)."""
+    if step.parent is not None:
+        return False
+    if not step.parent_span_id:
+        return True
+    state = step.trace_state
+    return bool(state) and state.get(step_sampling.PARENT_EXPORTED[0]) == step_sampling.PARENT_EXPORTED[1]
 
 
 def sampler(otel: OtelSettings) -> Any:

@@ -39,11 +39,13 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from typing import Any, Callable
 
 import otel_npu
 
-from ._engine_step import Both, EngineStep, RequestContexts, export_like_engine, metrics_follow_traces
+from ._engine_step import (Both, EngineStep, RequestContexts, SchedulerStep, export_like_engine, metrics_follow_traces,
+                           parent_context, process_attributes)
 from ._patch import Hook, Patcher, admits, parse_version
 
 __all__ = ["register", "HOOKS", "Hook", "admits", "install", "uninstall", "STAGES", "V1_STAGES", "ASCEND_STAGES",
@@ -93,6 +95,17 @@ ATTR_BATCH = "vllm.batch_size"  # every scheduled request (otel_npu.batch_size: 
 ATTR_TOKENS = "vllm.num_scheduled_tokens"
 ATTR_REQUEST_IDS = "vllm.request_ids"
 ATTR_GRAPH = "vllm.cudagraph_mode"
+#: On the engine step (the EngineCore's): the scheduler's state once this step was scheduled.
+ATTR_NEW = "vllm.num_new_requests"          # scheduled for the first time in this step
+ATTR_WAITING = "vllm.num_waiting_requests"
+ATTR_RUNNING = "vllm.num_running_requests"
+ATTR_PREEMPTED = "vllm.num_preempted_requests"  # preempted since the previous step
+ATTR_KV_USAGE = "vllm.kv_cache_usage"      # fraction of the KV cache's blocks in use, 0..1
+#: On every span and stage metric of a worker: its ranks (read once, from vLLM's parallel state).
+ATTR_TP_RANK = "vllm.tp_rank"
+ATTR_PP_RANK = "vllm.pp_rank"
+ATTR_DP_RANK = "vllm.dp_rank"
+ATTR_RANK = "vllm.rank"  # the global rank (vLLM's world group: every TP x PP rank of every DP engine)
 
 
 # -- the worker's state ----------------------------------------------------------------------------------------
@@ -112,16 +125,20 @@ class _Worker(EngineStep):
     def forget(self, finished: Any) -> None:
         self.requests.forget(finished)
 
-    def learn(self, new_reqs: Any) -> None:
+    def learn(self, new_reqs: Any, contexts: bool = True) -> None:
+        """Remember ``new_reqs`` (prompt length; with ``contexts``, the trace context each came with)."""
         requests = self.requests
         for new in new_reqs:
-            requests.learn(new.req_id, getattr(new, "trace_headers", None), _prompt_len(new))
+            requests.learn(new.req_id, getattr(new, "trace_headers", None) if contexts else None, _prompt_len(new))
 
     def begin(self, so: Any) -> Any:
-        """The step for scheduler output ``so``, entered; None when this step runs no model."""
+        """The step for scheduler output ``so``, entered; None when this step runs no model. Its parent: the
+        EngineCore's engine step that came with ``so`` (which links the requests, once for every rank), else
+        none (this step links them)."""
         self.forget(getattr(so, "finished_req_ids", ()))
         new_reqs = so.scheduled_new_reqs
-        self.learn(new_reqs)
+        parent = parent_context(so)
+        self.learn(new_reqs, parent is None)
         scheduled = so.num_scheduled_tokens
         if not scheduled:
             return None
@@ -137,10 +154,68 @@ class _Worker(EngineStep):
         ids = list(scheduled)
         attributes = {ATTR_BATCH: len(ids), ATTR_TOKENS: so.total_num_scheduled_tokens,
                       ATTR_REQUEST_IDS: ids[:MAX_REQUEST_IDS]}
-        return self.open_step("Prefill" if prefill else "Decode", links=requests.links(ids), attributes=attributes)
+        return self.open_step("Prefill" if prefill else "Decode", links=requests.links(ids) if parent is None else (),
+                              attributes=attributes, parent=parent)
 
 
 _worker = _Worker()
+
+
+# -- the EngineCore's state --------------------------------------------------------------------------------------
+
+
+class _EngineCore(SchedulerStep):
+    """The EngineCore's side of a step trace: the engine step (``SchedulerStep``: opened by ``schedule()``,
+    closed once ``update_from_output()`` processed its outputs), when the workers run in processes of their own.
+    ``active``: None until the first step decides it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active: bool | None = None
+
+    def start(self, scheduler: Any) -> bool:
+        """Whether this EngineCore makes engine steps: only when its workers are other processes (vLLM's
+        ``mp`` and ``ray`` executors: any TP/PP > 1, and the CPU platform). With the in-process executor the
+        worker's own step begins the step's trace, as before; a second, host-timed step in the process that
+        times the device would be placed on the device's clock. Then otel-npu here times on the host (this
+        process runs no device work), exporting where vLLM sends."""
+        parallel = getattr(getattr(scheduler, "vllm_config", None), "parallel_config", None)
+        backend = getattr(parallel, "distributed_executor_backend", None)
+        if backend not in ("mp", "ray"):
+            return False
+        otel_npu.configure(device="cpu")
+        _export_like_vllm(scheduler)
+        self.setup()
+        return True
+
+    def schedule(self, scheduler: Any, so: Any, start: int) -> None:
+        """``scheduler`` scheduled ``so`` (``schedule()`` began at host monotonic ``start``): the engine step."""
+        if self.active is None:
+            self.active = self.start(scheduler)
+            if not self.active:
+                return
+        known = self.requests
+        known.forget(getattr(so, "finished_req_ids", ()))
+        requests = scheduler.requests
+        for new in so.scheduled_new_reqs:
+            known.learn(new.req_id, getattr(requests.get(new.req_id), "trace_headers", None))
+        scheduled = so.num_scheduled_tokens
+        if not scheduled:
+            return
+        ids = list(scheduled)
+        attributes = {ATTR_BATCH: len(ids), ATTR_TOKENS: so.total_num_scheduled_tokens,
+                      ATTR_NEW: len(so.scheduled_new_reqs), ATTR_REQUEST_IDS: ids[:MAX_REQUEST_IDS]}
+        try:
+            attributes[ATTR_WAITING] = len(scheduler.waiting)
+            attributes[ATTR_RUNNING] = len(scheduler.running)
+            attributes[ATTR_PREEMPTED] = len(getattr(so, "preempted_req_ids", None) or ())
+            attributes[ATTR_KV_USAGE] = round(float(scheduler.kv_cache_manager.usage), 4)
+        except Exception:  # pragma: no cover - a scheduler without them: fewer attributes
+            pass
+        self.open(so, start, ids, attributes)
+
+
+_engine = _EngineCore()
 
 
 def _prompt_len(new: Any) -> int:
@@ -162,6 +237,31 @@ def _export_like_vllm(wrapper: Any, env: Any = None) -> None:
                        default_protocol="grpc", env=env)
 
 
+def _ranks(wrapper: Any) -> dict[str, int]:
+    """This worker's ranks: tensor-, pipeline-, data-parallel and global, read once from vLLM's parallel state
+    (its groups exist once the worker's device is initialized, before the first step); each one that cannot
+    be read is left out (a vLLM whose state moved: fewer attributes, never an error)."""
+    ranks: dict[str, int] = {}
+    try:
+        from vllm.distributed import parallel_state as ps
+    except Exception:  # pragma: no cover - vLLM calls us, so it imports
+        ps = None
+    for key, group in ((ATTR_TP_RANK, "_TP"), (ATTR_PP_RANK, "_PP"), (ATTR_DP_RANK, "_DP"), (ATTR_RANK, "_WORLD")):
+        coordinator = getattr(ps, group, None)
+        value = getattr(coordinator, "rank_in_group" if key != ATTR_RANK else "rank", None)
+        if isinstance(value, int):
+            ranks[key] = value
+    parallel = getattr(getattr(wrapper, "vllm_config", None), "parallel_config", None)
+    dp_rank = getattr(parallel, "data_parallel_rank", None)
+    if isinstance(dp_rank, int):  # the engine's place among DP engines (the DP group's rank, where it differs)
+        ranks[ATTR_DP_RANK] = dp_rank
+    if ATTR_RANK not in ranks:
+        rank = getattr(wrapper, "global_rank", None)
+        if isinstance(rank, int):
+            ranks[ATTR_RANK] = rank
+    return ranks
+
+
 def _metrics_to_vllm_collector(env: Any = None) -> None:
     """Stage metrics go where vLLM sends its traces when no metrics endpoint is configured (vLLM's default
     protocol is gRPC). Called before otel-npu starts in this process."""
@@ -181,6 +281,7 @@ def _execute_model(original: Callable) -> Callable:
             if not w.prepared:
                 w.prepared = True
                 _export_like_vllm(self)
+                process_attributes(_ranks(self))
                 _hook_sample_tokens(self)
             step = w.begin(scheduler_output)
         except Exception as exc:
@@ -198,6 +299,36 @@ def _execute_model(original: Callable) -> Callable:
         return out
 
     return execute_model
+
+
+def _schedule(original: Callable) -> Callable:
+    def schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter_ns()
+        so = original(self, *args, **kwargs)
+        if _engine.active is not False:
+            try:
+                _engine.schedule(self, so, start)
+            except Exception as exc:
+                _warn_once("engine step", "otel-npu: could not open an engine step (%s: %s); the engine goes on, "
+                           "this step without one (warned once)", type(exc).__name__, exc)
+        return so
+
+    return schedule
+
+
+def _update_from_output(original: Callable) -> Callable:
+    def update_from_output(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, scheduler_output, *args, **kwargs)
+        e = _engine
+        if e.active:
+            try:
+                e.close(scheduler_output)
+            except Exception as exc:
+                _warn_once("engine step end", "otel-npu: could not end an engine step (%s: %s); the engine goes "
+                           "on (warned once)", type(exc).__name__, exc)
+        return out
+
+    return update_from_output
 
 
 def _hook_sample_tokens(wrapper: Any) -> None:
@@ -417,6 +548,12 @@ _READ = ("0.23.0", "0.28.0", "0.32.0", "0.33.0", "0.34.0")
 HOOKS = (
     Hook("vllm.v1.worker.worker_base", "WorkerWrapperBase.execute_model", "the step spans", _execute_model,
          role="step", since=MIN_VLLM, params=("self", "scheduler_output"), read=_READ, run=("0.32.0",)),
+    # the EngineCore: one engine step per scheduler output, the parent of every rank's step
+    Hook("vllm.v1.core.sched.scheduler", "Scheduler.schedule", "the engine step (one trace per step, every rank)",
+         _schedule, role="engine step", since=MIN_VLLM, params=("self",), read=_READ, run=("0.32.0",)),
+    Hook("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output", "the end of the engine step",
+         _update_from_output, role="engine step", since=MIN_VLLM, params=("self", "scheduler_output"),
+         read=_READ, run=("0.32.0",)),
     Hook("vllm.v1.core.sched.output", "NewRequestData.from_request", "span links to the requests' traces",
          _from_request, role="links", since=MIN_VLLM, read=_READ, run=("0.32.0",)),
     # the V1 runner (vllm/v1/worker/gpu_model_runner.py; removed in 0.34), and vllm-ascend's, built on it
@@ -452,6 +589,7 @@ def uninstall() -> None:
     """Undo ``install()`` (for tests; a serving process keeps its hooks)."""
     _patcher.uninstall()
     _worker.__init__()
+    _engine.__init__()
 
 
 def register() -> None:

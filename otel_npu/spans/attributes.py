@@ -96,14 +96,22 @@ class LinkList(list):
     __slots__ = ("total", "dropped")
 
 
-def process_attributes(device_label: str, ranks: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """The attributes every span of this process carries: device, pid, and ``ranks`` (``RANK``,
-    ``LOCAL_RANK``: ``config.otel.OtelSettings.ranks``) where known."""
+def process_attributes(device_label: str, ranks: Mapping[str, int] | None = None,
+                       extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The attributes every span of this process carries: device, pid, ``ranks`` (``RANK``,
+    ``LOCAL_RANK``: ``config.otel.OtelSettings.ranks``) where known, and ``extra`` (``configure(attributes=)``:
+    an engine's ranks, say; they never replace otel-npu's own)."""
     attrs: dict[str, Any] = {ATTR_DEVICE: device_label, ATTR_PID: os.getpid()}
     for var, key in (("RANK", ATTR_RANK), ("LOCAL_RANK", ATTR_LOCAL_RANK)):
         if ranks and var in ranks:
             attrs[key] = ranks[var]
+    for key, value in (extra or {}).items():
+        attrs.setdefault(key, value)
     return attrs
+
+
+#: Process attributes that are not a stage metric's: the pid changes at every restart (a new series each time).
+NOT_METRIC_ATTRIBUTES = (ATTR_PID, ATTR_LOCAL_RANK)
 
 
 def kept_attributes(kept: tuple[str, float | None]) -> dict[str, Any]:

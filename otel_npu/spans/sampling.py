@@ -21,7 +21,10 @@ second of step time (a token bucket); slow steps beyond are not kept and are cou
 (``stats()["slow_steps_not_kept"]``). With ``p99`` and steady load, ≈ 1 % of the dropped steps are kept.
 
 Only steps that begin a trace are kept this way: a step under a request span (or a remote parent) follows
-that parent's sampling decision, since keeping it would export a span whose parent is not exported.
+that parent's sampling decision, since keeping it would export a span whose parent is not exported. One
+exception: a parent that says in its trace state (``PARENT_EXPORTED``: ``otelnpu=pe``) that it is exported
+whatever its sampled flag says — an engine's scheduler step, parent of its workers' steps
+(``integrations/_engine_step.py``) — lets its child be kept like a step that begins a trace.
 
 **Detail budget** (``OTEL_NPU_DETAIL_EVERY=N``, ``DetailBudget``): detail captures (``instrument_module``'s
 hooks, ``capture(..., detail=True)``) are taken only inside one step in ``N`` of each step name (the 1st,
@@ -37,6 +40,9 @@ from __future__ import annotations
 
 import array
 from typing import Any
+
+#: The trace-state entry of a parent exported whatever its sampled flag says (see the module docstring).
+PARENT_EXPORTED = ("otelnpu", "pe")
 
 #: Slow steps kept at once per step name at most, and how fast that allowance comes back (per second).
 BURST = 20
@@ -139,4 +145,4 @@ class DetailBudget:
         return 1 if n == 0 else 0
 
 
-__all__ = ["SlowSteps", "DetailBudget"]
+__all__ = ["SlowSteps", "DetailBudget", "PARENT_EXPORTED"]

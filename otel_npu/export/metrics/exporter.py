@@ -13,7 +13,7 @@ from ...accounting import CAPTURE_DROP_REASONS, SPAN_LOSS_REASONS
 from ...config.env import keep_known
 from ...config.otel import OtelSettings
 from ...record import Record
-from ...spans.attributes import ATTR_DEVICE, ATTR_RANK, ATTR_REASON
+from ...spans.attributes import ATTR_DEVICE, ATTR_RANK, ATTR_REASON, NOT_METRIC_ATTRIBUTES
 from .. import registry
 from ..waiting import wait_until
 from .aggregate import BOUNDARIES_MS, MAX_SERIES, StageAggregator, stage_key
@@ -283,6 +283,8 @@ def build(settings: Any, otel: OtelSettings, *, const_attributes: Mapping[str, A
     attrs = {ATTR_DEVICE: const_attributes.get(ATTR_DEVICE, "?")}
     if ATTR_RANK in const_attributes:
         attrs[ATTR_RANK] = const_attributes[ATTR_RANK]
+    # and those an integration gave (``configure(attributes=)``: a worker's ranks), never the pid
+    attrs.update((k, v) for k, v in const_attributes.items() if k not in NOT_METRIC_ATTRIBUTES and k not in attrs)
     aggregator = StageAggregator(attrs)
     timeout_s = otel.metric_ms("OTEL_METRIC_EXPORT_TIMEOUT")
     provider = app_meter_provider(settings)
