@@ -235,8 +235,9 @@ def test_dashboard_queries_name_metrics_the_demo_really_exports(tmp_path):
     receiver = MetricsReceiver()
     try:
         env = child_env()
+        # RANK: a ranked process (as a vLLM worker is), so that the per-rank panel's label is exported too
         env.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
-                   OTEL_METRICS_EXPORTER="otlp", OTEL_METRIC_EXPORT_INTERVAL="500")
+                   OTEL_METRICS_EXPORTER="otlp", OTEL_METRIC_EXPORT_INTERVAL="500", RANK="0")
         done = subprocess.run([sys.executable, "-m", "otel_npu", "demo", "--device", "cpu", "--model-size", "tiny",
                                "--steps", "6", "--requests", "2", "--no-progress"], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
@@ -264,7 +265,8 @@ def mismatches(exported: dict, metrics: set[str], labels: set[str]) -> list[str]
 
 
 @pytest.mark.parametrize("name, keys, ok", [
-    (METRIC, ("otel_npu.stage", "otel_npu.step", "otel_npu.device"), True),
+    (METRIC, ("otel_npu.stage", "otel_npu.step", "otel_npu.device", "otel_npu.rank"), True),
+    (METRIC, ("otel_npu.stage", "otel_npu.step", "otel_npu.device"), False),  # no rank: the per-rank panel is empty
     ("otel_npu.stage.time", ("otel_npu.stage", "otel_npu.step", "otel_npu.device"), False),
     (METRIC, ("stage", "step", "device"), False),
 ])
@@ -279,7 +281,7 @@ def test_the_check_catches_a_dashboard_that_does_not_match_an_sdk_export(name, k
         reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{receiver.endpoint}/v1/metrics"))
         provider = MeterProvider(metric_readers=[reader])
         histogram = provider.get_meter("t").create_histogram(name, unit="ms")
-        histogram.record(3.5, dict(zip(keys, ("forward", "Decode", "npu:0"))))
+        histogram.record(3.5, dict(zip(keys, ("forward", "Decode", "npu:0", 0))))
         provider.shutdown()
     finally:
         receiver.close()
@@ -313,3 +315,15 @@ def test_a_step_duration_panel_has_exemplars_that_open_traces_and_kept_slow_step
     kept = [t["query"] for p in dashboard["panels"] for t in p["targets"] if p["datasource"]["uid"] == "tempo"
             and "otel_npu.kept" in t.get("query", "")]
     assert kept == ['{ span.otel_npu.kept = "slow" }']
+
+
+def test_a_panel_shows_each_ranks_stage_times_side_by_side():
+    """Tensor/pipeline-parallel workers: one series per stage and rank, from the label every worker's stage
+    metrics carry (``otel_npu.rank``: the vLLM plugin sets it from vLLM's world group, else ``$RANK``)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    ranked = [(p, t) for p in dashboard["panels"] for t in p["targets"]
+              if re.search(r"by \(le, [^)]*otel_npu_rank", t.get("expr", ""))]
+    assert ranked, "a panel grouping the stage histogram by rank"
+    panel, target = ranked[0]
+    assert "otel_npu_stage" in target["expr"] and "{{otel_npu_rank}}" in target["legendFormat"]
+    assert panel["datasource"]["uid"] == "prometheus"

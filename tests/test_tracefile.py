@@ -210,3 +210,77 @@ def test_several_files_as_the_readmes_glob_gives_them(traces_file, tmp_path, cap
     assert main(["summary", str(first), str(first)]) == 0
     out = capsys.readouterr().out
     assert f": {SPANS_IN_TRACES_FILE} spans;" in out and f"{2 * SPANS_IN_TRACES_FILE} spans" not in out, out
+
+
+# -- several ranks: per-rank table, skew, one track per rank -------------------------------------------------
+
+def two_rank_server(steps: int = 20):
+    """An engine step per step, with a Decode step of each of two TP ranks (separate processes) under it, each
+    with a forward stage; rank 1 starts its forward 0.5 ms later and ends it 1 ms later in every step."""
+    spans, ids, t = [], iter(range(1, 100_000)), 0.0
+    for n in range(steps):
+        trace = f"{n + 1:032x}"
+        engine = make_span("engine step", next(ids), 0, t, 10.0, **{"otel_npu.kind": "step"})
+        engine.trace_id = trace
+        engine.resource = {"service.name": "vllm", "process.pid": 100}
+        spans.append(engine)
+        for rank in (0, 1):
+            ranks = {"vllm.tp_rank": rank, "vllm.pp_rank": 0, "vllm.dp_rank": 0, "otel_npu.rank": rank,
+                     "otel_npu.clock_error_us": 20.0 + rank}
+            step = make_span("Decode", next(ids), int(engine.span_id, 16), t + 1, 8.0 + rank,
+                             **{"otel_npu.kind": "step"}, **ranks)
+            forward = make_span("forward", next(ids), int(step.span_id, 16), t + 2 + 0.5 * rank, 5.0 + 0.5 * rank,
+                                **{"otel_npu.step": "Decode"}, **ranks)
+            for span in (step, forward):
+                span.trace_id = trace
+                span.resource = {"service.name": "vllm", "process.pid": 200 + rank}
+            spans += [step, forward]
+        t += 12.0
+    return spans
+
+
+def test_the_engine_steps_table_leaves_the_ranks_steps_to_theirs():
+    rows = tracefile.stage_rows(two_rank_server())
+    assert [(r.step_kind, r.stage, r.count) for r in rows] == [
+        ("engine step", "(step)", 20), ("Decode", "(step)", 40), ("Decode", "forward", 40)]
+
+
+def test_per_rank_times_and_the_skew_between_ranks_with_its_clock_bound():
+    spans = two_rank_server()
+    rank = tracefile.rank_rows(spans)
+    assert [(r.step_kind, r.stage, r.rank, len(r.durations_ms)) for r in rank] == [
+        ("Decode", "(step)", "dp0 pp0 tp0", 20), ("Decode", "(step)", "dp0 pp0 tp1", 20),
+        ("Decode", "forward", "dp0 pp0 tp0", 20), ("Decode", "forward", "dp0 pp0 tp1", 20)]
+    assert {round(d, 6) for d in rank[3].durations_ms} == {5.5}
+    skew = {(r.step_kind, r.stage): r for r in tracefile.skew_rows(spans)}
+    forward = skew[("Decode", "forward")]
+    assert len(forward.start_ms) == 20
+    assert {round(v, 6) for v in forward.start_ms} == {0.5} and {round(v, 6) for v in forward.end_ms} == {1.0}
+    assert {round(v, 6) for v in forward.bound_ms} == {0.041}  # 20 µs + 21 µs: each rank's clock on its own
+    assert {round(v, 6) for v in skew[("Decode", "(step)")].end_ms} == {1.0}
+    text = tracefile.format_ranks(rank, list(skew.values()))
+    assert "2 ranks: dp0 pp0 tp0, dp0 pp0 tp1" in text and "± clock" in text
+    line = next(l for l in text.splitlines() if l.split()[:2] == ["forward", "20"])
+    assert line.split()[2:] == ["0.500", "0.500", "0.500", "1.000", "1.000", "1.000", "0.041"]
+    # one rank only: no per-rank view
+    assert tracefile.rank_rows([s for s in spans if s.attributes.get("vllm.tp_rank") != 1]) == []
+
+
+def test_summary_prints_the_rank_view_and_chrome_trace_gives_each_rank_its_process(monkeypatch, capsys):
+    from otel_npu.cli import chrome_trace
+
+    spans = two_rank_server(3)
+    monkeypatch.setattr(tracefile, "read_or_report", lambda files, command: spans)
+    assert main(["summary", "server.jsonl"]) == 0
+    out = capsys.readouterr().out
+    assert "Per rank (2 ranks" in out and "Rank skew" in out and "engine step" in out
+    document = chrome_trace.build(spans)
+    names = {e["pid"]: e["args"]["name"] for e in document["traceEvents"] if e.get("name") == "process_name"}
+    assert sorted(names.values()) == ["vllm (pid 100)", "vllm dp0 pp0 tp0 (pid 200)", "vllm dp0 pp0 tp1 (pid 201)"]
+    order = {names[e["pid"]]: e["args"]["sort_index"] for e in document["traceEvents"]
+             if e.get("name") == "process_sort_index"}
+    assert order["vllm (pid 100)"] < order["vllm dp0 pp0 tp0 (pid 200)"] < order["vllm dp0 pp0 tp1 (pid 201)"]
+    arrows = [e for e in document["traceEvents"] if e.get("cat") == "rank"]
+    starts = [e for e in arrows if e["ph"] == "s"]
+    assert len(starts) == 6 and {e["pid"] for e in starts} == {100}
+    assert sorted(e["pid"] for e in arrows if e["ph"] == "f") == [200, 200, 200, 201, 201, 201]

@@ -326,12 +326,12 @@ def test_ranks_are_on_every_span_and_stage_metric_of_the_worker(provider, spans)
     from otel_npu import runtime
 
     enable(provider, device="cpu", attributes={"vllm.tp_rank": 1, "vllm.pp_rank": 0, "vllm.dp_rank": 0,
-                                               "vllm.rank": 1})
+                                               "otel_npu.rank": 1})
     run_steps([scheduler_output(new=[new_request("r1", 5)])])
     assert spans.all
     for span in spans.all:
-        assert {k: span.attributes[k] for k in ("vllm.tp_rank", "vllm.pp_rank", "vllm.dp_rank", "vllm.rank")} == \
-            {"vllm.tp_rank": 1, "vllm.pp_rank": 0, "vllm.dp_rank": 0, "vllm.rank": 1}
+        assert {k: span.attributes[k] for k in ("vllm.tp_rank", "vllm.pp_rank", "vllm.dp_rank", "otel_npu.rank")} == \
+            {"vllm.tp_rank": 1, "vllm.pp_rank": 0, "vllm.dp_rank": 0, "otel_npu.rank": 1}
     metrics = runtime.current().pipeline.metrics
     if metrics is not None:
         attrs = metrics.aggregator.attributes(("forward", "Prefill"))

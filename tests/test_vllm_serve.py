@@ -68,12 +68,12 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_server(model: Path, workdir: Path, *, plugin: bool, args: list[str], pause_before_sigterm_s: float = 0.0,
-               requests: int = 6, v2: Path | None = None) -> dict[str, Any]:
+               requests: int = 6, v2: Path | None = None, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Serve ``requests`` completions (4 at a time, each with its own traceparent), SIGTERM, and return what the
     collector passed on. ``v2``: with the folder of ``install-v2``, vLLM runs its model runner V2."""
     receiver = GrpcReceiver()
     collector = Collector(receiver.endpoint, "grpc", workdir).start()
-    env = serve.server_env(workdir, plugin=plugin)
+    env = serve.server_env(workdir, plugin=plugin, extra=extra_env)
     if v2 is not None:
         env = serve.v2_env(env, v2)
     server = serve.Server(vllm_python(), model, workdir, env,
@@ -103,51 +103,82 @@ def steps_and_children(spans: list[tuple[dict, Any]]) -> tuple[list[Any], dict[b
     return steps, children
 
 
-def check_served(got: dict[str, Any], stages_expected: list[str] = STAGES, speculative: bool = False) -> list[Any]:
-    """What every plugin-on run must show; returns the step spans. ``speculative``: a step may give a request
-    more than one token."""
+RANK_ATTRIBUTES = ("vllm.tp_rank", "vllm.pp_rank", "vllm.dp_rank", "otel_npu.rank")
+
+
+def check_served(got: dict[str, Any], stages_expected: list[str] = STAGES, speculative: bool = False,
+                 ranks: int = 1) -> list[Any]:
+    """What every plugin-on run must show; returns the (workers') step spans. ``speculative``: a step may give a
+    request more than one token. ``ranks``: tensor-parallel ranks."""
     assert got["status"] == 0, got["log"][-3000:]
     assert "otel-npu: vLLM 0.32.0 hooked" in got["log"]
     assert all(r["usage"]["completion_tokens"] == MAX_TOKENS for r in got["results"])
-    steps, children = steps_and_children(got["spans"])
+    everything = [s for _, s in got["spans"]]
+    # otel-npu's span ids never repeat, across ranks and processes (vLLM's own start-up spans draw theirs from
+    # the global `random` that vLLM seeds alike in every worker: those of two ranks collide, not ours)
+    ours = [s for s in everything if "otel_npu.device" in attributes(s.attributes)]
+    theirs = [s for s in everything if "otel_npu.device" not in attributes(s.attributes)]
+    assert len({s.span_id for s in ours}) == len(ours), "a span id of otel-npu's repeats"
+    assert not {s.span_id for s in ours} & {s.span_id for s in theirs}
+    by_id = {s.span_id: s for s in ours}
+    all_steps, children = steps_and_children(got["spans"])
+    engine_steps = [s for s in all_steps if s.name == "engine step"]
+    steps = [s for s in all_steps if s.name != "engine step"]
     clients = {bytes.fromhex(trace_id): header for trace_id, header in got["clients"]}
-    assert steps, got["log"][-3000:]
-    # every step arrived: each scheduled request samples one token per step (short prompts: no chunking)
-    scheduled = sum(attributes(s.attributes)["vllm.batch_size"] for s in steps)
-    if speculative:  # one step per request at least: the prefill, which proposes its first drafts
-        assert len(clients) < scheduled <= len(clients) * MAX_TOKENS
-    else:
-        assert scheduled == len(clients) * MAX_TOKENS
+    assert steps and engine_steps, got["log"][-3000:]
     assert {s.name for s in steps} == {"Prefill", "Decode"}
-    assert max(attributes(s.attributes)["vllm.batch_size"] for s in steps) >= 2  # concurrent requests batched
+    # each engine step (the EngineCore's, host-timed) is one trace: one step per rank under it, linked once
+    assert len({e.trace_id for e in engine_steps}) == len(engine_steps), "two steps share a trace"
+    for engine_step in engine_steps:
+        attrs = attributes(engine_step.attributes)
+        assert engine_step.parent_span_id == b""  # a step serves many requests: a root, linked to each
+        kids = children.get(engine_step.span_id, [])
+        assert sorted(attributes(k.attributes)["vllm.tp_rank"] for k in kids) == list(range(ranks))
+        for kid in kids:
+            assert kid.trace_id == engine_step.trace_id and kid.name in ("Prefill", "Decode")
+            assert attributes(kid.attributes)["vllm.batch_size"] == attrs["vllm.batch_size"]
+        assert len(engine_step.links) == attrs["vllm.batch_size"] == attrs["otel_npu.batch_size"]
+        for link in engine_step.links:  # the client trace context of each request in the batch
+            assert clients[link.trace_id].endswith(f"-{link.span_id.hex()}-01")
+        assert 0 <= attrs["vllm.kv_cache_usage"] <= 1 and attrs["vllm.num_waiting_requests"] >= 0
+    assert {link.trace_id for s in engine_steps for link in s.links} == set(clients)
+    per_rank: dict[int, int] = {}
     for step in steps:
         attrs = attributes(step.attributes)
+        assert by_id[step.parent_span_id].name == "engine step" and step.trace_id == by_id[step.parent_span_id].trace_id
+        assert not step.links  # linked once, on the engine step
+        assert all(isinstance(attrs[key], int) for key in RANK_ATTRIBUTES), attrs
+        assert attrs["vllm.pp_rank"] == attrs["vllm.dp_rank"] == 0 and attrs["otel_npu.rank"] == attrs["vllm.tp_rank"]
+        per_rank[attrs["vllm.tp_rank"]] = per_rank.get(attrs["vllm.tp_rank"], 0) + attrs["vllm.batch_size"]
         assert attrs["vllm.num_scheduled_tokens"] >= attrs["vllm.batch_size"]
         assert len(attrs["vllm.request_ids"]) == attrs["vllm.batch_size"]
         assert attrs["vllm.cudagraph_mode"] == "NONE"  # the CPU runs no CUDA graphs, compiled or not
-        assert step.parent_span_id == b""  # a step serves many requests: a root, linked to each
         stages = sorted(children.get(step.span_id, []), key=lambda s: s.start_time_unix_nano)
         assert [s.name for s in stages] == stages_expected, [s.name for s in stages]
-        for stage in stages:
+        for stage in stages:  # each rank's stages under its own step
             assert step.start_time_unix_nano <= stage.start_time_unix_nano <= stage.end_time_unix_nano
             assert stage.end_time_unix_nano <= step.end_time_unix_nano
             assert stage.trace_id == step.trace_id
+            assert attributes(stage.attributes)["vllm.tp_rank"] == attrs["vllm.tp_rank"]
         for a, b in zip(stages, stages[1:]):
             assert a.end_time_unix_nano <= b.start_time_unix_nano
-        # linked to the client trace context of each request in the batch (the traceparent's span)
-        assert len(step.links) == attrs["vllm.batch_size"] == attrs["otel_npu.batch_size"]
-        for link in step.links:
-            assert clients[link.trace_id].endswith(f"-{link.span_id.hex()}-01")
-    assert {link.trace_id for s in steps for link in s.links} == set(clients)
+    # every step arrived on every rank: each scheduled request samples one token per step (no chunking)
+    assert sorted(per_rank) == list(range(ranks))
+    for scheduled in per_rank.values():
+        if speculative:  # one step per request at least: the prefill, which proposes its first drafts
+            assert len(clients) < scheduled <= len(clients) * MAX_TOKENS
+        else:
+            assert scheduled == len(clients) * MAX_TOKENS
+    assert max(attributes(s.attributes)["vllm.batch_size"] for s in steps) >= 2  # concurrent requests batched
     # vLLM's own llm_request spans, in the clients' traces, next to the steps that link there
     requests = [s for _, s in got["spans"] if s.name == "llm_request"]
     assert {r.trace_id for r in requests} == set(clients)
-    # the stage histogram, per stage and step kind
+    # the stage histogram, per stage, step kind and rank
     histograms = [m for _, m in got["metrics"] if m.name == "otel_npu.stage.duration"]
     assert histograms, "no stage metrics arrived"
-    seen = {(attributes(p.attributes)["otel_npu.step"], attributes(p.attributes)["otel_npu.stage"])
-            for m in histograms for p in m.histogram.data_points}
-    assert {("Decode", stage) for stage in stages_expected + ["Decode"]} <= seen
+    points = [attributes(p.attributes) for m in histograms for p in m.histogram.data_points]
+    seen = {(a["otel_npu.step"], a["otel_npu.stage"], a.get("vllm.tp_rank")) for a in points}
+    assert {("Decode", stage, rank) for stage in stages_expected + ["Decode"] for rank in range(ranks)} <= seen
     return steps
 
 
@@ -165,6 +196,22 @@ def test_compiled_server_with_vllms_default_abort_shutdown(model, tmp_path):
     got = run_server(model, tmp_path, plugin=True, args=[], pause_before_sigterm_s=1.0)
     assert "enforce_eager=False" in got["log"]
     check_served(got)
+
+
+#: Two CPU workers, one core each (vLLM's "auto" binding refuses: one NUMA node here).
+TP2 = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_tensor_parallel_ranks_of_each_step_in_one_trace_under_the_engine_step(model, tmp_path, mode):
+    # --tensor-parallel-size 2: two workers (one attention head each) run every step; the EngineCore's engine
+    # step is the parent of both ranks' steps, and its context reaches them pickled with the SchedulerOutput.
+    args = ["--tensor-parallel-size", "2", "--shutdown-timeout", "10"] + (["--enforce-eager"] if mode == "eager" else [])
+    got = run_server(model, tmp_path, plugin=True, args=args, extra_env=TP2, requests=4)
+    assert "tensor_parallel_size=2" in got["log"]
+    steps = check_served(got, ranks=2)
+    pids = {(attributes(s.attributes)["vllm.tp_rank"], attributes(s.attributes)["process.pid"]) for s in steps}
+    assert len({pid for _, pid in pids}) == 2 == len(pids)  # each rank its own process
 
 
 def test_model_runner_v2_steps_and_stages(model, tmp_path):
@@ -250,3 +297,75 @@ def test_the_example_serves_and_shows_linked_steps(tmp_path):
     assert forest.steps
     for step in forest.steps:
         assert {"prepare input", "forward", "post process", "sample"} <= {kid.name for kid in forest.kids(step)}
+
+
+def test_pipeline_parallel_batch_queue_with_vllms_scheduler_output_classes():
+    """PP (which does not run on vllm-cpu 0.32 here, with otel-npu off too): two SchedulerOutputs in flight at
+    once (PP's batch queue; async scheduling the same), each pickled as vLLM's MessageQueue pickles it to the
+    workers of both pipeline stages, each ended by its own outputs: one trace each, one step per stage under it."""
+    code = """
+import copyreg, io, pickle, time
+from types import SimpleNamespace as NS
+import torch
+import otel_npu
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
+from otel_npu.integrations import vllm as plugin
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+otel_npu.configure(enabled=True, device="cpu", tracer_provider=provider)
+
+def like_vllm(obj):  # vllm.distributed.device_communicators.shm_broadcast.MessageQueue.enqueue, then dequeue
+    with io.BytesIO() as bio:
+        pickler = pickle.Pickler(bio, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=lambda b: True)
+        pickler.dispatch_table = dict(copyreg.dispatch_table)
+        pickler.dump(obj)
+        return pickle.loads(bio.getvalue())
+
+def scheduled(req_id, n):
+    so = SchedulerOutput.make_empty()
+    so.scheduled_new_reqs = [NewRequestData(req_id=req_id, prompt_token_ids=list(range(n)), mm_features=[],
+                             sampling_params=SamplingParams(), pooling_params=None, block_ids=([1],),
+                             num_computed_tokens=0, lora_request=None)]
+    so.num_scheduled_tokens = {req_id: n}
+    so.total_num_scheduled_tokens = n
+    return so
+
+client = "00-0000000000000000000000000000000a-000000000000000b-01"
+scheduler = NS(requests={"a": NS(trace_headers={"traceparent": client}), "b": NS(trace_headers=None)},
+               waiting=[], running=[], kv_cache_manager=NS(usage=0.5))
+engine = plugin._EngineCore()
+engine.setup({})
+engine.active = True
+first, second = scheduled("a", 5), scheduled("b", 7)
+engine.schedule(scheduler, first, time.perf_counter_ns())
+engine.schedule(scheduler, second, time.perf_counter_ns())  # before the first one's outputs are back
+stages = [plugin._Worker(), plugin._Worker()]  # pipeline stages 0 and 1
+for so in (first, second):
+    for stage in stages:
+        received = like_vllm(so)
+        assert type(received) is SchedulerOutput and received.otel_npu_step == so.otel_npu_step
+        assert stage.begin(received) is not None
+        with otel_npu.capture("forward"):
+            pass
+        stage.end()
+assert engine.close(second) and engine.close(first)  # outputs back in any order
+otel_npu.flush()
+spans = exporter.get_finished_spans()
+engines = [s for s in spans if s.name == "engine step"]
+assert len(engines) == 2 and len({e.context.trace_id for e in engines}) == 2
+for e, tokens, links in zip(sorted(engines, key=lambda s: s.attributes["vllm.num_scheduled_tokens"]), (5, 7), (1, 0)):
+    kids = [s for s in spans if s.parent is not None and s.parent.span_id == e.context.span_id]
+    assert [k.name for k in kids] == ["Prefill", "Prefill"], [k.name for k in kids]
+    assert all(k.context.trace_id == e.context.trace_id and not k.links for k in kids)
+    assert e.attributes["vllm.num_scheduled_tokens"] == tokens and len(e.links) == links
+print("one trace per scheduler output")
+"""
+    env = child_env(PYTHONPATH=str(ROOT))
+    done = subprocess.run([vllm_python(), "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "one trace per scheduler output" in done.stdout, done.stderr[-3000:]

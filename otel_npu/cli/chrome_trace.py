@@ -8,7 +8,10 @@ Layout, per process (resource ``service.name`` + ``process.pid``):
   an instant per capture, with how far ahead of the device the host was;
 * the application's own spans (requests: ``llm_request``) on ``requests`` tracks, one trace per lane,
   as few lanes as keep a lane's slices from overlapping;
-* a flow arrow from each request to every step linked to it (``step(links=...)``).
+* a flow arrow from each request to every step linked to it (``step(links=...)``);
+* several ranks (a vLLM server with tensor or pipeline parallelism: each rank's spans carry ``vllm.tp_rank``...):
+  each rank is its own process, named and ordered by its rank (``dp0 pp0 tp1``) after the engine's process,
+  and an arrow goes from each engine step to every rank's step under it: one track per rank under each step.
 
 Times are microseconds from the earliest span; ``otherData.origin_unix_nano`` says when that was. The output is
 strict JSON (``JSON.parse`` reads it): attribute values that are not finite numbers are written as the strings
@@ -60,7 +63,7 @@ class _Tracks:
         self.tids: dict[tuple[int, Any], int] = {}
         self.meta: list[dict] = []
 
-    def pid(self, key: Any, name: str, preferred: Any) -> int:
+    def pid(self, key: Any, name: str, preferred: Any, order: int | None = None) -> int:
         pid = self.pids.get(key)
         if pid is None:
             taken = set(self.pids.values())
@@ -68,6 +71,9 @@ class _Tracks:
                 max(taken | {0}) + 1
             self.pids[key] = pid
             self.meta.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}})
+            if order is not None:
+                self.meta.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0,
+                                  "args": {"sort_index": order}})
         return pid
 
     def tid(self, pid: int, key: Any, name: str, order: int) -> int:
@@ -93,14 +99,29 @@ def build(spans: list, source: str = "") -> dict:
     events: list[dict] = []
     where: dict[tuple[str, str], tuple[int, int]] = {}  # span -> (pid, tid) of its slice
 
-    def process_of(span: Any) -> int:
+    def process_key(span: Any) -> tuple[str, str | None]:
         # Other writers may send any AnyValue here (an array, say): shown as text, used as a key as text.
-        service = _text(span.resource.get("service.name", "unknown service"))
+        pid = span.resource.get("process.pid")
+        return _text(span.resource.get("service.name", "unknown service")), None if pid is None else _text(pid)
+
+    # the rank of each process whose otel-npu spans say one (several ranks: one process each)
+    ranks: dict[tuple[str, str | None], str] = {}
+    for span in spans:
+        if span.is_otel_npu:
+            rank = tracefile.rank_of(span)
+            if rank is not None:
+                ranks.setdefault(process_key(span), rank)
+    rank_order = {rank: n + 1 for n, rank in enumerate(sorted(set(ranks.values())))}
+
+    def process_of(span: Any) -> int:
+        key = process_key(span)
+        service, pid_text = key
         pid = span.resource.get("process.pid")
         preferred = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
-        pid_text = None if pid is None else _text(pid)
-        return tracks.pid((service, pid_text), f"{service} (pid {pid_text})" if pid is not None else service,
-                          preferred)
+        rank = ranks.get(key)
+        name = service if rank is None else f"{service} {rank}"
+        order = None if not rank_order else rank_order.get(rank, 0) if rank is not None else 0
+        return tracks.pid(key, f"{name} (pid {pid_text})" if pid is not None else name, preferred, order)
 
     forest = tracefile.Forest(spans)
     steps = {(s.trace_id, s.span_id) for s in forest.steps}
@@ -113,7 +134,8 @@ def build(spans: list, source: str = "") -> dict:
         tid = tracks.tid(pid, ("stream", device, stream), f"{device} {stream}", 1)
         key = (span.trace_id, span.span_id)
         where[key] = (pid, tid)
-        args = {k: _finite(v) for k, v in span.attributes.items() if k.startswith("otel_npu.") or k == "error.type"}
+        args = {k: _finite(v) for k, v in span.attributes.items()
+                if k.startswith(("otel_npu.", "vllm.")) or k == "error.type"}
         args.update(trace_id=span.trace_id, span_id=span.span_id)
         if span.links:
             args["links"] = [f"{t}/{s}" for t, s in span.links]
@@ -168,6 +190,20 @@ def build(spans: list, source: str = "") -> dict:
             pid, tid = where[(step.trace_id, step.span_id)]
             events.append({"ph": "f", "bp": "e", "id": flow, "name": "served by", "cat": "link", "pid": pid,
                            "tid": tid, "ts": us(step.start_ns)})
+
+    # engine step -> each rank's step under it (another process: Perfetto draws no nesting across processes)
+    for step in forest.steps:
+        parent = forest.parent(step)
+        key, up = (step.trace_id, step.span_id), None if parent is None else (parent.trace_id, parent.span_id)
+        if up is None or up not in steps or key not in where or up not in where or where[up][0] == where[key][0]:
+            continue
+        flow += 1
+        pid, tid = where[up]
+        events.append({"ph": "s", "id": flow, "name": "rank step", "cat": "rank", "pid": pid, "tid": tid,
+                       "ts": us(max(parent.start_ns, min(step.start_ns, parent.end_ns)))})
+        pid, tid = where[key]
+        events.append({"ph": "f", "bp": "e", "id": flow, "name": "rank step", "cat": "rank", "pid": pid,
+                       "tid": tid, "ts": us(step.start_ns)})
 
     events.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
     return {"traceEvents": tracks.meta + events, "displayTimeUnit": "ms",

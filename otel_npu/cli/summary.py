@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import collections
 
-HELP = "per-stage table (count, mean, p50, p99 ms, share of step time) of traces files, per step kind"
+HELP = ("per-stage table (count, mean, p50, p99 ms, share of step time) of traces files, per step kind; with "
+        "several ranks, per rank and the skew between ranks")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,10 @@ def run(args: argparse.Namespace) -> int:
     print(describe(spans, args.files[0] if len(args.files) == 1 else f"{len(args.files)} files"))
     print()
     print(tracefile.format_table(tracefile.stage_rows(spans)))
+    ranks = tracefile.format_ranks(tracefile.rank_rows(spans), tracefile.skew_rows(spans))
+    if ranks:  # several ranks (tensor/pipeline parallel workers): each one's times, and how far apart they ran
+        print()
+        print(ranks)
     return 0
 
 

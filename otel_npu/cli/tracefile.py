@@ -353,11 +353,14 @@ class Forest:
             return False
         return any(k.attributes.get(STEP_ATTR) == span.name for k in self.kids(span))
 
-    def descendants(self, span: Span) -> Iterator[Span]:
-        """Children before their own children, siblings by start time."""
+    def descendants(self, span: Span, within_step: bool = False) -> Iterator[Span]:
+        """Children before their own children, siblings by start time. ``within_step``: not into a step under
+        ``span`` (an engine's step has each rank's step under it: those are steps of their own)."""
         for kid in self.kids(span):
+            if within_step and self.is_step(kid):
+                continue
             yield kid
-            yield from self.descendants(kid)
+            yield from self.descendants(kid, within_step)
 
 
 # -- the per-stage table ---------------------------------------------------------------------------------
@@ -403,11 +406,11 @@ def stage_rows(spans: Iterable[Span]) -> list[Row]:
         step_total[step.name] = step_total.get(step.name, 0.0) + step.duration_ms
         add(step.name, (step.name,), step.duration_ms)
         paths = {(step.trace_id, step.span_id): (step.name,)}
-        for span in forest.descendants(step):
+        for span in forest.descendants(step, within_step=True):
             path = paths[(span.trace_id, span.span_id)] = paths[(span.trace_id, span.parent_id)] + (span.name,)
             add(step.name, path, span.duration_ms)
 
-    in_steps = {(s.trace_id, s.span_id) for step in forest.steps for s in forest.descendants(step)}
+    in_steps = {(s.trace_id, s.span_id) for step in forest.steps for s in forest.descendants(step, True)}
     loose = [s for s in forest.spans if s.is_otel_npu and not forest.is_step(s)
              and (s.trace_id, s.span_id) not in in_steps]
     loose_ids = {(s.trace_id, s.span_id) for s in loose}
@@ -471,4 +474,141 @@ def format_table(rows: list[Row]) -> str:
         share = "" if math.isnan(r.share) else f"{100 * r.share:5.1f}%"
         lines.append(f"{kind:<{kind_width}}  {'  ' * r.depth + r.stage:<{width}}  {r.count:>6}  {r.mean:>8.3f}  "
                      f"{r.percentile(50):>8.3f}  {r.percentile(99):>8.3f}  {share:>6}")
+    return "\n".join(lines)
+
+
+# -- several ranks: per-rank times and the skew between ranks ----------------------------------------------------
+
+#: Attributes that place a span on a rank, read in this order (a vLLM worker's; a launcher's ``RANK``).
+RANK_PARTS = (("vllm.dp_rank", "dp"), ("vllm.pp_rank", "pp"), ("vllm.tp_rank", "tp"))
+RANK_ATTRS = ("otel_npu.rank",)
+CLOCK_ERROR_ATTR = "otel_npu.clock_error_us"
+
+
+def rank_of(span: Span) -> str | None:
+    """``"dp0 pp0 tp1"`` for a vLLM worker's span, ``"rank 3"`` for one with only a global rank, else None."""
+    parts = [f"{short}{span.attributes[key]}" for key, short in RANK_PARTS if key in span.attributes]
+    if parts:
+        return " ".join(parts)
+    for key in RANK_ATTRS:
+        if key in span.attributes:
+            return f"rank {span.attributes[key]}"
+    return None
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100.0 * len(ordered))) - 1]
+
+
+@dataclasses.dataclass
+class RankRow:
+    step_kind: str
+    stage: str  # "(step)" for the step itself
+    rank: str
+    durations_ms: list[float]
+
+
+@dataclasses.dataclass
+class SkewRow:
+    """One stage of one step kind: across the steps run by several ranks at once (children of one engine
+    step), the spread of its start and of its end over the ranks (latest minus earliest), in ms."""
+
+    step_kind: str
+    stage: str
+    start_ms: list[float]
+    end_ms: list[float]
+    bound_ms: list[float]  # per step: the clock error bound the spread carries (the two largest errors)
+
+
+def ranked_steps(forest: Forest) -> list[Span]:
+    return [s for s in forest.steps if rank_of(s) is not None]
+
+
+def rank_rows(spans: Iterable[Span]) -> list[RankRow]:
+    """Per step kind, per stage (the step's direct children, by name), per rank: the durations. Empty unless
+    the steps come from more than one rank."""
+    forest = Forest(spans)
+    steps = ranked_steps(forest)
+    if len({rank_of(s) for s in steps}) < 2:
+        return []
+    rows: dict[tuple[str, str, str], RankRow] = {}
+    for step in sorted(steps, key=lambda s: s.start_ns):
+        rank = rank_of(step) or "?"
+        for stage, span in [("(step)", step)] + [(k.name, k) for k in forest.kids(step)]:
+            row = rows.get((step.name, stage, rank))
+            if row is None:
+                row = rows[(step.name, stage, rank)] = RankRow(step.name, stage, rank, [])
+            row.durations_ms.append(span.duration_ms)
+    order = {kind: n for n, kind in enumerate(dict.fromkeys(k for k, _, _ in rows))}
+    stage_order = {key: n for n, key in enumerate(dict.fromkeys((k, st) for k, st, _ in rows))}
+    return sorted(rows.values(), key=lambda r: (order[r.step_kind], stage_order[(r.step_kind, r.stage)], r.rank))
+
+
+def skew_rows(spans: Iterable[Span]) -> list[SkewRow]:
+    """The rank skew of each (step kind, stage): steps of several ranks under one parent (an engine step) are one
+    step run on those ranks; per such step, the spread of each stage's start and end over the ranks."""
+    forest = Forest(spans)
+    groups: dict[tuple[str, str, str], list[Span]] = {}
+    for step in ranked_steps(forest):
+        if step.parent_id:
+            groups.setdefault((step.trace_id, step.parent_id, step.name), []).append(step)
+    rows: dict[tuple[str, str], SkewRow] = {}
+    for (_, _, kind), members in sorted(groups.items(), key=lambda kv: min(s.start_ns for s in kv[1])):
+        if len({rank_of(s) for s in members}) < 2:
+            continue
+        stages: dict[str, list[Span]] = {"(step)": members}
+        for step in members:
+            for kid in forest.kids(step):
+                stages.setdefault(kid.name, []).append(kid)
+        for stage, found in stages.items():
+            if len(found) < 2:
+                continue
+            row = rows.get((kind, stage))
+            if row is None:
+                row = rows[(kind, stage)] = SkewRow(kind, stage, [], [], [])
+            row.start_ms.append((max(s.start_ns for s in found) - min(s.start_ns for s in found)) / 1e6)
+            row.end_ms.append((max(s.end_ns for s in found) - min(s.end_ns for s in found)) / 1e6)
+            errors = sorted((float(s.attributes.get(CLOCK_ERROR_ATTR, 0.0) or 0.0) for s in found), reverse=True)
+            row.bound_ms.append(sum(errors[:2]) / 1000.0)
+    return list(rows.values())
+
+
+def format_ranks(rank: list[RankRow], skew: list[SkewRow]) -> str:
+    """The per-rank table (count, p50, p99 per stage and rank) and the skew table, as text."""
+    if not rank:
+        return ""
+    width = max(len("stage"), *(len(r.stage) for r in rank))
+    kind_width = max(len("step kind"), *(len(r.step_kind) for r in rank))
+    rank_width = max(len("rank"), *(len(r.rank) for r in rank))
+    ranks = sorted({r.rank for r in rank})
+    head = f"{'step kind':<{kind_width}}  {'stage':<{width}}  {'rank':<{rank_width}}  {'count':>6}  {'p50':>8}  {'p99':>8}"
+    lines = [f"Per rank ({len(ranks)} ranks: {', '.join(ranks)}; ms):", head, "-" * len(head)]
+    last = (None, None)
+    for r in rank:
+        kind = r.step_kind if r.step_kind != last[0] else ""
+        stage = r.stage if (r.step_kind, r.stage) != last else ""
+        if r.step_kind != last[0] and last[0] is not None:
+            lines.append("")
+        last = (r.step_kind, r.stage)
+        lines.append(f"{kind:<{kind_width}}  {stage:<{width}}  {r.rank:<{rank_width}}  {len(r.durations_ms):>6}  "
+                     f"{_percentile(r.durations_ms, 50):>8.3f}  {_percentile(r.durations_ms, 99):>8.3f}")
+    if not skew:
+        return "\n".join(lines)
+    width = max(len("stage"), *(len(r.stage) for r in skew))
+    kind_width = max(len("step kind"), *(len(r.step_kind) for r in skew))
+    head = (f"{'step kind':<{kind_width}}  {'stage':<{width}}  {'steps':>6}  {'start p50':>9}  {'p99':>8}  "
+            f"{'max':>8}  {'end p50':>8}  {'p99':>8}  {'max':>8}  {'± clock':>8}")
+    lines += ["", "Rank skew: per step run on several ranks, the spread (latest - earliest) of each stage's start and",
+              "end across the ranks (ms). Each rank's clock is placed on the wall clock on its own: a spread is",
+              "known to within ± clock (the two largest clock error bounds of the ranks, the largest over the steps).",
+              head, "-" * len(head)]
+    last_kind = None
+    for r in skew:
+        kind = r.step_kind if r.step_kind != last_kind else ""
+        last_kind = r.step_kind
+        lines.append(f"{kind:<{kind_width}}  {r.stage:<{width}}  {len(r.start_ms):>6}  "
+                     f"{_percentile(r.start_ms, 50):>9.3f}  {_percentile(r.start_ms, 99):>8.3f}  {max(r.start_ms):>8.3f}  "
+                     f"{_percentile(r.end_ms, 50):>8.3f}  {_percentile(r.end_ms, 99):>8.3f}  {max(r.end_ms):>8.3f}  "
+                     f"{max(r.bound_ms):>8.3f}")
     return "\n".join(lines)

@@ -105,7 +105,9 @@ ATTR_KV_USAGE = "vllm.kv_cache_usage"      # fraction of the KV cache's blocks i
 ATTR_TP_RANK = "vllm.tp_rank"
 ATTR_PP_RANK = "vllm.pp_rank"
 ATTR_DP_RANK = "vllm.dp_rank"
-ATTR_RANK = "vllm.rank"  # the global rank (vLLM's world group: every TP x PP rank of every DP engine)
+#: The global rank (vLLM's world group: every TP x PP rank of every DP engine): otel-npu's own rank attribute,
+#: which the stage metrics carry and the dashboard's per-rank panel reads ($RANK, where a launcher set it, wins).
+ATTR_RANK = "otel_npu.rank"
 
 
 # -- the worker's state ----------------------------------------------------------------------------------------
