@@ -335,7 +335,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     steps = tracefile.Forest(spans).steps
     linked = {trace for step in steps for trace, _ in step.links}
     print(f"{out}: {sum(s.name == 'llm_request' for s in spans)} llm_request spans (vLLM's), {len(steps)} steps "
-          f"(otel-npu's: {sum(s.name == 'Prefill' for s in steps)} Prefill, {sum(s.name == 'Decode' for s in steps)} "
+          f"(otel-npu's: {sum(s.name == 'engine step' for s in steps)} engine steps, "
+          f"{sum(s.name == 'Prefill' for s in steps)} Prefill, {sum(s.name == 'Decode' for s in steps)} "
           f"Decode) with {len(spans) - len(steps) - sum(s.name == 'llm_request' for s in spans)} other spans; "
           f"steps link to {len(linked & {t for t, _ in contexts})} of the {len(contexts)} requests' traces")
     print(f"  otel-npu summary {out}\n  otel-npu chrome-trace {out} -o trace.json   # https://ui.perfetto.dev")

@@ -296,7 +296,11 @@ def test_the_example_serves_and_shows_linked_steps(tmp_path):
     forest = tracefile.Forest(tracefile.read(str(out)))
     assert forest.steps
     for step in forest.steps:
-        assert {"prepare input", "forward", "post process", "sample"} <= {kid.name for kid in forest.kids(step)}
+        kids = {kid.name for kid in forest.kids(step)}
+        if step.name == "engine step":  # the EngineCore's: the worker's step under it
+            assert kids in ({"Prefill"}, {"Decode"}), kids
+        else:
+            assert {"prepare input", "forward", "post process", "sample"} <= kids
 
 
 def test_pipeline_parallel_batch_queue_with_vllms_scheduler_output_classes():
