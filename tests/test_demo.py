@@ -30,18 +30,12 @@ def otel_npu_cli(*args: str, cwd, env=None, timeout: float = 300) -> subprocess.
                           text=True, timeout=timeout)
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = child_env()
-    env.update(extra)
-    return env
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("demo")
     done = otel_npu_cli("demo", "--device", "cpu", "--model-size", "tiny", "--steps", str(STEPS), "--requests",
                         str(REQUESTS), "--per-layer", "--no-progress", cwd=cwd,
-                        env=clean_env(OTEL_NPU_LOG_DURATIONS="1"))
+                        env=child_env(OTEL_NPU_LOG_DURATIONS="1"))
     assert done.returncode == 0, done.stderr
     files = list(cwd.glob("otel-npu-traces-*.jsonl"))
     assert len(files) == 1, files
@@ -193,7 +187,7 @@ def test_explicit_device_that_is_missing_is_a_clear_error(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    done = otel_npu_cli("demo", "--device", "cuda", cwd=tmp_path, env=clean_env())
+    done = otel_npu_cli("demo", "--device", "cuda", cwd=tmp_path, env=child_env())
     assert done.returncode == 2
     assert "--device cuda is not usable here" in done.stderr
     assert not list(tmp_path.glob("*.jsonl"))
