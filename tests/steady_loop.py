@@ -3,7 +3,8 @@
 Commands (one per line), each answered by one JSON line on stdout:
 
 * ``run N LABEL RATE`` — N records at RATE records/s at most (steps of 1 step + 4 captures named ``LABEL/...``); answers the RSS, the export
-  queue and pending lengths seen (max), the longest loop iteration, and otel-npu's counters;
+  queue and pending lengths seen (max), the longest loop iteration, how many took ``LONG_ITERATION_S`` or
+  more, and otel-npu's counters;
 * ``flush SECONDS`` — ``otel_npu.flush``; answers whether it finished and how long it took;
 * ``exit`` — answers the time, then exits normally: otel-npu's exit hook flushes within its bound, and the
   final counters and the time it finished are printed as one more JSON line (``{"final": ..., "at": ...}``).
@@ -15,6 +16,10 @@ import atexit
 import json
 import sys
 import time
+
+#: An iteration at least this long is counted in ``long_iterations`` (one that waited for an export attempt,
+#: which lasts at least OTEL_EXPORTER_OTLP_TIMEOUT = 1 s in the failure tests, would be).
+LONG_ITERATION_S = 0.9
 
 
 def rss_bytes() -> int:
@@ -49,7 +54,7 @@ def main() -> None:
             n, label, rate = int(cmd[1]), cmd[2], float(cmd[3])
             start = time.perf_counter()
             names = [f"{label}/{stage}" for stage in ("prepare", "forward", "post", "sample")]
-            worst = rss_max = queue_max = pending_max = 0
+            worst = rss_max = queue_max = pending_max = long_iterations = 0
             rss_first = None
             rss_samples = []
             done = 0
@@ -61,6 +66,7 @@ def main() -> None:
                             stream.launch(0.00001)
                 end = time.perf_counter()
                 worst = max(worst, end - begin)
+                long_iterations += end - begin >= LONG_ITERATION_S
                 done += 5
                 ahead = start + done / rate - end  # a steady loop: `rate` records per second at most
                 if ahead > 0:
@@ -76,6 +82,7 @@ def main() -> None:
             print(json.dumps({"done": label, "records": done, "rss_first": rss_first, "rss_max": rss_max,
                               "rss": rss_samples,
                               "queue_max": queue_max, "pending_max": pending_max, "worst_iteration_s": worst,
+                              "long_iterations": long_iterations,
                               "stats": rt.stats.snapshot()}), flush=True)
         elif cmd[0] == "flush":
             begin = time.monotonic()

@@ -3,7 +3,7 @@
 Each test drives a separate serving process (``steady_loop.py``: a steady step loop on the simulated device,
 10 000 records/s) through ≥ 100 000 captures while the collector misbehaves, and checks, from the outside:
 
-* the loop never blocked on export (its longest iteration is far below one export attempt);
+* the loop never blocked on export (hardly any iteration as long as one export attempt);
 * memory stayed bounded (export queue ≤ OTEL_BSP_MAX_QUEUE_SIZE, pending ≤ OTEL_NPU_MAX_PENDING, RSS growth
   within ``RSS_GROWTH_BOUND``);
 * nothing was raised, no SDK exporter log line got through, and every lost span is counted: emitted = exported
@@ -49,9 +49,13 @@ EXIT_SLACK_S = 3.0
 #: (600 000 records with the collector absent: 67-79 MB throughout, from 49 MB). A leak of 0.5 KB per record
 #: (50 MB per 100 000-record run) would exceed the bound.
 RSS_GROWTH_BOUND = 48 * 1024 * 1024
-#: An export to the slow receiver takes 3 s (its answer delay): a loop that waited for one would take at least
-#: that. The bound leaves a loaded machine's scheduling stalls (tenths of a second) a wide margin.
-NEVER_BLOCKED_S = 2.0
+#: Iterations of 0.9 s or more (steady_loop.LONG_ITERATION_S) allowed in a run. A loop that waited for export
+#: would wait for every attempt (each >= 1 s: OTEL_EXPORTER_OTLP_TIMEOUT, the slow receiver's 3 s), one per
+#: batch of 512 spans: about 200 in a 100 000-record run. A loaded 2-core machine stalls the loop now and then
+#: (single iterations of 2.2 and 3.0 s were seen): a count, not the longest one, tells the two apart.
+LONG_ITERATIONS_ALLOWED = 5
+#: The longest iteration allowed at all: only a hang, far past any stall.
+HUNG_S = 20.0
 
 _LOSS = re.compile(r"(\d+) (captures|spans|clock anchors) \((\w+)\)")
 
@@ -116,7 +120,8 @@ class Serving:
 def assert_stayed_up(serving: Serving, exit_s: float, final: dict) -> None:
     for run in serving.runs:
         label = run["done"]
-        assert run["worst_iteration_s"] < NEVER_BLOCKED_S, (label, run["worst_iteration_s"])
+        assert run["long_iterations"] <= LONG_ITERATIONS_ALLOWED, (label, run["long_iterations"])
+        assert run["worst_iteration_s"] < HUNG_S, (label, run["worst_iteration_s"])
         assert run["queue_max"] <= MAX_QUEUE, label
         assert run["pending_max"] <= MAX_PENDING + PENDING_OVERSHOOT, label
     rss = [r for run in serving.runs for r in run["rss"]]
