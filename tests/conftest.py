@@ -88,6 +88,17 @@ def install_torch_npu(monkeypatch: pytest.MonkeyPatch) -> Any:
     return install
 
 
+@pytest.fixture(params=[pytest.param(k, marks=pytest.mark.gpu) if k == "cuda" else k for k in support.DEVICE_KINDS])
+def device_kind(request: pytest.FixtureRequest, install_torch_npu: Any) -> Any:
+    """The test once per device kind (``support.DEVICE_KINDS``): simulated NPU, simulated CUDA, CPU, and the
+    real GPU where there is one (marked ``gpu``). otel-npu is shut down before the device goes."""
+    kind = support.make_device_kind(request.param, install_torch_npu)
+    yield kind
+    otel_npu.shutdown(5.0)
+    if kind.close is not None:
+        kind.close()
+
+
 @pytest.fixture(autouse=True)
 def clean_otel_npu(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Every test starts in the session's clean environment, disabled, with default settings, and ends with

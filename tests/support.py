@@ -147,3 +147,45 @@ def scheduler_output(new: Any = (), cached: Any = (), finished: Any = ()) -> Any
     return NS(scheduled_new_reqs=list(new), num_scheduled_tokens=scheduled,
               total_num_scheduled_tokens=sum(scheduled.values()), finished_req_ids=set(finished),
               scheduled_cached_reqs=NS(req_ids=[c[0] for c in cached], num_computed_tokens=[c[1] for c in cached]))
+
+
+# -- one test, every device kind ------------------------------------------------------------------------------
+class DeviceKind:
+    """What a test needs of one device kind (PyTorch's ``instantiate_device_type_tests`` is the model): how to
+    turn otel-npu on for it, how to queue work that takes at least a given time there, the label its spans
+    carry, and whether its times are the device's (True) or the host's (the CPU)."""
+
+    def __init__(self, name: str, configure: dict, work: Any, label: str, device_timed: bool,
+                 close: Any = None) -> None:
+        self.name, self.configure, self.work, self.label = name, configure, work, label
+        self.device_timed, self.close = device_timed, close
+
+    def __repr__(self) -> str:
+        return f"DeviceKind({self.name})"
+
+
+#: The kinds ``device_kind`` (conftest) runs a test on; "cuda" only where a real GPU is present.
+DEVICE_KINDS = ("sim-npu", "sim-cuda", "cpu", "cuda")
+
+
+def make_device_kind(name: str, install_torch_npu: Any) -> DeviceKind:
+    """A fresh device of kind ``name`` (skips "cuda" without a GPU)."""
+    if name in ("sim-npu", "sim-cuda"):
+        from otel_npu.testing import SimDevice
+
+        sim = SimDevice(api=name[4:])
+        if name == "sim-npu":
+            install_torch_npu(sim)  # found as torch_npu: otel-npu's NPU backend, as on an Ascend host
+            configure = {"device": "npu"}
+        else:
+            configure = {"device": sim}
+        return DeviceKind(name, configure, lambda s: sim.current_stream().launch(s), "sim:0" if name == "sim-cuda"
+                          else "npu:0", True, sim.close)
+    if name == "cpu":
+        return DeviceKind(name, {"device": "cpu"}, time.sleep, "cpu", False)
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    # _sleep spins cycles: at most 2 GHz on current GPUs, so 2e9 cycles per second is at least that long.
+    return DeviceKind(name, {"device": "cuda"}, lambda s: torch.cuda._sleep(int(s * 2e9)), "cuda:0", True)
