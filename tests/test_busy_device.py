@@ -72,9 +72,11 @@ def test_on_a_busy_shared_queue_every_span_stays_within_its_stated_bound(provide
         busy = threading.Thread(target=keep_busy)
         busy.start()
         stream, truths = sim.current_stream(), {}
-        deadline = time.monotonic() + 1.5
+        # Until 600 captures were timed (a deadline against a hang only): a count, so a starved machine that
+        # runs fewer iterations per second tests as much, only more slowly.
+        deadline = time.monotonic() + 120
         i = 0
-        while time.monotonic() < deadline:
+        while len(truths) < 600 and time.monotonic() < deadline:
             with otel_npu.capture(f"c{i}") as c:
                 stream.launch(0.00001)
             if isinstance(c.start, SimEvent):  # timed
@@ -88,7 +90,7 @@ def test_on_a_busy_shared_queue_every_span_stays_within_its_stated_bound(provide
             span = spans.one(name)
             bound = span.attributes[ATTR_CLOCK_ERROR] * 1000 + 2_000  # + this test's own wall_of sampling
             assert abs(span.start_time - wall_of(start)) <= bound and abs(span.end_time - wall_of(end)) <= bound
-        assert len(truths) > 500
+        assert len(truths) >= 600
     finally:
         stop.set()
         otel_npu.shutdown(5.0)
