@@ -30,7 +30,6 @@ from typing import Any
 from . import capturing, config, devices, durations
 from .accounting import process_stats
 from .devices.base import EventPool
-from .export import pipeline as telemetry
 from .resolve.clock import DeviceClock, HostClock
 from .resolve.resolver import POOL_MIN_FREE, Resolver
 from .spans.attributes import process_attributes
@@ -48,6 +47,10 @@ class Runtime:
     """Everything otel-npu runs in one process. Built by ``start()``; see the module docstring."""
 
     def __init__(self, settings: config.Settings) -> None:
+        # Imported here, not by ``import otel_npu``: the export path and the OpenTelemetry SDK are loaded
+        # when otel-npu starts (spans/sdk.py: an environment variable the SDK's import rejects cannot fail it).
+        from .export import pipeline as telemetry
+
         self.settings = settings
         self.backend, self.passed_over = devices.select(settings.device)
         self.stats = process_stats()

@@ -35,13 +35,11 @@ BSP_CASES = [("OTEL_BSP_MAX_QUEUE_SIZE", "-1"), ("OTEL_BSP_MAX_QUEUE_SIZE", "0")
 LIMIT_CASES = [("OTEL_SPAN_LINK_COUNT_LIMIT", "abc"), ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "-1"),
                ("OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "1.5"), ("OTEL_SPAN_LINK_COUNT_LIMIT", "-2")]
 # ``import opentelemetry.sdk.trace`` itself raises ValueError for an invalid OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT (a
-# module-level constant of the SDK's, 1.45), and ``import otel_npu`` imports it: every program using the SDK
-# fails so. Kept here, expected to fail, until otel-npu stops importing the SDK's trace module at import time.
-SDK_IMPORT_CASE = pytest.param("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "-5", marks=pytest.mark.xfail(
-    strict=True, reason="the OpenTelemetry SDK raises at import; import otel_npu imports it"))
+# module-level constant of the SDK's, 1.45): ``import otel_npu``, the demo and doctor all failed so.
+SDK_IMPORT_CASES = [("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "-5")]
 
 
-@pytest.mark.parametrize("var, value", [*BSP_CASES, *LIMIT_CASES, SDK_IMPORT_CASE])
+@pytest.mark.parametrize("var, value", BSP_CASES + LIMIT_CASES + SDK_IMPORT_CASES)
 def test_no_batch_or_limit_setting_crashes_the_demo_and_the_warning_is_doctors(var, value, tmp_path):
     doctor = cli("doctor", cwd=tmp_path, **{var: value})
     problems = problem_lines(doctor.stdout)
@@ -68,6 +66,51 @@ def test_no_batch_or_limit_setting_crashes_the_library(var, value, tmp_path, mon
     assert otel_npu.stats()["spans_emitted"] == 1
     otel_npu.shutdown(5.0)
     assert (tmp_path / "t.jsonl").read_text().strip()
+
+
+# Every span limit variable of the specification, as the OpenTelemetry SDK reads them.
+SDK_LIMIT_VARS = ("OTEL_ATTRIBUTE_COUNT_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT",
+                  "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_EVENT_COUNT_LIMIT", "OTEL_SPAN_LINK_COUNT_LIMIT",
+                  "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT")
+# A program of otel-npu's user, in a process of its own: the SDK's import runs with the variable set.
+LIBRARY_USER = """
+import os, sys
+import otel_npu
+assert "opentelemetry.sdk.trace" not in sys.modules, "import otel_npu imported the OpenTelemetry SDK"
+otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+with otel_npu.capture("forward"):
+    pass
+assert otel_npu.flush(10.0)
+assert otel_npu.stats()["spans_emitted"] == 1, otel_npu.stats()
+otel_npu.shutdown(5.0)
+var, value = sys.argv[1:]
+assert os.environ[var] == value, "the process environment changed"
+from opentelemetry.sdk.trace import SpanLimits
+try:  # an application's own SpanLimits reads the variable as the SDK always does
+    SpanLimits()
+except ValueError as exc:
+    print("SpanLimits:", exc)
+"""
+
+
+@pytest.mark.parametrize("value", ["-5", "abc", "unset"])
+@pytest.mark.parametrize("var", SDK_LIMIT_VARS)
+def test_no_limit_setting_crashes_the_import_or_the_library(var, value, tmp_path):
+    """``import opentelemetry.sdk.trace`` raises for an OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT that is not a whole
+    number (the SDK 1.45 reads no limit from an empty value, not from ``unset``, which otel-npu accepts), and
+    ``import otel_npu`` imported it: the program failed at its import line."""
+    traces = tmp_path / "t.jsonl"
+    done = subprocess.run([sys.executable, "-c", LIBRARY_USER, var, value], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, check=False,
+                          env=child_env(**{var: value}, OTEL_TRACES_EXPORTER="none", OTEL_NPU_TRACES_FILE=str(traces)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert traces.read_text().strip(), "no span written"
+    warning = (f"{var}={value!r} is not valid: accepted values are whole numbers from 0 (or 'unset' for no limit); "
+               "using the default")
+    assert done.stderr.count(warning) == (0 if value == "unset" else 1), done.stderr
+    if value != "unset":
+        assert f"SpanLimits: {var} must be a non-negative integer" in done.stdout, done.stdout
 
 
 def test_the_demo_says_what_it_could_not_deliver(tmp_path):

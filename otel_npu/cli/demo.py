@@ -26,8 +26,9 @@ import sys
 import time
 from typing import Any
 
-from opentelemetry.sdk.trace import SpanProcessor  # already imported by otel_npu itself
-from opentelemetry.sdk.trace.export import SpanExporter
+# The SDK's trace package, imported so that no environment variable can make the import fail.
+from otel_npu.spans.sdk import export as sdk_export
+from otel_npu.spans.sdk import trace as sdk_trace
 
 HELP = "serve a small Llama-style model to several requests and show each step's stage timings"
 
@@ -158,7 +159,7 @@ def describe_destinations(env: Any) -> list[str]:
     return [destination(env, kind) for kind in kinds]
 
 
-class _Counted(SpanExporter):
+class _Counted(sdk_export.SpanExporter):
     """A span exporter of the demo's provider, counting what it delivered (the SDK's BatchSpanProcessor
     calls ``export`` from one thread of its own)."""
 
@@ -205,7 +206,7 @@ class _Counted(SpanExporter):
         return f"Traces NOT {self.place}: {lost} of {ended} spans lost ({'; '.join(why)}).", False
 
 
-class _Collect(SpanProcessor):
+class _Collect(sdk_trace.SpanProcessor):
     """A span processor keeping every finished span, for the closing table (runs on the resolver thread
     for otel-npu's spans: it only appends)."""
 

@@ -11,3 +11,7 @@ exporters' own threads; never the capturing thread).
 * ``metrics/``: the stage-duration histogram and capture counters;
 * ``redact.py``: header secrets kept out of every log line and error text.
 """
+
+# Before any module here imports the OpenTelemetry SDK's trace package (most do, at module level): imported
+# by spans/sdk.py, so that no environment variable can make that import fail.
+from ..spans import sdk as _sdk  # noqa: F401

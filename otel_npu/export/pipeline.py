@@ -38,6 +38,7 @@ from ..config.otel import OtelSettings
 from ..record import DROPPED as _DROPPED
 from ..record import Record
 from ..spans import sampling as step_sampling
+from ..spans import sdk
 from ..spans.attributes import Limits
 from ..spans.identity import IdGenerator
 from ..spans.render import SpanFactory
@@ -282,6 +283,8 @@ def build(settings: Any, otel: OtelSettings, *, process_attrs: Mapping[str, Any]
 
     provider = app_provider(settings)
     if provider is not None:
+        if sdk.rescued:  # the limits, which this pipeline does not use, say what the SDK's import rejected
+            otel.span_limits  # noqa: B018
         tracer = provider.get_tracer(SCOPE_NAME, __version__)
         if not hasattr(tracer, "span_processor"):  # a provider that is not the SDK's
             _log.warning("otel-npu: the TracerProvider %s is not an OpenTelemetry SDK provider; spans cannot "

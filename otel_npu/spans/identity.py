@@ -25,11 +25,12 @@ import random
 from typing import Any, Callable, Sequence
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace.id_generator import IdGenerator as SdkIdGenerator
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import Link, SpanKind
 
 from ..record import DROPPED, Record
+from .sdk import trace as sdk_trace  # the SDK's trace package, imported so that no variable can fail it
+
+RandomIdGenerator = sdk_trace.RandomIdGenerator
 
 
 #: otel-npu's own source of ids (see the module docstring): seeded from the OS, never from the application.
@@ -45,7 +46,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reseed_in_child)
 
 
-class IdGenerator(SdkIdGenerator):
+class IdGenerator(sdk_trace.IdGenerator):
     """The SDK's ``RandomIdGenerator`` (uniform non-zero ids) drawing from otel-npu's own RNG, which
     ``random.seed()`` does not touch and a forked child re-seeds."""
 
