@@ -269,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="vllm-traces.jsonl", help="the traces file (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=6)
     parser.add_argument("--compile", action="store_true", help="without --enforce-eager (≈ 1 min more start-up)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="N workers, one core each (vLLM's VLLM_CPU_OMP_THREADS_BIND): each engine step is one "
+                             "trace with a step per rank (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "install":
         install(Path(args.path or ".venv-vllm"))
@@ -304,13 +307,17 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         out.unlink(missing_ok=True)
         receiver = Receiver(out)
         endpoint = receiver.endpoint + "/v1/traces"
-    env = server_env(workdir, plugin=True, keep_otel=True,
-                     extra={"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"})
+    extra = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+    tp = ["--tensor-parallel-size", str(args.tensor_parallel_size)] if args.tensor_parallel_size > 1 else []
+    if tp:  # vLLM's "auto" binding wants a NUMA node per worker: one core each instead
+        extra["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1))
+                                                      for i in range(args.tensor_parallel_size))
+    env = server_env(workdir, plugin=True, keep_otel=True, extra=extra)
     env.setdefault("OTEL_SERVICE_NAME", "vllm-cpu-example")
     # --shutdown-timeout: at SIGTERM vLLM lets its engine processes exit (its default, 0, SIGKILLs them), so the
     # worker sends what it still holds.
     server = Server(sys.executable, model, workdir, env, ["--otlp-traces-endpoint", endpoint, "--shutdown-timeout",
-                                                          "10"] + ([] if args.compile else ["--enforce-eager"]))
+                                                          "10"] + ([] if args.compile else ["--enforce-eager"]) + tp)
     print(f"OTEL_NPU_ENABLED=1 vllm serve ... --otlp-traces-endpoint {endpoint} --shutdown-timeout 10  "
           f"(log: {server.log_path})",
           flush=True)

@@ -261,7 +261,7 @@ def test_per_rank_times_and_the_skew_between_ranks_with_its_clock_bound():
     text = tracefile.format_ranks(rank, list(skew.values()))
     assert "2 ranks: dp0 pp0 tp0, dp0 pp0 tp1" in text and "± clock" in text
     line = next(l for l in text.splitlines() if l.split()[:2] == ["forward", "20"])
-    assert line.split()[2:] == ["0.500", "0.500", "0.500", "1.000", "1.000", "1.000", "0.041"]
+    assert line.split()[2:] == ["0.500", "0.500", "0.500", "1.000", "1.000", "1.000", "41.0"]
     # one rank only: no per-rank view
     assert tracefile.rank_rows([s for s in spans if s.attributes.get("vllm.tp_rank") != 1]) == []
 

@@ -343,3 +343,20 @@ def test_configure_refuses_attributes_that_are_not_a_mapping_of_scalars():
         otel_npu.configure(attributes={"vllm.tp_rank": [1]})
     with pytest.raises(ValueError, match="attributes"):
         otel_npu.configure(attributes=[("a", 1)])
+
+
+def test_a_workers_ranks_are_read_from_vllms_parallel_groups(monkeypatch):
+    # vllm.distributed.parallel_state's group coordinators, as a worker has them once its device is set up
+    state = types.ModuleType("vllm.distributed.parallel_state")
+    state._TP, state._PP, state._DP = NS(rank_in_group=1), NS(rank_in_group=2), NS(rank_in_group=3)
+    state._WORLD = NS(rank=5, rank_in_group=5)
+    distributed = types.ModuleType("vllm.distributed")
+    distributed.parallel_state = state
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed", distributed)
+    monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", state)
+    wrapper = NS(vllm_config=NS(parallel_config=NS(data_parallel_rank=3)), global_rank=9)
+    assert plugin._ranks(wrapper) == {"vllm.tp_rank": 1, "vllm.pp_rank": 2, "vllm.dp_rank": 3, "otel_npu.rank": 5}
+    # groups not set up (a vLLM whose state moved): what can be read, never an error
+    state._TP = state._PP = state._DP = state._WORLD = None
+    assert plugin._ranks(wrapper) == {"vllm.dp_rank": 3, "otel_npu.rank": 9}

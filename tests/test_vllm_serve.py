@@ -373,3 +373,27 @@ print("one trace per scheduler output")
     env = child_env(PYTHONPATH=str(ROOT))
     done = subprocess.run([vllm_python(), "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "one trace per scheduler output" in done.stdout, done.stderr[-3000:]
+
+
+def test_ranks_from_vllms_own_parallel_state():
+    """The worker's ranks, read from vLLM's own parallel state once it is set up (one process, world of one)."""
+    code = """
+from types import SimpleNamespace as NS
+from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
+from vllm.distributed import parallel_state as ps
+from otel_npu.integrations import vllm as plugin
+import socket
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+config = VllmConfig(parallel_config=ParallelConfig())
+with set_current_vllm_config(config):
+    ps.init_distributed_environment(world_size=1, rank=0, local_rank=0,
+                                    distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+    ps.initialize_model_parallel(1, 1)
+ranks = plugin._ranks(NS(vllm_config=config))
+assert ranks == {"vllm.tp_rank": 0, "vllm.pp_rank": 0, "vllm.dp_rank": 0, "otel_npu.rank": 0}, ranks
+print("ranks", ranks)
+"""
+    env = child_env(PYTHONPATH=str(ROOT))
+    done = subprocess.run([vllm_python(), "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ranks" in done.stdout, done.stderr[-3000:]

@@ -598,10 +598,11 @@ def format_ranks(rank: list[RankRow], skew: list[SkewRow]) -> str:
     width = max(len("stage"), *(len(r.stage) for r in skew))
     kind_width = max(len("step kind"), *(len(r.step_kind) for r in skew))
     head = (f"{'step kind':<{kind_width}}  {'stage':<{width}}  {'steps':>6}  {'start p50':>9}  {'p99':>8}  "
-            f"{'max':>8}  {'end p50':>8}  {'p99':>8}  {'max':>8}  {'± clock':>8}")
+            f"{'max':>8}  {'end p50':>8}  {'p99':>8}  {'max':>8}  {'± clock µs':>10}")
     lines += ["", "Rank skew: per step run on several ranks, the spread (latest - earliest) of each stage's start and",
               "end across the ranks (ms). Each rank's clock is placed on the wall clock on its own: a spread is",
-              "known to within ± clock (the two largest clock error bounds of the ranks, the largest over the steps).",
+              "known to within ± clock (µs: the two largest clock error bounds of the ranks, the largest over the",
+              "steps).",
               head, "-" * len(head)]
     last_kind = None
     for r in skew:
@@ -610,5 +611,5 @@ def format_ranks(rank: list[RankRow], skew: list[SkewRow]) -> str:
         lines.append(f"{kind:<{kind_width}}  {r.stage:<{width}}  {len(r.start_ms):>6}  "
                      f"{_percentile(r.start_ms, 50):>9.3f}  {_percentile(r.start_ms, 99):>8.3f}  {max(r.start_ms):>8.3f}  "
                      f"{_percentile(r.end_ms, 50):>8.3f}  {_percentile(r.end_ms, 99):>8.3f}  {max(r.end_ms):>8.3f}  "
-                     f"{max(r.bound_ms):>8.3f}")
+                     f"{1000 * max(r.bound_ms):>10.1f}")
     return "\n".join(lines)
