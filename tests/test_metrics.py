@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import threading
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, PeriodicExpor
 from opentelemetry.sdk.resources import Resource
 
 import otel_npu
+from otel_npu import runtime
 from otel_npu.export.metrics.aggregate import BOUNDARIES_MS
 
 from .otlp_receiver import attributes
@@ -190,3 +192,59 @@ def test_min_and_max_are_right_for_every_exporter_of_a_round(monkeypatch, receiv
     assert point.min == pytest.approx(min(durations), abs=1e-3) and point.max == pytest.approx(max(durations), abs=1e-3)
     printed = capfd.readouterr().out
     assert '"min": 0.' in printed and "inf" not in printed, printed[-2000:]
+
+
+class GatedMetricExporter(ListMetricExporter):
+    """Its first export waits until the test opens the gate (``entered`` says it began)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def export(self, metrics_data, timeout_millis: float = 10_000, **kwargs):
+        self.entered.set()
+        self.gate.wait(30)
+        return super().export(metrics_data, timeout_millis, **kwargs)
+
+
+def forward_count(batch) -> int:
+    return sum(p.count for rm in batch.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+               if m.name == "otel_npu.stage.duration" for p in m.data.data_points
+               if p.attributes.get("otel_npu.stage") == "forward")
+
+
+def test_flush_exports_what_was_recorded_before_it_even_with_a_round_in_flight(monkeypatch):
+    """A metrics round already exporting when flush() is called took its snapshot before: flush must wait for
+    a round that starts after it (seen: it returned with the older round, and the last capture's metrics
+    were not exported until the next interval)."""
+    from otel_npu.export import registry
+
+    exporter = GatedMetricExporter()
+    monkeypatch.setitem(registry.METRIC_EXPORTERS, "gated", lambda otel, protocol: (exporter, "gated"))
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "gated")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    with otel_npu.capture("forward"):
+        pass
+    first = threading.Thread(target=otel_npu.flush, args=(30.0,))
+    first.start()
+    try:
+        assert exporter.entered.wait(30), "the first round began"  # its snapshot holds one capture
+        with otel_npu.capture("forward"):
+            pass
+        done: list[bool] = []
+        second = threading.Thread(target=lambda: done.append(otel_npu.flush(30.0)))
+        second.start()
+        # Open the gate only once both flushes wait for a round (the condition's waiters: CPython's), so
+        # that the second one was asked for while the first round was still exporting.
+        cond = runtime.current().pipeline.metrics._cond
+        deadline = time.monotonic() + 30
+        while len(cond._waiters) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert len(cond._waiters) >= 2, "both flushes wait for the metrics export"
+    finally:
+        exporter.gate.set()
+    first.join(30)
+    second.join(30)
+    assert done == [True]
+    assert [forward_count(b) for b in exporter.batches][-1] == 2, [forward_count(b) for b in exporter.batches]

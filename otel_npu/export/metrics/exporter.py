@@ -52,6 +52,7 @@ class MetricsExport:
         self.description = description
         self._cond = threading.Condition()
         self._requested = 0   # export rounds asked for by flush()
+        self._started = 0     # the round exporting now, or the last one (its snapshot taken when it began)
         self._completed = 0   # export rounds finished
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -76,7 +77,7 @@ class MetricsExport:
                 if not self._stopping and self._requested <= self._completed:
                     self._cond.wait(self._interval)
                 stopping = self._stopping
-                target = self._requested
+                target = self._started = max(self._requested, self._completed + 1)
             # The last round at shutdown is skipped when nothing changed since an export went through: at exit
             # with the collector gone, it would only spend the exit bound on a send that cannot succeed.
             if not (stopping and self._exported_signature == self._signature()):
@@ -138,8 +139,9 @@ class MetricsExport:
         self.ensure_started()
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            self._requested = self._completed + 1
-            target = self._requested
+            # A round that begins after this call: one exporting now took its snapshot before it.
+            target = self._started + 1
+            self._requested = max(self._requested, target)
             self._cond.notify_all()
             return wait_until(self._cond, lambda: self._completed >= target, deadline, self._thread)
 
