@@ -138,8 +138,11 @@ def test_ratio_sampling_keeps_every_slow_step_with_its_captures(monkeypatch, rec
         "otel_npu.stage.duration",
         lambda m: sum(p.count for p in m.histogram.data_points
                       if attributes(p.attributes)["otel_npu.stage"] == "Decode") == steps)
-    assert histogram is not None, "the histogram counts every step, exported or not"
     stats = otel_npu.stats()
+    last = receiver.wait_for_metric("otel_npu.stage.duration", timeout_s=0)
+    assert histogram is not None, ("the histogram counts every step, exported or not", stats["dropped"],
+                                   last and sum(p.count for p in last.histogram.data_points
+                                                if attributes(p.attributes)["otel_npu.stage"] == "Decode"))
     assert stats["spans_emitted"] == 4 * len(step_spans)
     assert stats["spans_emitted"] + stats["spans_unsampled"] == 4 * steps, "every capture counted once"
 
@@ -379,19 +382,25 @@ def test_exemplars_point_at_exported_spans_and_favour_the_slowest(monkeypatch, r
     assert otel_npu.flush(10.0)
     exported = {(s.trace_id, s.span_id): s for _, s in receiver.spans() if s.name == "forward"}
     assert 5 <= len(exported) <= 35
-    point = forward_point(receiver)
+    forward_point(receiver)  # the flush's round arrived
     from otel_npu.export.metrics.aggregate import EXEMPLARS_PER_POINT
 
-    assert len(point.exemplars) == EXEMPLARS_PER_POINT, "bounded per point per interval"
+    # Exemplars are per export interval, and a round may also go out when the process goes idle (before the
+    # flush's): every round's forward point, each with at most EXEMPLARS_PER_POINT, the slowest of its interval.
+    points = [p for _, m in receiver.metrics() if m.name == "otel_npu.stage.duration"
+              for p in m.histogram.data_points if attributes(p.attributes)["otel_npu.stage"] == "forward"]
+    assert all(len(p.exemplars) <= EXEMPLARS_PER_POINT for p in points), "bounded per point per interval"
+    exemplars = list({(e.trace_id, e.span_id): e for p in points for e in p.exemplars}.values())
     durations = sorted(((s.end_time_unix_nano - s.start_time_unix_nano) / 1e6 for s in exported.values()),
                        reverse=True)
-    for e in point.exemplars:
+    for e in exemplars:
         span = exported.get((e.trace_id, e.span_id))
         assert span is not None, "an exemplar points at a span that was exported"
         assert e.as_double == pytest.approx((span.end_time_unix_nano - span.start_time_unix_nano) / 1e6)
         assert e.time_unix_nano == span.end_time_unix_nano
-    assert sorted((e.as_double for e in point.exemplars), reverse=True) == pytest.approx(
-        durations[:EXEMPLARS_PER_POINT]), "the slowest exported spans of the interval"
+    # The slowest exported spans overall are each among the slowest of their own interval.
+    assert sorted((e.as_double for e in exemplars), reverse=True)[:EXEMPLARS_PER_POINT] == pytest.approx(
+        durations[:EXEMPLARS_PER_POINT]), "the slowest exported spans"
 
 
 @pytest.mark.parametrize("exemplar_filter", ["always_off", "always_on"])
@@ -402,11 +411,16 @@ def test_exemplar_filter_is_honoured(monkeypatch, receiver, sim, exemplar_filter
     decode_with_varied_forward(sim, 10)
     assert otel_npu.flush(10.0)
     assert receiver.spans() == []
-    point = forward_point(receiver)
+    forward_point(receiver)  # the flush's round arrived
+    # Every round's point (one may also go out when the process goes idle, before the flush's).
+    points = [p for _, m in receiver.metrics() if m.name == "otel_npu.stage.duration"
+              for p in m.histogram.data_points if attributes(p.attributes)["otel_npu.stage"] == "forward"]
     if exemplar_filter == "always_off":
-        assert list(point.exemplars) == []
+        assert all(list(p.exemplars) == [] for p in points)
     else:  # every measurement may be an exemplar; none was exported, so none carries a trace
-        assert len(point.exemplars) == 4 and all(not e.trace_id and not e.span_id for e in point.exemplars)
+        # 10 measurements over at most two intervals: one of them had 5 or more, so 4 exemplars
+        assert max(len(p.exemplars) for p in points) == 4
+        assert all(not e.trace_id and not e.span_id for p in points for e in p.exemplars)
 
 
 def test_exemplars_through_the_applications_meter_provider(monkeypatch, sim):
