@@ -56,13 +56,15 @@ class StageAggregator:
             if len(self._exemplars) >= MAX_SERIES:
                 return
             held = self._exemplars[key] = []
-        entry = [value, r.end_ns, r.trace_id if with_ids else None, r.span_id if with_ids else None]
         if len(held) < EXEMPLARS_PER_POINT:
-            held.append(entry)
+            held.append([value, r.end_ns, r.trace_id if with_ids else None, r.span_id if with_ids else None])
             return
-        low = min(range(len(held)), key=lambda i: held[i][0])
+        low = 0  # the fastest held (the first of equals), replaced if this one is slower
+        for i in range(1, len(held)):
+            if held[i][0] < held[low][0]:
+                low = i
         if value > held[low][0]:
-            held[low] = entry
+            held[low] = [value, r.end_ns, r.trace_id if with_ids else None, r.span_id if with_ids else None]
 
     def record(self, r: Record) -> None:
         """Add ``r``'s device-measured duration (resolver thread only)."""
