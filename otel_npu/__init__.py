@@ -25,5 +25,5 @@ from ._version import __version__
 from .api import (ProfileExecuteDuration, capture, configure, enabled, flush, host_step, instrument_module,
                   shutdown, stats, step)
 
-__all__ = ["capture", "step", "host_step", "flush", "shutdown", "configure", "enabled", "stats", "ProfileExecuteDuration",
-           "instrument_module", "__version__"]
+__all__ = ["capture", "step", "host_step", "flush", "shutdown", "configure", "enabled", "stats",
+           "ProfileExecuteDuration", "instrument_module", "__version__"]

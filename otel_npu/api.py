@@ -18,8 +18,8 @@ from .compat import ProfileExecuteDuration
 from .devices import registry
 from .instrument import instrument_module
 
-__all__ = ["capture", "step", "host_step", "flush", "shutdown", "configure", "enabled", "stats", "ProfileExecuteDuration",
-           "instrument_module"]
+__all__ = ["capture", "step", "host_step", "flush", "shutdown", "configure", "enabled", "stats",
+           "ProfileExecuteDuration", "instrument_module"]
 
 _configure_lock = threading.Lock()
 

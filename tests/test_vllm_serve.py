@@ -206,7 +206,8 @@ TP2 = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 def test_tensor_parallel_ranks_of_each_step_in_one_trace_under_the_engine_step(model, tmp_path, mode):
     # --tensor-parallel-size 2: two workers (one attention head each) run every step; the EngineCore's engine
     # step is the parent of both ranks' steps, and its context reaches them pickled with the SchedulerOutput.
-    args = ["--tensor-parallel-size", "2", "--shutdown-timeout", "10"] + (["--enforce-eager"] if mode == "eager" else [])
+    args = ["--tensor-parallel-size", "2", "--shutdown-timeout", "10"]
+    args += ["--enforce-eager"] if mode == "eager" else []
     got = run_server(model, tmp_path, plugin=True, args=args, extra_env=TP2, requests=4)
     assert "tensor_parallel_size=2" in got["log"]
     steps = check_served(got, ranks=2)

@@ -23,8 +23,8 @@ from ..devices import registry
 from . import compile_guard, hot, off
 from .hot import Capture, capture, host_step, step
 
-__all__ = ["capture", "step", "host_step", "current", "Capture", "Parts", "NOT_NOW", "set_starter", "install", "set_room",
-           "detach", "set_mode", "is_on", "bind_compiler"]
+__all__ = ["capture", "step", "host_step", "current", "Capture", "Parts", "NOT_NOW", "set_starter", "install",
+           "set_room", "detach", "set_mode", "is_on", "bind_compiler"]
 
 
 class Parts:

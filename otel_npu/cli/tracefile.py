@@ -582,7 +582,8 @@ def format_ranks(rank: list[RankRow], skew: list[SkewRow]) -> str:
     kind_width = max(len("step kind"), *(len(r.step_kind) for r in rank))
     rank_width = max(len("rank"), *(len(r.rank) for r in rank))
     ranks = sorted({r.rank for r in rank})
-    head = f"{'step kind':<{kind_width}}  {'stage':<{width}}  {'rank':<{rank_width}}  {'count':>6}  {'p50':>8}  {'p99':>8}"
+    head = (f"{'step kind':<{kind_width}}  {'stage':<{width}}  {'rank':<{rank_width}}  {'count':>6}  {'p50':>8}  "
+            f"{'p99':>8}")
     lines = [f"Per rank ({len(ranks)} ranks: {', '.join(ranks)}; ms):", head, "-" * len(head)]
     last = (None, None)
     for r in rank:
@@ -609,7 +610,8 @@ def format_ranks(rank: list[RankRow], skew: list[SkewRow]) -> str:
         kind = r.step_kind if r.step_kind != last_kind else ""
         last_kind = r.step_kind
         lines.append(f"{kind:<{kind_width}}  {r.stage:<{width}}  {len(r.start_ms):>6}  "
-                     f"{_percentile(r.start_ms, 50):>9.3f}  {_percentile(r.start_ms, 99):>8.3f}  {max(r.start_ms):>8.3f}  "
+                     f"{_percentile(r.start_ms, 50):>9.3f}  {_percentile(r.start_ms, 99):>8.3f}  "
+                     f"{max(r.start_ms):>8.3f}  "
                      f"{_percentile(r.end_ms, 50):>8.3f}  {_percentile(r.end_ms, 99):>8.3f}  {max(r.end_ms):>8.3f}  "
                      f"{1000 * max(r.bound_ms):>10.1f}")
     return "\n".join(lines)
