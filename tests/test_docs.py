@@ -63,11 +63,26 @@ def test_the_one_demo_command_sets_up_a_venv_and_runs_the_demo():
 
 
 def test_the_release_workflow_builds_and_checks():
+    """The sdist, then from it the platform wheels (the compiled core) with cibuildwheel, each checked,
+    installed and run; publishing takes them all."""
     yaml = pytest.importorskip("yaml")
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "release.yml").read_text())
-    steps = "\n".join(step.get("run", "") for step in workflow["jobs"]["build"]["steps"])
-    assert "python -m build" in steps and "twine check --strict" in steps and "otel-npu demo" in steps
-    assert "download.pytorch.org/whl/cpu" in steps  # never PyPI's CUDA torch by accident
+    jobs = workflow["jobs"]
+    sdist = "\n".join(step.get("run", "") for step in jobs["sdist"]["steps"])
+    assert "python -m build --sdist" in sdist and "twine check --strict" in sdist
+    wheels = jobs["wheels"]
+    assert wheels["needs"] == "sdist"
+    (cibw,) = [step for step in wheels["steps"] if step.get("uses", "").startswith("pypa/cibuildwheel@")]
+    assert cibw["with"]["package-dir"] == "${{ env.SDIST }}"  # the wheels are built from the sdist
+    env = cibw["env"]
+    assert "download.pytorch.org/whl/cpu" in env["CIBW_BEFORE_TEST"]  # never PyPI's CUDA torch by accident
+    assert "otel-npu demo" in env["CIBW_TEST_COMMAND"] and "not core['pure']" in env["CIBW_TEST_COMMAND"]
+    assert "twine check --strict" in "\n".join(step.get("run", "") for step in wheels["steps"])
+    assert set(jobs["publish"]["needs"]) == {"sdist", "wheels"}
+    (download,) = [step for step in jobs["publish"]["steps"] if "download-artifact" in step.get("uses", "")]
+    uploaded = [step["with"]["name"] for job in ("sdist", "wheels") for step in jobs[job]["steps"]
+                if "upload-artifact" in step.get("uses", "")]
+    assert all(name.startswith(download["with"]["pattern"].rstrip("*")) for name in uploaded), uploaded
 
 
 def test_the_docs_site_builds_strictly(tmp_path):
