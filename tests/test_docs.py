@@ -45,6 +45,11 @@ def test_the_readme_installs_from_a_clone_and_says_the_package_is_not_on_pypi():
     assert "git clone" in install and "&& cd otel-npu" in install
     assert "not published on PyPI" in install
     assert "pip install otel-npu\n" not in README  # the command that fails
+    # The repository's address: a real one, or a placeholder that reads as one and is said to be one (a
+    # made-up word in capitals read as a URL to type in).
+    for text in (install, (ROOT / "docs" / "index.md").read_text()):
+        url = re.search(r"git clone (\S+)", text).group(1)
+        assert url.startswith("https://") or (re.fullmatch(r"<[a-z-]+>", url) and "placeholder" in text), url
 
 
 def test_ci_runs_the_readme_test_command():
