@@ -162,6 +162,25 @@ def test_the_library_warns_about_an_endpoint_without_its_scheme_as_doctor_does(t
     assert problem in caplog.text, (problem, caplog.text)
 
 
+@pytest.mark.parametrize("var, value, accepted", [
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "bogus", "http/protobuf, grpc"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "nan", "a number of seconds")])
+def test_a_variable_both_signals_read_is_warned_about_once(var, value, accepted, monkeypatch, caplog):
+    """The general OTLP variables serve the traces and the stage metrics: each signal read it, and warned."""
+    monkeypatch.setenv(var, value)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    caplog.set_level(logging.WARNING, logger="otel_npu")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own", shutdown_timeout_s=1.0)
+    with otel_npu.capture("forward"):
+        pass
+    assert "otlp" in otel_npu.stats()["metrics"], otel_npu.stats()  # both signals go over OTLP
+    otel_npu.shutdown(1.0)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{var}={value!r} is not valid")]
+    assert len(said) == 1 and accepted in said[0], said
+
+
 # The OpenTelemetry specification's rule for a value an implementation does not recognise: warn, and ignore
 # the setting as if it were not set. The library's default then is OTLP; the demo's is a traces file.
 UNKNOWN = ("OTEL_TRACES_EXPORTER names 'jaeger', which otel-npu does not know (accepted values are otlp, console, "

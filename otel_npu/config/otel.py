@@ -75,6 +75,9 @@ class OtelSettings:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self._env: dict[str, str] = dict(process_env() if env is None else env)
         self._protocols: dict[str, str] = {}
+        #: ``OTEL_EXPORTER_OTLP_PROTOCOL`` / ``_TIMEOUT`` as read, by variable: the general one serves both
+        #: signals, and is read (and an invalid value warned about) once.
+        self._read: dict[str, Any] = {}
         self._endpoints_warned: set[str] = set()
 
     def raw(self, name: str) -> str:
@@ -108,7 +111,7 @@ class OtelSettings:
         (the specification's default; the exporter classes do not read these: the caller chooses)."""
         found = self._protocols.get(signal)
         if found is None:
-            found = self._protocols[signal] = protocol(self._env, signal)
+            found = self._protocols[signal] = protocol(self._env, signal, read=self._read)
         return found
 
     @functools.cached_property
@@ -191,7 +194,7 @@ class OtelSettings:
         return out
 
     def otlp_timeout_s(self, signal: str) -> float | None:
-        return otlp_timeout_s(self._env, signal)
+        return otlp_timeout_s(self._env, signal, read=self._read)
 
     def otlp_option(self, signal: str, name: str) -> str:
         return otlp_option(self._env, signal, name)
@@ -217,12 +220,17 @@ class OtelSettings:
         return otlp_endpoint(self._env, signal, protocol, warned=self._endpoints_warned)
 
 
-def protocol(env: Mapping[str, str], signal: str = "TRACES") -> str:
-    """See ``OtelSettings.protocol``."""
+def protocol(env: Mapping[str, str], signal: str = "TRACES", *, read: dict[str, Any] | None = None) -> str:
+    """See ``OtelSettings.protocol``. ``read``: variables already read (and warned about), by name."""
     for var in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         raw = env.get(var, "").strip().lower()
         if raw:
-            return env_choice(env, var, PROTOCOLS, "http/protobuf")
+            if read is not None and var in read:
+                return read[var]
+            value = env_choice(env, var, PROTOCOLS, "http/protobuf")
+            if read is not None:
+                read[var] = value
+            return value
     return "http/protobuf"
 
 
@@ -271,15 +279,20 @@ def span_limits(env: Mapping[str, str]) -> dict[str, int | None]:
             "value_length": length}
 
 
-def otlp_timeout_s(env: Mapping[str, str] | None, signal: str) -> float | None:
+def otlp_timeout_s(env: Mapping[str, str] | None, signal: str, *, read: dict[str, Any] | None = None) -> float | None:
     """``OTEL_EXPORTER_OTLP_{signal}_TIMEOUT``, else ``OTEL_EXPORTER_OTLP_TIMEOUT`` (seconds, as the Python SDK
     reads them), validated: ``None`` when neither is set (the exporter's own default), the default 10 s after
     one warning when the value is not a number above 0 up to an hour (0, -1, nan, inf, 1e23 made every
-    export fail at once, or never time out)."""
+    export fail at once, or never time out). ``read``: variables already read (and warned about), by name."""
     env = process_env() if env is None else env
     for var in (f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
         if env.get(var, "").strip():
-            return env_number(env, var, OTLP_TIMEOUT_DEFAULT_S, OTLP_TIMEOUT_MAX_S, "a number of seconds")
+            if read is not None and var in read:
+                return read[var]
+            value = env_number(env, var, OTLP_TIMEOUT_DEFAULT_S, OTLP_TIMEOUT_MAX_S, "a number of seconds")
+            if read is not None:
+                read[var] = value
+            return value
     return None
 
 
