@@ -21,9 +21,22 @@ from . import _compiled
 
 _compiled.install()
 
+from typing import TYPE_CHECKING
+
 from ._version import __version__
 from .api import (ProfileExecuteDuration, capture, configure, enabled, flush, host_step, instrument_module,
                   shutdown, stats, step)
 
+if TYPE_CHECKING:  # loaded on first use (``__getattr__`` below)
+    from .api import IdGenerator
+
 __all__ = ["capture", "step", "host_step", "flush", "shutdown", "configure", "enabled", "stats",
-           "ProfileExecuteDuration", "instrument_module", "__version__"]
+           "ProfileExecuteDuration", "instrument_module", "IdGenerator", "__version__"]
+
+
+def __getattr__(name: str) -> type:
+    if name == "IdGenerator":  # not imported with the package: it imports the OTel SDK (``api.__getattr__``)
+        from .api import IdGenerator
+
+        return IdGenerator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

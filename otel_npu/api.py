@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _compiled, capturing, config, instrument, runtime
 from .accounting import stats_if_started
@@ -18,10 +18,23 @@ from .compat import ProfileExecuteDuration
 from .devices import registry
 from .instrument import instrument_module
 
+if TYPE_CHECKING:  # loaded on first use (``__getattr__`` below)
+    from .spans.identity import IdGenerator
+
 __all__ = ["capture", "step", "host_step", "flush", "shutdown", "configure", "enabled", "stats",
-           "ProfileExecuteDuration", "instrument_module"]
+           "ProfileExecuteDuration", "instrument_module", "IdGenerator"]
 
 _configure_lock = threading.Lock()
+
+
+def __getattr__(name: str) -> type:
+    # ``IdGenerator`` is one of the OTel SDK's objects: imported on first use, so that ``import otel_npu`` (which
+    # vLLM does in each of its processes, with otel-npu off too) does not import the SDK.
+    if name == "IdGenerator":
+        from .spans.identity import IdGenerator
+
+        return IdGenerator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def enabled() -> bool:

@@ -99,7 +99,7 @@ def test_the_docs_site_builds_strictly(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     reference = (tmp_path / "site" / "reference" / "index.html").read_text()
     for name in ("capture", "step", "flush", "shutdown", "configure", "enabled", "stats", "instrument_module",
-                 "ProfileExecuteDuration", "testing.SimDevice"):
+                 "ProfileExecuteDuration", "IdGenerator", "testing.SimDevice"):
         assert f'id="otel_npu.{name}"' in reference, name
 
 

@@ -149,3 +149,19 @@ def test_a_custom_id_generator_is_honoured(provider, spans):
     assert len(got) == 2
     assert all(s.context.trace_id == 0x2001 for s in got)
     assert {s.context.span_id for s in got} == {0x1002, 0x1003}
+
+
+def test_the_public_id_generator_draws_what_random_seed_does_not_repeat():
+    """``otel_npu.IdGenerator`` (what the vLLM plugin gives vLLM's own TracerProvider): an SDK id generator whose
+    ids the application's ``random.seed()`` does not repeat, as the SDK's default generator's it does."""
+    assert isinstance(otel_npu.IdGenerator(), IdGenerator)
+    drawn = {}
+    for generator in (otel_npu.IdGenerator(), RandomIdGenerator()):
+        ids = []
+        for _ in range(2):
+            random.seed(0)
+            ids.append((generator.generate_trace_id(), generator.generate_span_id()))
+        drawn[type(generator)] = ids
+    own, sdk = drawn[otel_npu.IdGenerator], drawn[RandomIdGenerator]
+    assert sdk[0] == sdk[1]  # the SDK's default: the seed decides
+    assert own[0][0] != own[1][0] and own[0][1] != own[1][1] and all(own[0] + own[1])

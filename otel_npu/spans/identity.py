@@ -48,7 +48,10 @@ if hasattr(os, "register_at_fork"):
 
 class IdGenerator(sdk_trace.IdGenerator):
     """The SDK's ``RandomIdGenerator`` (uniform non-zero ids) drawing from otel-npu's own RNG, which
-    ``random.seed()`` does not touch and a forked child re-seeds."""
+    ``random.seed()`` does not touch and a forked child re-seeds.
+
+    For a ``TracerProvider`` of your own in a program that seeds ``random`` (as vLLM does in every worker):
+    ``TracerProvider(id_generator=otel_npu.IdGenerator())``. The vLLM plugin gives it to vLLM's tracer."""
 
     def generate_span_id(self) -> int:
         span_id = _rng.getrandbits(64)
