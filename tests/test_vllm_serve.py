@@ -11,8 +11,10 @@ OpenTelemetry collector) -> the test's OTLP receiver.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -114,12 +116,16 @@ def check_served(got: dict[str, Any], stages_expected: list[str] = STAGES, specu
     assert "otel-npu: vLLM 0.32.0 hooked" in got["log"]
     assert all(r["usage"]["completion_tokens"] == MAX_TOKENS for r in got["results"])
     everything = [s for _, s in got["spans"]]
-    # otel-npu's span ids never repeat, across ranks and processes (vLLM's own start-up spans draw theirs from
-    # the global `random` that vLLM seeds alike in every worker: those of two ranks collide, not ours)
+    # no span id repeats, across ranks and processes: otel-npu's, and vLLM's own (its start-up spans of every
+    # worker, its llm_request spans), whose ids the plugin draws from otel-npu's generator too (vLLM seeds the
+    # global `random`, the SDK's default source, alike in every worker)
     ours = [s for s in everything if "otel_npu.device" in attributes(s.attributes)]
     theirs = [s for s in everything if "otel_npu.device" not in attributes(s.attributes)]
     assert len({s.span_id for s in ours}) == len(ours), "a span id of otel-npu's repeats"
-    assert not {s.span_id for s in ours} & {s.span_id for s in theirs}
+    uses = collections.Counter(s.span_id for s in everything)
+    repeated = sorted({s.name for s in everything if uses[s.span_id] > 1})
+    assert not repeated, f"span ids repeat, among: {repeated}"
+    assert ranks == 1 or len([s for s in theirs if s.name == "Worker init"]) >= ranks  # vLLM's, from every rank
     by_id = {s.span_id: s for s in ours}
     all_steps, children = steps_and_children(got["spans"])
     engine_steps = [s for s in all_steps if s.name == "engine step"]
@@ -398,3 +404,44 @@ print("ranks", ranks)
     env = child_env(PYTHONPATH=str(ROOT))
     done = subprocess.run([vllm_python(), "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "ranks" in done.stdout, done.stderr[-3000:]
+
+
+_SEEDED_VLLM_TRACERS = """
+import json, os, random
+os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = "http://127.0.0.1:9"  # nothing is exported: no span ends
+from opentelemetry import trace
+from vllm.tracing import init_tracer, maybe_init_worker_tracer
+# a spawned worker (or EngineCore) builds its provider before it loads the plugins
+maybe_init_worker_tracer("vllm.worker", "worker", "Worker_0")
+from vllm.plugins import load_general_plugins
+load_general_plugins()  # the plugin, as vLLM loads it in each of its processes
+random.seed(0)  # as vLLM seeds every worker
+ids = []
+for tracer in (trace.get_tracer("vllm.v1.worker"),  # what vLLM's @instrument spans get: that provider's
+               init_tracer("vllm.llm_engine", "http://127.0.0.1:9")):  # one built after (the API server's)
+    context = tracer.start_span("span").get_span_context()
+    ids += [context.trace_id, context.span_id]
+print(json.dumps(ids))
+"""
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_vllms_own_tracer_draws_ids_that_random_seed_does_not_repeat(enabled):
+    """vLLM's own tracers, made by its functions (a worker's provider built before the plugin loads, as in a
+    spawned worker; the API server's, built after), in two processes that both call ``random.seed(0)`` as vLLM
+    does in every worker: with otel-npu enabled, no id is shared; without, vLLM's ids are the same in both (the
+    SDK's default generator draws from the seeded ``random``)."""
+    env = child_env(PYTHONPATH=str(ROOT), **({"OTEL_NPU_ENABLED": "1"} if enabled else {}))
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([vllm_python(), "-c", _SEEDED_VLLM_TRACERS], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert len(first) == len(second) == 4 and all(first + second)
+    if enabled:
+        assert not set(first) & set(second), (first, second)
+        assert len(set(first)) == 4  # nor within one process
+    else:
+        assert first == second

@@ -80,6 +80,11 @@ def release_problems(src: vs.Sources) -> list[str]:
         # the step ends in the worker's sample_tokens, wrapped on the worker object at the first step
         if src.function("vllm.v1.worker.gpu_worker", "Worker.sample_tokens") is None:
             problems.append("vllm.v1.worker.gpu_worker.Worker.sample_tokens does not exist: steps would end early")
+        # vLLM's provider, built before the plugin loaded, is told by what init_otel_tracer puts in its resource
+        if any(hook.role == "ids" for hook in resolving):
+            init = src.function("vllm.tracing.otel", "init_otel_tracer")
+            if not any(isinstance(n, ast.Constant) and n.value == plugin.VLLM_RESOURCE_KEY for n in ast.walk(init)):
+                problems.append(f"init_otel_tracer does not put {plugin.VLLM_RESOURCE_KEY} in its resource")
         roles = {hook.role for hook in resolving}
         if "step" not in roles:
             problems.append("no resolving hook opens the step")

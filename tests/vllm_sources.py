@@ -195,11 +195,12 @@ class Sources:
     def binding(self, module: str, name: str, _depth: int = 0) -> tuple[str, ast.AST] | None:
         """Where ``module``'s top-level ``name`` is bound: (defining module, its def/class/assign/import node).
 
-        A ``from X import name`` of a module in these sources is followed to where X defines it."""
+        A ``from X import name`` of a module in these sources is followed to where X defines it. A name bound
+        inside a top-level ``try:`` (an import guard: ``try: from opentelemetry... import X``) counts."""
         tree = self.tree(module)
         if tree is None:
             return None
-        for node in tree.body:
+        for node in _top_level(tree.body):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
                 return module, node
             if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
@@ -242,6 +243,19 @@ class Sources:
                 if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                     found.append((node.lineno, arg.value))
         return sorted(found)
+
+
+def _top_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """The statements of a module's ``body``, those inside its top-level ``try`` blocks included."""
+    for node in body:
+        if isinstance(node, ast.Try):
+            yield from _top_level(node.body)
+            for handler in node.handlers:
+                yield from _top_level(handler.body)
+            yield from _top_level(node.orelse)
+            yield from _top_level(node.finalbody)
+        else:
+            yield node
 
 
 def _absolute(module: str, node: ast.ImportFrom, path: Path | None) -> str | None:

@@ -414,6 +414,52 @@ def _from_request(original: Any) -> Any:
     return classmethod(from_request)
 
 
+# -- vLLM's own tracer (vllm/tracing/otel.py) --------------------------------------------------------------------
+
+
+#: What ``init_otel_tracer`` puts in the resource of each provider it builds: how vLLM's provider is told from
+#: one of the application's.
+VLLM_RESOURCE_KEY = "vllm.instrumenting_module_name"
+
+
+def _tracer_provider(original: Any) -> Callable:
+    """vLLM's ``TracerProvider``, as ``init_otel_tracer`` builds it in each of vLLM's processes (API server,
+    EngineCore, every worker: ``init_tracer``/``maybe_init_worker_tracer``): the same provider, whose span and
+    trace ids come from ``otel_npu.IdGenerator``; nothing else of vLLM's tracing changes.
+
+    Why: the SDK's default ``RandomIdGenerator`` draws from Python's global ``random``, which vLLM seeds alike in
+    every worker (``seed=0`` by default). Every rank's start-up spans ("Load model", "Allocate KV cache", ...)
+    would then repeat the other ranks' span ids, and every server (and every restart) vLLM's ids of the one
+    before. otel-npu's generator draws from an RNG that ``random.seed()`` does not touch (seeded from the OS,
+    re-seeded in a forked child). A tracer copies its provider's generator when it is made (``get_tracer``: the
+    tracer ``init_otel_tracer`` returns, and the one each of vLLM's ``@instrument`` spans gets through the global
+    provider), so the generator is set on the provider. A generator other than the SDK's default is kept.
+
+    Hooked at the name ``init_otel_tracer`` calls, not at ``init_otel_tracer``: ``vllm.tracing``'s table of
+    backends holds that function itself since its import, and calls it. And a process that built its provider
+    before it loaded the plugin (a spawned worker or EngineCore calls ``maybe_init_worker_tracer`` first) has
+    it as the global provider, told by ``VLLM_RESOURCE_KEY`` in its resource: it gets the generator here, at
+    install, for the spans it starts from now on."""
+    own = otel_npu.IdGenerator  # first: it imports the SDK as otel-npu does (no OTEL_* value can fail that)
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    def give(provider: Any) -> None:
+        if type(getattr(provider, "id_generator", None)) is RandomIdGenerator:
+            provider.id_generator = own()
+
+    current = trace.get_tracer_provider()
+    if VLLM_RESOURCE_KEY in getattr(getattr(current, "resource", None), "attributes", {}):
+        give(current)
+
+    def TracerProvider(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - the name vLLM calls
+        provider = original(*args, **kwargs)
+        give(provider)
+        return provider
+
+    return TracerProvider
+
+
 # -- the V2 model runner (vllm/v1/worker/gpu/model_runner.py) ----------------------------------------------------
 #
 # It opens no profiler scopes; its stages are cut at its own seams, one capture after the other:
@@ -558,6 +604,9 @@ HOOKS = (
          read=_READ, run=("0.32.0",)),
     Hook("vllm.v1.core.sched.output", "NewRequestData.from_request", "span links to the requests' traces",
          _from_request, role="links", since=MIN_VLLM, read=_READ, run=("0.32.0",)),
+    # every process: vLLM's own spans (start-up, llm_request) draw their ids where random.seed() cannot repeat them
+    Hook("vllm.tracing.otel", "TracerProvider", "ids of vLLM's own spans that no rank or server repeats",
+         _tracer_provider, role="ids", since=(0, 23), reader="init_otel_tracer", read=_READ, run=("0.32.0",)),
     # the V1 runner (vllm/v1/worker/gpu_model_runner.py; removed in 0.34), and vllm-ascend's, built on it
     Hook("vllm.v1.utils", "_PROFILER_FUNC", "stage captures (the runner's record_function_or_nullcontext scopes)",
          _scopes, role="stages", since=MIN_VLLM, before=(0, 34), reader="record_function_or_nullcontext",
