@@ -75,11 +75,15 @@ def test_counters_count_resolved_timed_out_and_dropped(monkeypatch, receiver, si
     own_metrics_env(monkeypatch, receiver)
     otel_npu.configure(enabled=True, device=sim, pipeline="own", event_timeout_s=0.2)
     stuck = sim.new_stream("stuck")
+    gate = threading.Event()
     with sim.stream(stuck), otel_npu.capture("hung"):
-        stuck.call(lambda: time.sleep(1.0))
+        stuck.call(lambda: gate.wait(30))  # until the test is done with it: a stalled machine cannot let it finish
     with otel_npu.capture("forward"):
         sim.current_stream().launch(0.0001)
-    assert otel_npu.flush(10.0)
+    try:
+        assert otel_npu.flush(10.0)
+    finally:
+        gate.set()
     resolved = receiver.wait_for_metric("otel_npu.captures.resolved")
     timed_out = receiver.wait_for_metric("otel_npu.captures.timed_out")
     assert resolved.sum.data_points[0].as_int == 2 and timed_out.sum.data_points[0].as_int == 1
