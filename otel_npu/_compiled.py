@@ -105,11 +105,40 @@ class TwinFinder:
         twin = self.twins.get(fullname)
         if twin is None:
             return None
-        loader = importlib.machinery.ExtensionFileLoader(fullname, twin)
-        return importlib.machinery.ModuleSpec(fullname, loader, origin=twin)
+        return importlib.machinery.ModuleSpec(fullname, TwinLoader(fullname, twin), origin=twin)
 
     def invalidate_caches(self) -> None:
         pass
+
+
+class TwinLoader:
+    """Loads a twin. One that cannot be loaded (a damaged file, a library it needs missing) gives the pure
+    module instead, with a warning: a broken build must not keep otel_npu (and the program) from importing."""
+
+    def __init__(self, fullname: str, twin: str) -> None:
+        self._twin = importlib.machinery.ExtensionFileLoader(fullname, twin)
+        self._pure: Any = None
+
+    def create_module(self, spec: Any) -> Any:
+        try:
+            return self._twin.create_module(spec)
+        except Exception as exc:
+            source = source_path(spec.name, os.path.dirname(_PACKAGE_DIR))
+            self._pure = importlib.machinery.SourceFileLoader(spec.name, source)
+            spec.origin = source
+            _state["compiled"] = [m for m in _state["compiled"] if m != spec.name]
+            _state["pure"] = sorted({*_state["pure"], spec.name})
+            _state["why"] = "; ".join(filter(None, [_state["why"], f"{spec.name}: its twin did not load"]))
+            _log.warning("otel-npu: the compiled twin of %s did not load (%s: %s); it runs as pure Python. "
+                         "Rebuild it: %s", spec.name, type(exc).__name__, exc, REBUILD)
+            return None  # the default module, which exec_module fills from the .py
+
+    def exec_module(self, module: Any) -> None:
+        if self._pure is None:
+            self._twin.exec_module(module)
+        else:
+            module.__file__ = self._pure.path
+            self._pure.exec_module(module)
 
 
 #: What ``install()`` decided: ``stats()["core"]``.

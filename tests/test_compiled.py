@@ -134,6 +134,26 @@ def test_a_missing_twin_or_an_added_pxd_loads_as_pure_python_with_one_warning(ne
     assert "otel_npu.spans.identity (its source changed since the build)" in warnings[0]
 
 
+def test_a_twin_that_does_not_load_gives_the_pure_module_and_a_warning(needs_build, tmp_path):
+    root = copy_tree(tmp_path)
+    (twin,) = (root / "otel_npu" / "resolve").glob("_resolver_c.*")
+    twin.write_bytes(b"not a shared library")  # the manifest still matches the sources: only loading tells
+    seen, stderr = report(root)
+    assert seen["files"]["otel_npu.resolve.resolver"] == str(root / "otel_npu" / "resolve" / "resolver.py")
+    assert "otel_npu.resolve.resolver" in seen["core"]["pure"]
+    assert "otel_npu.resolve.resolver" not in seen["core"]["compiled"]
+    assert len(seen["core"]["compiled"]) == len(_compiled.MODULES) - 1
+    warnings = [line for line in stderr.splitlines() if "did not load" in line]
+    assert len(warnings) == 1 and "otel_npu.resolve.resolver" in warnings[0], stderr
+    # and it works: a capture resolved by the pure resolver among compiled modules
+    script = ("import otel_npu; otel_npu.configure(enabled=True, device='cpu', pipeline='own')\n"
+              "with otel_npu.capture('x'): pass\nassert otel_npu.flush(30.0)\nprint(otel_npu.stats()['resolved'])")
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120,
+                          cwd=root, env=child_env(PYTHONPATH=str(root), OTEL_TRACES_EXPORTER="none",
+                                                  OTEL_METRICS_EXPORTER="none", **COMPILED))
+    assert done.returncode == 0 and done.stdout.split()[-1] == "1", done.stderr
+
+
 def test_a_tree_never_built_runs_pure_python_quietly(tmp_path):
     root = tmp_path / "tree"
     shutil.copytree(PACKAGE, root / "otel_npu", ignore=shutil.ignore_patterns(
