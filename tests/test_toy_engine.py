@@ -114,3 +114,24 @@ def test_stages_are_only_those_of_the_thread_that_opened_the_step(provider, span
     assert otel_npu.flush(5.0)
     (step,) = steps_of(spans)
     assert [s.name for s in spans.children_of(step)].count("forward") == 1
+
+
+def test_an_invalid_otel_propagators_does_not_keep_the_integration_from_loading():
+    """``opentelemetry.propagate`` raises at import for a propagator it cannot load; the integration core must
+    still import, and read request contexts as W3C ``traceparent``, saying why once."""
+    import subprocess
+    import sys
+
+    from .support import child_env
+
+    code = (
+        "import logging; logging.basicConfig()\n"
+        "from otel_npu.integrations import _engine_step as e\n"
+        "h = {'traceparent': '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'}\n"
+        "ctx = e.client_context(h); ctx2 = e.client_context(h)\n"
+        "print(format(ctx.trace_id, '032x'), format(ctx2.span_id, '016x'))\n")
+    done = subprocess.run([sys.executable, "-c", code], env=child_env(OTEL_PROPAGATORS="bogus"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"]
+    assert done.stderr.count("OTEL_PROPAGATORS") == 1, done.stderr

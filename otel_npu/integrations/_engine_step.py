@@ -37,7 +37,6 @@ from typing import Any, Callable, Iterable, Mapping, MutableMapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.propagate import extract
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation import _SPAN_KEY
 
@@ -52,11 +51,35 @@ _log = logging.getLogger("otel_npu")
 MAX_REQUESTS = 65536
 
 
+_extract: Any = None
+
+
+def _extractor() -> Any:
+    """The propagators' ``extract`` (``OTEL_PROPAGATORS``), loaded at first use: ``opentelemetry.propagate``
+    raises at import for a propagator name it cannot load, which at this module's import would keep the whole
+    integration from loading. Then W3C trace context alone, said once."""
+    global _extract
+    if _extract is None:
+        try:
+            from opentelemetry.propagate import extract
+        except Exception as exc:
+            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+            _log.warning("otel-npu: the OpenTelemetry propagators cannot be loaded (%s: %s; check "
+                         "OTEL_PROPAGATORS, which accepts installed propagator names such as tracecontext, "
+                         "baggage, b3); request contexts are read as W3C traceparent only",
+                         type(exc).__name__, exc)
+            extract = TraceContextTextMapPropagator().extract
+        _extract = extract
+    return _extract
+
+
 def client_context(headers: Mapping[str, str] | None) -> Any:
-    """The SpanContext of the client's span in ``headers`` (W3C ``traceparent``), or None."""
+    """The SpanContext of the client's span in ``headers`` (``OTEL_PROPAGATORS``; W3C ``traceparent`` by
+    default), or None."""
     if not headers:
         return None
-    ctx = trace.get_current_span(extract(dict(headers))).get_span_context()
+    ctx = trace.get_current_span(_extractor()(dict(headers))).get_span_context()
     return ctx if ctx.is_valid else None
 
 
