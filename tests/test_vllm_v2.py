@@ -142,8 +142,9 @@ class FakeVllm:
 
 @pytest.fixture
 def v2_hooks() -> tuple[plugin.Hook, ...]:
-    """What ``register()`` installs on vLLM 0.34, less the scheduler side (not in these stand-ins)."""
-    yield tuple(h for h in plugin.HOOKS if plugin.admits(h, V2) and h.role not in ("links", "engine step"))
+    """What ``register()`` installs on vLLM 0.34, less the scheduler side and vLLM's own tracer (not in these
+    stand-ins)."""
+    yield tuple(h for h in plugin.HOOKS if plugin.admits(h, V2) and h.role not in ("links", "engine step", "ids"))
     plugin.uninstall()
 
 
