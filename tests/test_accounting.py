@@ -96,13 +96,15 @@ def test_spans_held_by_an_apps_simple_processor_to_a_hung_collector_are_counted(
         while exporter.calls == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert exporter.calls == 1  # the resolver thread is now stuck in the application's exporter
+        resolver_thread = runtime.current().resolver.thread
         assert not otel_npu.shutdown(0.5)
         stats = otel_npu.stats()
         assert captures_dropped() == 5, stats  # the one stuck in export included: it may never arrive
         assert "5 captures" in caplog_otel.text and "1 capture " not in caplog_otel.text
     finally:
         exporter.release.set()
-    time.sleep(0.2)
+    resolver_thread.join(30)  # the stuck thread, released, ends: whatever it would still export is done by then
+    assert not resolver_thread.is_alive()
     assert exporter.calls == 1, "captures counted as lost must not be exported later"
 
 
