@@ -31,7 +31,9 @@ Configurations (``--config``, several allowed; default ``grpc-eager``):
 * ``http-eager``: ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf`` (vLLM's exporter and otel-npu's);
 * ``grpc-compiled``: vLLM's default compile mode (no ``--enforce-eager``; ≈ 1 min more start-up);
 * ``grpc-eager-64``: 64 concurrent streams, ``--max-num-seqs 64``;
-* ``grpc-eager-tp2``: ``--tensor-parallel-size 2``, ``VLLM_CPU_OMP_THREADS_BIND="0|1"``.
+* ``grpc-eager-tp2``: ``--tensor-parallel-size 2``, ``VLLM_CPU_OMP_THREADS_BIND="0|1"``;
+* ``file-eager``: as ``grpc-eager``, but B's otel-npu writes its spans encoded to ``/dev/null`` instead of
+  sending them (no collector work for them; stage metrics off): the plugin's cost without the collector's.
 
 What each figure is (per window and server; the load runs on that server only):
 
@@ -43,6 +45,9 @@ What each figure is (per window and server; the load runs on that server only):
 * ``worker_cpu_us_per_token``: utime + stime (``/proc/<pid>/stat``) of the worker process(es)
   (``VLLM::Worker*``; both ranks with TP=2) over window + drain / the tokens generated then;
   ``server_cpu_us_per_token``: the same for all processes of the server (API server, EngineCore, workers);
+* ``collector_cpu_cores`` (raw data, and a line under each table): the CPU the collector used during the
+  window, in cores: it shares the machine's cores with the servers, so its work for B's spans is CPU taken
+  from the server under load;
 * ``idle_servers_cpu_cores`` (raw data, and a line under each table): the CPU the other, idle server(s) used
   during the window, in cores: the method assumes it is ≈ 0;
 * ``engine_nonvol_csw_per_step``: involuntary context switches of the worker's main thread (the engine
@@ -112,6 +117,8 @@ class Config:
     args: tuple[str, ...] = ("--enforce-eager",)
     streams: int = STREAMS
     env: tuple[tuple[str, str], ...] = ()
+    #: Set for B only (the plugin's server): how otel-npu exports there, when not where vLLM sends.
+    plugin_env: tuple[tuple[str, str], ...] = ()
 
 
 CONFIGS = {
@@ -121,6 +128,11 @@ CONFIGS = {
     "grpc-eager-64": Config("grpc", ("--enforce-eager", "--max-num-seqs", "64"), streams=64),
     "grpc-eager-tp2": Config("grpc", ("--enforce-eager", "--tensor-parallel-size", "2"),
                              env=(("VLLM_TARGET_DEVICE", "cpu"), ("VLLM_CPU_OMP_THREADS_BIND", "0|1"))),
+    # otel-npu's spans encoded and written to /dev/null, not sent: what the plugin costs the server without
+    # the collector's work for its spans (the collector shares the machine's cores with the server).
+    "file-eager": Config("grpc", plugin_env=(("OTEL_NPU_PIPELINE", "own"), ("OTEL_TRACES_EXPORTER", "none"),
+                                             ("OTEL_METRICS_EXPORTER", "none"),
+                                             ("OTEL_NPU_TRACES_FILE", "/dev/null"))),
 }
 
 #: The variants: (tracing on, plugin on).
@@ -357,6 +369,14 @@ def rotel_collector(workdir: Path) -> Iterator[dict[str, str]]:
             proc.wait()
 
 
+def collector_pid(workdir: Path) -> int:
+    """The collector's pid (its pid file), or 0."""
+    try:
+        return int((workdir / "rotel.pid").read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
 # ------------------------------------------------------------------------------------------------ servers
 
 class Bench:
@@ -371,6 +391,8 @@ class Bench:
             extra["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = config.protocol
         if probe:
             extra.update(LD_PRELOAD=probe, GILPROBE_DIR=str(probe_dir))
+        if plugin:
+            extra.update(config.plugin_env)
         args = list(config.args) + ["--shutdown-timeout", "10"]
         if tracing:
             args += ["--otlp-traces-endpoint", endpoints[config.protocol]]
@@ -560,15 +582,18 @@ def run_config(name: str, config: Config, args: argparse.Namespace, python: str,
                 bench = benches[v]
                 idle = [b for other, b in benches.items() if other != v]
                 idle_before = sum(b.server_cpu() for b in idle)
+                collector_before = cpu_s(collector_pid(workdir))
                 before = bench.snapshot()
                 start, end, drained = load.window(bench, window_id, args.window_s)
                 after = bench.snapshot()
                 idle_cores = (sum(b.server_cpu() for b in idle) - idle_before) / (drained - start)
+                collector_cores = (cpu_s(collector_pid(workdir)) - collector_before) / (drained - start)
                 tokens_in, tokens_all, errors = load.tokens(window_id, start, end)
                 figures = window_figures(before, after, tokens_in, tokens_all, end - start)
                 figures.update(pair=pair, variant=v, window=window_id, start_unix=time.time() - (
                     time.monotonic() - start), seconds=end - start, drain_s=drained - end, errors=errors[:5],
-                    error_count=len(errors), idle_servers_cpu_cores=idle_cores)
+                    error_count=len(errors), idle_servers_cpu_cores=idle_cores,
+                    collector_cpu_cores=collector_cores)
                 result["windows"].append(figures)
                 print(f"[{name}] pair {pair + 1}/{args.pairs} {v}: {figures['tokens_per_s']:7.0f} tokens/s, "
                       f"ITL p99 {figures['itl_p99_ms']:.1f} ms, engine GIL wait "
@@ -654,6 +679,13 @@ def markdown(results: dict[str, Any]) -> str:
         if idle:
             lines.append(f"- the idle server's CPU while the other was loaded (the method assumes ≈ 0): median "
                          f"{statistics.median(idle):.3f} cores, max {max(idle):.3f}")
+        by_variant = {v: [w["collector_cpu_cores"] for w in r["windows"]
+                          if w.get("variant") == v and math.isfinite(w.get("collector_cpu_cores", float("nan")))]
+                      for v in variants}
+        if any(by_variant.values()):
+            lines.append("- the collector's CPU (rotel-agent, on the same cores) during each server's windows: "
+                         + ", ".join(f"{v} median {statistics.median(c):.3f} cores" for v, c in by_variant.items()
+                                     if c))
         failed = sum(w.get("error_count", 0) for w in r["windows"])
         if failed:
             lines.append(f"- **{failed} requests failed** (see the JSON's windows)")
