@@ -152,7 +152,11 @@ def test_the_applications_meter_provider_exports_through_its_own_exporter(app_me
     assert "the application's MeterProvider" in otel_npu.stats()["metrics"]
     ours = [(rm.resource, m) for batch in exporter.batches for rm in batch.resource_metrics
             for sm in rm.scope_metrics if sm.scope.name == "otel_npu" for m in sm.metrics]
-    (resource, histogram), = [(r, m) for r, m in ours if m.name == "otel_npu.stage.duration"]
+    # A round may also go out when the process goes idle (the resolver says so), before flush()'s own: the
+    # histogram is cumulative, so the last round holds the capture once whichever ran.
+    rounds = [(r, m) for r, m in ours if m.name == "otel_npu.stage.duration"]
+    assert 1 <= len(rounds) <= 2, rounds
+    resource, histogram = rounds[-1]
     assert resource.attributes["service.name"] == "app", "the application's resource"
     (point,) = histogram.data.data_points
     assert point.count == 1 and dict(point.attributes)["otel_npu.stage"] == "forward"
