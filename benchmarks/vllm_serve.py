@@ -370,11 +370,22 @@ def rotel_collector(workdir: Path) -> Iterator[dict[str, str]]:
 
 
 def collector_pid(workdir: Path) -> int:
-    """The collector's pid (its pid file), or 0."""
+    """The collector's pid: its pid file where it wrote one, else the rotel-agent process whose log file is in
+    ``workdir``; 0 when there is none."""
     try:
         return int((workdir / "rotel.pid").read_text().strip())
     except (OSError, ValueError):
-        return 0
+        pass
+    needle = str(workdir / "rotel-agent.log").encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        return int(entry)
+            except OSError:
+                continue
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ servers
