@@ -128,32 +128,52 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def rotel(agent: str, extra_args: tuple[str, ...] = (), **popen: Any) -> Iterator[dict[str, str]]:
+    """``rotel-agent`` (the binary ``agent``) with the blackhole exporter, OTLP/gRPC and OTLP/HTTP on loopback,
+    in its own process; stopped at the end. Yields ``{"grpc": base URL, "http/protobuf": base URL}``.
+    ``popen``: where its output goes (``subprocess.Popen`` keywords; discarded by default)."""
+    http_port, grpc_port = free_port(), free_port()
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.DEVNULL)
+    proc = subprocess.Popen([agent, "start", "--otlp-http-endpoint", f"127.0.0.1:{http_port}",
+                             "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}", "--exporter", "blackhole",
+                             *extra_args], stdin=subprocess.DEVNULL, **popen)
+    try:
+        _wait_port(http_port)
+        _wait_port(grpc_port)
+        yield {"grpc": f"http://127.0.0.1:{grpc_port}", "http/protobuf": f"http://127.0.0.1:{http_port}"}
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
 def collector() -> Iterator[tuple[str, str]]:
     """A real OTLP collector on loopback, in its own process (its CPU is not ours): ``rotel-agent`` with the
     blackhole exporter when installed, else the tests' Python OTLP/HTTP receiver. Yields (endpoint, what)."""
     agent = _rotel_agent()
-    http_port, grpc_port = free_port(), free_port()
     if agent:
-        proc = subprocess.Popen([agent, "start", "--otlp-http-endpoint", f"127.0.0.1:{http_port}",
-                                 "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}", "--exporter", "blackhole"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        what = "rotel-agent (blackhole exporter)"
-    else:
-        code = ("import sys,time; sys.path.insert(0, %r)\n"
-                "from tests.otlp_receiver import HttpReceiver\n"
-                "r = HttpReceiver(); print(r.port, flush=True); time.sleep(1e9)\n" % ROOT)
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        http_port = int(proc.stdout.readline())
-        what = "Python OTLP/HTTP receiver (rotel-agent not installed)"
+        with rotel(agent) as endpoints:
+            yield endpoints["http/protobuf"], "rotel-agent (blackhole exporter)"
+        return
+    code = ("import sys,time; sys.path.insert(0, %r)\n"
+            "from tests.otlp_receiver import HttpReceiver\n"
+            "r = HttpReceiver(); print(r.port, flush=True); time.sleep(1e9)\n" % ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
+        http_port = int(proc.stdout.readline())
         _wait_port(http_port)
-        yield f"http://127.0.0.1:{http_port}", what
+        yield f"http://127.0.0.1:{http_port}", "Python OTLP/HTTP receiver (rotel-agent not installed)"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _rotel_agent() -> str | None:

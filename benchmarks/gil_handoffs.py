@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from benchmarks import gilprobe
-from benchmarks.common import ROOT, _rotel_agent, _wait_port, free_port, machine_info
+from benchmarks.common import ROOT, _rotel_agent, machine_info, rotel
 
 VARIANTS = ("off", "none", "file", "http", "grpc")
 
@@ -94,20 +94,8 @@ def collector() -> Iterator[tuple[str, str]]:
     agent = _rotel_agent()
     if agent is None:
         raise SystemExit("rotel-agent not found: pip install rotel (the test extra has it)")
-    http_port, grpc_port = free_port(), free_port()
-    proc = subprocess.Popen([agent, "start", "--otlp-http-endpoint", f"127.0.0.1:{http_port}",
-                             "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}", "--exporter", "blackhole"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        _wait_port(http_port)
-        _wait_port(grpc_port)
-        yield f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{grpc_port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with rotel(agent) as endpoints:
+        yield endpoints["http/protobuf"], endpoints["grpc"]
 
 
 def variant_env(variant: str, endpoints: tuple[str, str], tmp: str) -> dict[str, str]:

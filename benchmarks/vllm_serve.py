@@ -99,7 +99,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import gilprobe
-from benchmarks.common import ROOT, _rotel_agent, _wait_port, free_port, machine_info
+from benchmarks.common import ROOT, _rotel_agent, machine_info, rotel
 
 _spec = importlib.util.spec_from_file_location("vllm_serve_cpu", Path(ROOT) / "examples" / "vllm_serve_cpu.py")
 serve = importlib.util.module_from_spec(_spec)
@@ -349,24 +349,10 @@ def rotel_collector(workdir: Path) -> Iterator[dict[str, str]]:
     agent = _rotel_agent()
     if agent is None:
         raise SystemExit("rotel-agent not found: `pip install rotel` (the bench/test extras have it)")
-    grpc_port, http_port = free_port(), free_port()
-    with open(workdir / "rotel-agent.out", "wb") as out:
-        proc = subprocess.Popen([agent, "start", "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}",
-                                 "--otlp-http-endpoint", f"127.0.0.1:{http_port}", "--exporter", "blackhole",
-                                 "--pid-file", str(workdir / "rotel.pid"),
-                                 "--log-file", str(workdir / "rotel-agent.log")],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        _wait_port(grpc_port)
-        _wait_port(http_port)
-        yield {"grpc": f"http://127.0.0.1:{grpc_port}", "http/protobuf": f"http://127.0.0.1:{http_port}/v1/traces"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with open(workdir / "rotel-agent.out", "wb") as out, rotel(
+            agent, ("--pid-file", str(workdir / "rotel.pid"), "--log-file", str(workdir / "rotel-agent.log")),
+            stdout=out, stderr=subprocess.STDOUT) as endpoints:
+        yield {"grpc": endpoints["grpc"], "http/protobuf": endpoints["http/protobuf"] + "/v1/traces"}
 
 
 def collector_pid(workdir: Path) -> int:
