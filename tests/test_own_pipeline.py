@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -278,3 +280,21 @@ def test_idle_is_told_once_per_burst_of_work(monkeypatch, http_receiver):
     with changed:
         assert not changed.wait_for(lambda: len(told) > 3, timeout=0.3)
     assert len(told) == 3
+
+
+def test_the_work_that_starts_otel_npu_is_sent_without_waiting_for_the_idle_poll(monkeypatch, http_receiver):
+    """otel-npu starts at a process's first capture, so its resolver starts busy: it takes that work in at its
+    poll interval, then tells the exporters once it is done. Were it to start in its idle poll (here ten
+    minutes), a process that does one short burst and is killed (vLLM's EngineCore at its default abort
+    shutdown) would lose every span."""
+    from otel_npu import runtime
+    from otel_npu.resolve import resolver
+
+    monkeypatch.setattr(resolver, "IDLE_POLL_S", 600.0)
+    own_pipeline_env(monkeypatch, http_receiver.endpoint, "http/protobuf", OTEL_BSP_SCHEDULE_DELAY="600000",
+                     OTEL_NPU_POLL_INTERVAL_MS="10")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    assert runtime.start() is not None
+    time.sleep(0.2)  # the resolver thread is waiting by now: the captures below come while it waits
+    run_steps()
+    assert len(http_receiver.wait_for(10, timeout_s=30)) == 10

@@ -197,9 +197,11 @@ def test_eager_server_steps_stages_and_links_reach_the_collector_at_sigterm(mode
 
 def test_compiled_server_with_vllms_default_abort_shutdown(model, tmp_path):
     # Without --enforce-eager vLLM compiles the model (torch.compile, inductor): the captures stay outside the
-    # compiled graph. vLLM's default shutdown SIGKILLs the worker at SIGTERM: the plugin has flushed by then
-    # (≈ 50 ms after the engine went idle).
-    got = run_server(model, tmp_path, plugin=True, args=[], pause_before_sigterm_s=1.0)
+    # compiled graph. vLLM's default shutdown SIGKILLs the worker and the EngineCore at SIGTERM: each has sent
+    # its spans by then, a poll (0.1 s) after its engine went idle. The EngineCore's otel-npu starts at the
+    # first step, so its resolver starts busy; the worker's started in vLLM's warm-up, so this burst may wait
+    # for its idle poll (1 s) to be taken in: the pause covers that.
+    got = run_server(model, tmp_path, plugin=True, args=[], pause_before_sigterm_s=1.5)
     assert "enforce_eager=False" in got["log"]
     check_served(got)
 

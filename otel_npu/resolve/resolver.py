@@ -6,7 +6,9 @@ So the resolver
 
 * **wakes rarely**: every ``poll_interval_s`` (100 ms) by default while captures are in flight or were taken
   in during the last ``IDLE_POLL_S``, every ``IDLE_POLL_S`` (1 s) once none have been for that long; the hot
-  path never signals it (except on the rare empty-pool path).
+  path never signals it (except on the rare empty-pool path). It starts busy (otel-npu starts at a first
+  capture), so a burst that follows a second of idleness waits up to ``IDLE_POLL_S`` to be taken in, and no
+  other burst does.
   It wakes at once, and then polls every millisecond, only while someone waits on it (``flush()``, the
   compat pop);
 * **works in slices of time, not of records**: it gives the GIL up (``time.sleep(0)``) once it has held it
@@ -16,7 +18,8 @@ So the resolver
   which on a saturated host is a scheduler time slice), so a pass of ordinary size (a few hundred records)
   runs in one piece;
 * **tells the exporters when the process went idle** (``on_idle``): after a pass that found nothing new and
-  nothing in flight, once per burst of work. Engines may end their workers abruptly (vLLM SIGKILLs them soon
+  nothing in flight, once per burst of work: a poll interval after the burst ends, or up to ``IDLE_POLL_S``
+  after it began when it followed a second of idleness. Engines may end their workers abruptly (vLLM SIGKILLs them soon
   after its API server gets SIGTERM), and exporters batch for seconds; an idle moment is when sending what
   waits costs the serving loop nothing. Said from this thread, which wakes anyway: no thread is woken per
   step for it;
@@ -171,6 +174,10 @@ class Resolver:
 
     # -- control (any thread) -------------------------------------------------------------------------
     def start(self) -> None:
+        # otel-npu starts at a process's first capture: poll at the busy interval from the start, as if work
+        # had just been taken in. Starting in the idle poll would leave that first burst waiting up to
+        # IDLE_POLL_S, and a process killed soon after one short burst would lose all of it.
+        self._last_intake_ns = self._mono()
         self.alive = True
         self.thread.start()
 
