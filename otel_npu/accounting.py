@@ -53,14 +53,22 @@ class Stats:
     """Counters shared by the hot path (drops only, under a lock: a rare path), the resolver and the sinks.
 
     The per-capture counters are plain attributes, each written by one thread only (``resolved``,
-    ``timed_out``, ``spans_emitted``, ``spans_unsampled``: the resolver; ``spans_exported``: the exporter
-    thread), so counting costs no lock; readers may see a value a moment old.
+    ``timed_out``, ``spans_emitted``, ``spans_unsampled``: the resolver; ``spans_exported`` and the
+    ``export_*`` figures: the exporter thread), so counting costs no lock; readers may see a value a moment old.
     """
 
-    SINGLE_WRITER = ("resolved", "timed_out", "spans_emitted", "spans_unsampled", "spans_exported")
+    SINGLE_WRITER = ("resolved", "timed_out", "spans_emitted", "spans_unsampled", "spans_exported",
+                     "export_sends", "export_send_s", "export_send_max_s", "export_queue_peak")
 
     def __init__(self) -> None:
         self.resolved = self.timed_out = self.spans_emitted = self.spans_unsampled = self.spans_exported = 0
+        # otel-npu's own span exporter (its exporter thread): requests sent (delivered or failed), the seconds
+        # they took in all and the slowest, and the most spans seen waiting when a batch was taken: whether a
+        # full export queue came from a slow collector or from an exporter thread that did not get to run
+        self.export_sends = 0
+        self.export_send_s = 0.0
+        self.export_send_max_s = 0.0
+        self.export_queue_peak = 0
         self._lock = threading.Lock()
         self.counts: collections.Counter[str] = collections.Counter()
         self.drops: collections.Counter[str] = collections.Counter()
@@ -105,6 +113,10 @@ class Stats:
         for reason, n in sorted(new.items()):
             what, why = DROP_REASONS.get(reason, ("items", reason))
             detail = f" (first error: {errors[reason]})" if reason in errors else ""
+            if reason == "export_queue_full" and self.export_sends:
+                detail += (f" (the exporter so far: {self.export_sends} requests, "
+                           f"{self.export_send_s / self.export_sends * 1e3:.0f} ms each on average, the slowest "
+                           f"{self.export_send_max_s * 1e3:.0f} ms, up to {self.export_queue_peak} spans waiting)")
             parts.append(f"{n} {what} ({reason}): {why}{detail}")
         _log.warning("otel-npu lost data since its last report: %s", "; ".join(parts))
 

@@ -281,3 +281,59 @@ def test_a_capture_inherited_by_a_task_that_ends_after_its_step_leaves_nothing_b
     assert otel_npu.flush()
     assert {s.name for s in spans.all} == {"Decode", "late"}
     assert runtime.current().resolver._steps == {}, "the finished step's bookkeeping was left behind"
+
+
+def test_a_full_export_queue_is_reported_with_how_the_exporter_fared(caplog_otel):
+    """A full export queue is either a slow collector or an exporter thread that did not run: the warning and
+    stats() say which, with the exporter's requests, their average and slowest time, and the most spans seen
+    waiting."""
+    from otel_npu.accounting import Stats
+    from otel_npu.export.sinks.otlp import OtlpSink
+
+    gate = threading.Event()
+    sent: list[int] = []
+
+    class SlowCollector:  # a transport whose first request hangs until the test lets it go
+        endpoint = "test://slow"
+
+        def send(self, data: bytes, n: int) -> tuple[bool, str | None]:
+            gate.wait(30)
+            sent.append(n)
+            return True, None
+
+        def shutdown(self) -> None:
+            pass
+
+    class Encoder:
+        def encode(self, r: object) -> bytes:
+            return b"span"
+
+        def request(self, batch: list[bytes]) -> bytes:
+            return b"".join(batch)
+
+    stats = Stats()
+    sink = OtlpSink(SlowCollector(), Encoder(), stats, max_queue_size=4, max_export_batch_size=2,
+                    schedule_delay_s=600.0)
+    sink.emit(None)
+    sink.emit(None)  # a full batch: the exporter thread takes it and hangs in send()
+    deadline = time.monotonic() + 30
+    while stats.export_queue_peak < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    hung_from = time.monotonic()
+    for _ in range(6):  # 4 fit in the queue, 2 are dropped
+        sink.emit(None)
+    time.sleep(0.05)
+    gate.set()
+    hung_s = time.monotonic() - hung_from
+    assert sink.force_flush(30)
+    assert stats.drops["export_queue_full"] == 2
+    assert sum(sent) == stats.spans_exported == 6
+    assert stats.export_sends == len(sent) == 3
+    assert stats.export_send_max_s >= hung_s
+    assert stats.export_send_s >= stats.export_send_max_s
+    assert stats.export_queue_peak == 4
+    stats.report(time.monotonic(), force=True)
+    warning = [r.getMessage() for r in caplog_otel.records if "lost data" in r.getMessage()]
+    assert len(warning) == 1 and "2 spans (export_queue_full)" in warning[0]
+    assert "the exporter so far: 3 requests" in warning[0] and "up to 4 spans waiting" in warning[0]
+    sink.shutdown(5)

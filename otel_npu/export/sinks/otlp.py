@@ -78,14 +78,24 @@ class OtlpSink:
         queue = self._queue
         batch = []
         popleft = queue.popleft
-        for _ in range(min(self._batch, len(queue))):
+        waiting = len(queue)
+        for _ in range(min(self._batch, waiting)):
             batch.append(popleft())
         if not batch:
             return
+        stats = self._stats
+        if waiting > stats.export_queue_peak:
+            stats.export_queue_peak = waiting
+        started = time.monotonic()
         try:
             ok, error = self._send(self._encoder.request(batch), len(batch))
         except Exception as exc:  # the exporter should not raise; if it does, count and carry on
             ok, error = False, redact(f"{type(exc).__name__}: {exc}")
+        took = time.monotonic() - started
+        stats.export_sends += 1
+        stats.export_send_s += took
+        if took > stats.export_send_max_s:
+            stats.export_send_max_s = took
         with self._cond:
             if self._closed:  # counted as lost by shutdown() already
                 return
