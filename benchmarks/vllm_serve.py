@@ -48,6 +48,8 @@ What each figure is (per window and server; the load runs on that server only):
 * ``collector_cpu_cores`` (raw data, and a line under each table): the CPU the collector used during the
   window, in cores: it shares the machine's cores with the servers, so its work for B's spans is CPU taken
   from the server under load;
+* ``cpu_cores_by_role`` (raw data, and a line under each table): the CPU each part of the loaded server used
+  during the window, in cores: ``api`` (the API server), ``engine_core``, ``workers``, ``other``;
 * ``idle_servers_cpu_cores`` (raw data, and a line under each table): the CPU the other, idle server(s) used
   during the window, in cores: the method assumes it is ≈ 0;
 * ``engine_nonvol_csw_per_step``: involuntary context switches of the worker's main thread (the engine
@@ -418,10 +420,26 @@ class Bench:
         """CPU seconds of all the server's processes."""
         return sum(c for c in (cpu_s(p) for p in session_pids(self.server.proc.pid)) if math.isfinite(c))
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds of the server's processes by role: ``api`` (the API server, the session's leader),
+        ``engine_core``, ``workers`` and ``other`` (vLLM's helpers)."""
+        leader = self.server.proc.pid
+        out = {"api": 0.0, "engine_core": 0.0, "workers": 0.0, "other": 0.0}
+        for pid in session_pids(leader):
+            c = cpu_s(pid)
+            if not math.isfinite(c):
+                continue
+            title = cmdline(pid)
+            role = ("api" if pid == leader else "workers" if title.startswith("VLLM::Worker")
+                    else "engine_core" if title.startswith("VLLM::EngineCore") else "other")
+            out[role] += c
+        return out
+
     def snapshot(self) -> dict[str, Any]:
         text = self.metrics()
         return {"itl": parse_histogram(text, ITL), "steps": parse_histogram(text, STEPS).count,
                 "worker_cpu": sum(cpu_s(p) for p in self.workers), "server_cpu": self.server_cpu(),
+                "cpu_by_role": self.cpu_by_role(),
                 "csw": sum(nonvoluntary_switches(p, p) for p in self.workers),
                 "gil": {p: gilprobe.read(self.probe_dir, p) for p in self.workers}}
 
@@ -590,7 +608,9 @@ def run_config(name: str, config: Config, args: argparse.Namespace, python: str,
                 figures.update(pair=pair, variant=v, window=window_id, start_unix=time.time() - (
                     time.monotonic() - start), seconds=end - start, drain_s=drained - end, errors=errors[:5],
                     error_count=len(errors), idle_servers_cpu_cores=idle_cores,
-                    collector_cpu_cores=collector_cores)
+                    collector_cpu_cores=collector_cores,
+                    cpu_cores_by_role={role: (used - before["cpu_by_role"][role]) / (drained - start)
+                                       for role, used in after["cpu_by_role"].items()})
                 result["windows"].append(figures)
                 print(f"[{name}] pair {pair + 1}/{args.pairs} {v}: {figures['tokens_per_s']:7.0f} tokens/s, "
                       f"ITL p99 {figures['itl_p99_ms']:.1f} ms, engine GIL wait "
@@ -683,6 +703,13 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append("- the collector's CPU (rotel-agent, on the same cores) during each server's windows: "
                          + ", ".join(f"{v} median {statistics.median(c):.3f} cores" for v, c in by_variant.items()
                                      if c))
+        roles: dict[str, dict[str, list[float]]] = {}
+        for w in r["windows"]:
+            for role, cores in w.get("cpu_cores_by_role", {}).items():
+                roles.setdefault(w["variant"], {}).setdefault(role, []).append(cores)
+        for v, by_role in roles.items():
+            lines.append(f"- {v}'s processes, median cores during its windows: "
+                         + ", ".join(f"{role} {statistics.median(c):.2f}" for role, c in by_role.items()))
         failed = sum(w.get("error_count", 0) for w in r["windows"])
         if failed:
             lines.append(f"- **{failed} requests failed** (see the JSON's windows)")

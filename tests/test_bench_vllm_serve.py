@@ -273,8 +273,10 @@ class FakeBench:
         return 0.0
 
     def snapshot(self):
+        used = 0.001 * self.server.requests  # the API server: 1 ms of CPU per request
         return {"itl": bench.Histogram(), "steps": float(self.server.requests), "worker_cpu": 0.0,
-                "server_cpu": 0.0, "csw": 0.0, "gil": {}}
+                "server_cpu": 0.0, "csw": 0.0, "gil": {},
+                "cpu_by_role": {"api": used, "engine_core": 0.0, "workers": 0.0, "other": 0.0}}
 
     def stop(self, timeout_s=60.0):
         self.stopped, self.worker_exit = True, "exited"
@@ -290,6 +292,11 @@ def test_run_config_alternates_the_servers_and_stops_them(monkeypatch, tmp_path)
         (0, "A"), (0, "B"), (0, "C"), (1, "C"), (1, "B"), (1, "A")]
     assert all(w["tokens_with_drain"] >= w["tokens_in_window"] > 0 for w in got["windows"])
     assert all(b.stopped for b in FakeBench.made.values())
+    assert all(w["cpu_cores_by_role"]["api"] > 0 == w["cpu_cores_by_role"]["workers"] for w in got["windows"])
+    table = bench.markdown({"settings": {"pairs": 2, "window_s": 0.05}, "machine": {},
+                            "configs": {"grpc-eager": dict(got, config={"streams": 2, "protocol": "grpc",
+                                                                         "args": []})}})
+    assert "- A's processes, median cores during its windows: api " in table
     assert got["losses"]["B"]["lost_by_reason"] == {"export_queue_full": 2}
     assert got["losses"]["A"]["lost_total"] == 0 and got["losses"]["A"]["worker_exit"] == "exited"
     assert (tmp_path / "out" / "logs" / "grpc-eager-B.log").exists()
