@@ -48,6 +48,9 @@ What each figure is (per window and server; the load runs on that server only):
 * ``collector_cpu_cores`` (raw data, and a line under each table): the CPU the collector used during the
   window, in cores: it shares the machine's cores with the servers, so its work for B's spans is CPU taken
   from the server under load;
+* ``collector_run_delay_per_s`` (raw data, and a line under each table): how long the collector's threads
+  waited on a run queue for a core, per second of window (``/proc/<pid>/task/*/schedstat``): a collector
+  starved of CPU answers export requests late, and the exporters' queues fill;
 * ``cpu_cores_by_role`` (raw data, and a line under each table): the CPU each part of the loaded server used
   during the window, in cores: ``api`` (the API server), ``engine_core``, ``workers``, ``other``;
 * ``idle_servers_cpu_cores`` (raw data, and a line under each table): the CPU the other, idle server(s) used
@@ -135,6 +138,9 @@ CONFIGS = {
     "file-eager": Config("grpc", plugin_env=(("OTEL_NPU_PIPELINE", "own"), ("OTEL_TRACES_EXPORTER", "none"),
                                              ("OTEL_METRICS_EXPORTER", "none"),
                                              ("OTEL_NPU_TRACES_FILE", "/dev/null"))),
+    # otel-npu's captures, steps, links and sampling, nothing exported: what the plugin costs before export.
+    "none-eager": Config("grpc", plugin_env=(("OTEL_NPU_PIPELINE", "own"), ("OTEL_TRACES_EXPORTER", "none"),
+                                             ("OTEL_METRICS_EXPORTER", "none"))),
 }
 
 #: The variants: (tracing on, plugin on).
@@ -267,6 +273,25 @@ def _stat(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2:].split()  # fields from 3 (state) on; comm may hold spaces
 
 
+def run_delay_s(pid: int) -> float:
+    """Seconds the live threads of process ``pid`` have waited on a run queue for a core, in all
+    (``/proc/<pid>/task/*/schedstat``, second field; a thread that ended drops out); nan when the process is
+    gone or the kernel does not say."""
+    total, seen = 0.0, False
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return float("nan")
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1]) / 1e9
+                seen = True
+        except (OSError, IndexError, ValueError):
+            continue
+    return total if seen else float("nan")
+
+
 def cpu_s(pid: int) -> float:
     """utime + stime of process ``pid`` (all its threads), seconds; nan when it is gone."""
     fields = _stat(pid)
@@ -346,14 +371,21 @@ def losses(log: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- collector
 
 @contextlib.contextmanager
-def rotel_collector(workdir: Path) -> Iterator[dict[str, str]]:
-    """``rotel-agent`` with the blackhole exporter, OTLP/gRPC and OTLP/HTTP on loopback: {protocol: endpoint}."""
+def rotel_collector(workdir: Path, own_session: bool = True) -> Iterator[dict[str, str]]:
+    """``rotel-agent`` with the blackhole exporter, OTLP/gRPC and OTLP/HTTP on loopback: {protocol: endpoint}.
+
+    ``own_session``: in a session of its own, as a collector is a service of its own (its own container or
+    cgroup). Where the kernel groups the scheduling of each session (``sched_autogroup_enabled``, the default
+    of most distributions), a collector in the benchmark's session shares one group's CPU with the load
+    generator's busy client threads: on two saturated cores its threads then waited ≈ 50 ms for a core at
+    each wake-up (``/proc/<pid>/task/*/schedstat``), an export request of ≈ 0.8 MB took ≈ 1 s to be answered,
+    and otel-npu's worker dropped spans for a full queue."""
     agent = _rotel_agent()
     if agent is None:
         raise SystemExit("rotel-agent not found: `pip install rotel` (the bench/test extras have it)")
     with open(workdir / "rotel-agent.out", "wb") as out, rotel(
             agent, ("--pid-file", str(workdir / "rotel.pid"), "--log-file", str(workdir / "rotel-agent.log")),
-            stdout=out, stderr=subprocess.STDOUT) as endpoints:
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=own_session) as endpoints:
         yield {"grpc": endpoints["grpc"], "http/protobuf": endpoints["http/protobuf"] + "/v1/traces"}
 
 
@@ -598,17 +630,19 @@ def run_config(name: str, config: Config, args: argparse.Namespace, python: str,
                 idle = [b for other, b in benches.items() if other != v]
                 idle_before = sum(b.server_cpu() for b in idle)
                 collector_before = cpu_s(collector_pid(workdir))
+                collector_delay_before = run_delay_s(collector_pid(workdir))
                 before = bench.snapshot()
                 start, end, drained = load.window(bench, window_id, args.window_s)
                 after = bench.snapshot()
                 idle_cores = (sum(b.server_cpu() for b in idle) - idle_before) / (drained - start)
                 collector_cores = (cpu_s(collector_pid(workdir)) - collector_before) / (drained - start)
+                collector_delay = (run_delay_s(collector_pid(workdir)) - collector_delay_before) / (drained - start)
                 tokens_in, tokens_all, errors = load.tokens(window_id, start, end)
                 figures = window_figures(before, after, tokens_in, tokens_all, end - start)
                 figures.update(pair=pair, variant=v, window=window_id, start_unix=time.time() - (
                     time.monotonic() - start), seconds=end - start, drain_s=drained - end, errors=errors[:5],
                     error_count=len(errors), idle_servers_cpu_cores=idle_cores,
-                    collector_cpu_cores=collector_cores,
+                    collector_cpu_cores=collector_cores, collector_run_delay_per_s=collector_delay,
                     cpu_cores_by_role={role: (used - before["cpu_by_role"][role]) / (drained - start)
                                        for role, used in after["cpu_by_role"].items()})
                 result["windows"].append(figures)
@@ -703,6 +737,11 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append("- the collector's CPU (rotel-agent, on the same cores) during each server's windows: "
                          + ", ".join(f"{v} median {statistics.median(c):.3f} cores" for v, c in by_variant.items()
                                      if c))
+        delays = {v: [w["collector_run_delay_per_s"] for w in r["windows"] if w.get("variant") == v
+                      and math.isfinite(w.get("collector_run_delay_per_s", float("nan")))] for v in variants}
+        if any(delays.values()):
+            lines.append("- the collector's threads waiting for a core, seconds per second of window: "
+                         + ", ".join(f"{v} median {statistics.median(d):.3f}" for v, d in delays.items() if d))
         roles: dict[str, dict[str, list[float]]] = {}
         for w in r["windows"]:
             for role, cores in w.get("cpu_cores_by_role", {}).items():
@@ -790,6 +829,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with-off", action="store_true", help="a third server: plugin off, no tracing")
     parser.add_argument("--step-cost", action="store_true", help="also the plugin's CPU per step in isolation")
     parser.add_argument("--ready-timeout-s", type=float, default=900.0)
+    parser.add_argument("--collector-with-load", action="store_true",
+                        help="run the collector in the benchmark's own session, with the load generator (see "
+                             "rotel_collector; the placement of the figures before 2026-12-03)")
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
     if args.pairs < 0 or args.window_s <= 0:
@@ -802,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="otel-npu-vllm-bench-"))
     results: dict[str, Any] = {"machine": machine_info("cpu"), "settings": {
         "pairs": args.pairs, "window_s": args.window_s, "max_tokens": MAX_TOKENS, "with_off": args.with_off,
+        "collector_session": "the load generator's" if args.collector_with_load else "its own",
         "configs": configs, "vllm_python": python}, "configs": {}}
     try:
         probe = gilprobe.build(workdir)
@@ -812,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.pairs:
             subprocess.run([python, str(Path(ROOT) / "examples" / "vllm_serve_cpu.py"), "make-model", str(model)],
                            check=True, capture_output=True)
-        with rotel_collector(workdir) as endpoints:
+        with rotel_collector(workdir, own_session=not args.collector_with_load) as endpoints:
             for name in configs if args.pairs else []:
                 try:
                     results["configs"][name] = run_config(name, CONFIGS[name], args, python, model, workdir,

@@ -58,14 +58,15 @@ class Stats:
     """
 
     SINGLE_WRITER = ("resolved", "timed_out", "spans_emitted", "spans_unsampled", "spans_exported",
-                     "export_sends", "export_send_s", "export_send_max_s", "export_queue_peak")
+                     "export_sends", "export_bytes", "export_send_s", "export_send_max_s", "export_queue_peak")
 
     def __init__(self) -> None:
         self.resolved = self.timed_out = self.spans_emitted = self.spans_unsampled = self.spans_exported = 0
-        # otel-npu's own span exporter (its exporter thread): requests sent (delivered or failed), the seconds
-        # they took in all and the slowest, and the most spans seen waiting when a batch was taken: whether a
-        # full export queue came from a slow collector or from an exporter thread that did not get to run
-        self.export_sends = 0
+        # otel-npu's own span exporter (its exporter thread): requests sent (delivered or failed), their bytes
+        # (encoded, before any compression), the seconds they took in all and the slowest, and the most spans
+        # seen waiting when a batch was taken: whether a full export queue came from a slow collector or from
+        # an exporter thread that did not get to run
+        self.export_sends = self.export_bytes = 0
         self.export_send_s = 0.0
         self.export_send_max_s = 0.0
         self.export_queue_peak = 0
@@ -114,7 +115,8 @@ class Stats:
             what, why = DROP_REASONS.get(reason, ("items", reason))
             detail = f" (first error: {errors[reason]})" if reason in errors else ""
             if reason == "export_queue_full" and self.export_sends:
-                detail += (f" (the exporter so far: {self.export_sends} requests, "
+                detail += (f" (the exporter so far: {self.export_sends} requests of "
+                           f"{self.export_bytes / self.export_sends / 1e3:.0f} kB, "
                            f"{self.export_send_s / self.export_sends * 1e3:.0f} ms each on average, the slowest "
                            f"{self.export_send_max_s * 1e3:.0f} ms, up to {self.export_queue_peak} spans waiting)")
             parts.append(f"{n} {what} ({reason}): {why}{detail}")

@@ -329,11 +329,12 @@ def test_a_full_export_queue_is_reported_with_how_the_exporter_fared(caplog_otel
     assert stats.drops["export_queue_full"] == 2
     assert sum(sent) == stats.spans_exported == 6
     assert stats.export_sends == len(sent) == 3
+    assert stats.export_bytes == len(b"span") * 6
     assert stats.export_send_max_s >= hung_s
     assert stats.export_send_s >= stats.export_send_max_s
     assert stats.export_queue_peak == 4
     stats.report(time.monotonic(), force=True)
     warning = [r.getMessage() for r in caplog_otel.records if "lost data" in r.getMessage()]
     assert len(warning) == 1 and "2 spans (export_queue_full)" in warning[0]
-    assert "the exporter so far: 3 requests" in warning[0] and "up to 4 spans waiting" in warning[0]
+    assert "the exporter so far: 3 requests of 0 kB" in warning[0] and "up to 4 spans waiting" in warning[0]
     sink.shutdown(5)

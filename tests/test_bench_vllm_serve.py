@@ -301,3 +301,25 @@ def test_run_config_alternates_the_servers_and_stops_them(monkeypatch, tmp_path)
     assert got["losses"]["A"]["lost_total"] == 0 and got["losses"]["A"]["worker_exit"] == "exited"
     assert (tmp_path / "out" / "logs" / "grpc-eager-B.log").exists()
     assert got["summary"]["tokens_per_s"]["B/A"]["ratio_pairs"] == 2
+
+
+def test_run_delay_reads_the_schedulers_wait_of_every_thread():
+    import threading
+
+    stop = threading.Event()
+    spinners = [threading.Thread(target=lambda: [None for _ in iter(lambda: stop.is_set(), True)])
+                for _ in range(3)]
+    for t in spinners:
+        t.start()
+    try:
+        time.sleep(0.2)  # three spinning threads and this one on this machine's cores
+        delay = bench.run_delay_s(os.getpid())
+        time.sleep(0.2)
+        later = bench.run_delay_s(os.getpid())
+    finally:
+        stop.set()
+        for t in spinners:
+            t.join()
+    assert math.isfinite(delay) and delay >= 0
+    assert later >= delay  # a running total over the threads alive
+    assert math.isnan(bench.run_delay_s(2**22 + 7))  # no such process

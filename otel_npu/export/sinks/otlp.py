@@ -88,7 +88,9 @@ class OtlpSink:
             stats.export_queue_peak = waiting
         started = time.monotonic()
         try:
-            ok, error = self._send(self._encoder.request(batch), len(batch))
+            request = self._encoder.request(batch)
+            stats.export_bytes += len(request)
+            ok, error = self._send(request, len(batch))
         except Exception as exc:  # the exporter should not raise; if it does, count and carry on
             ok, error = False, redact(f"{type(exc).__name__}: {exc}")
         took = time.monotonic() - started
