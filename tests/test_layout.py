@@ -19,7 +19,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "otel_npu"
 
 #: The layers, lowest first: a module may import its own layer (no cycle) and the layers below, never above.
 LAYERS: list[tuple[str, ...]] = [
-    ("record", "accounting", "_version", "_compiled", "config", "devices", "durations", "testing"),
+    ("record", "accounting", "_version", "_compiled", "config", "devices", "durations", "threads", "testing"),
     ("capturing", "resolve", "spans"),
     ("export",),
     ("runtime",),

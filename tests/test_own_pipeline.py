@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -298,3 +299,30 @@ def test_the_work_that_starts_otel_npu_is_sent_without_waiting_for_the_idle_poll
     time.sleep(0.2)  # the resolver thread is waiting by now: the captures below come while it waits
     run_steps()
     assert len(http_receiver.wait_for(10, timeout_s=30)) == 10
+
+
+def os_thread_names() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return names
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="Linux: thread names in /proc")
+def test_the_background_threads_carry_their_names_in_the_operating_system(monkeypatch, http_receiver):
+    """``top -H``, ``perf`` and ``/proc/<pid>/task/*/comm`` show otel-npu's threads by name (cut to the
+    kernel's 15 bytes), so that their CPU can be told from the serving loop's in a real server."""
+    from otel_npu import runtime
+
+    own_pipeline_env(monkeypatch, http_receiver.endpoint, "http/protobuf", OTEL_NPU_POLL_INTERVAL_MS="10")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    assert runtime.start() is not None
+    run_steps()
+    assert len(http_receiver.wait_for(10, timeout_s=30)) == 10
+    names = os_thread_names()
+    assert "otel-npu-resolv" in names, names
+    assert "otel-npu-export" in names, names

@@ -56,6 +56,7 @@ from ..accounting import Stats
 from ..devices import graphs as _graphs
 from ..devices.base import DeviceBackend, EventPool
 from ..record import DROPPED, Record
+from ..threads import name_os_thread
 from .clock import ANCHOR_SPIN_NS, CalibrationError, DeviceClock, HostClock
 
 _log = logging.getLogger("otel_npu")
@@ -233,6 +234,7 @@ class Resolver:
 
     # -- the thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
+        name_os_thread("otel-npu-resolver")
         if not self._backend.host_timed:
             self._use_device(self._primary)  # this thread's current device starts as device 0
         try:

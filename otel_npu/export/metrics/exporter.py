@@ -13,6 +13,7 @@ from ...accounting import CAPTURE_DROP_REASONS, SPAN_LOSS_REASONS
 from ...config.env import keep_known
 from ...config.otel import OtelSettings
 from ...record import Record
+from ...threads import name_os_thread
 from ...spans.attributes import ATTR_DEVICE, ATTR_RANK, ATTR_REASON, NOT_METRIC_ATTRIBUTES
 from .. import registry
 from ..waiting import wait_until
@@ -72,6 +73,7 @@ class MetricsExport:
         return snap.get("resolved", 0), snap.get("dropped_total", 0)
 
     def _run(self) -> None:
+        name_os_thread("otel-npu-metrics")
         while True:
             with self._cond:
                 if not self._stopping and self._requested <= self._completed:

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from ...record import Record
+from ...threads import name_os_thread
 from ..redact import redact
 from ..waiting import wait_until
 
@@ -60,6 +61,7 @@ class OtlpSink:
 
     # -- exporter thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        name_os_thread("otel-npu-exporter")
         while True:
             with self._cond:
                 if not self._stopping and len(self._queue) < self._batch and self._settled >= self._flush_to:
