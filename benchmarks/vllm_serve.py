@@ -298,6 +298,27 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK if fields else float("nan")
 
 
+def thread_cpu_by_name(pid: int) -> dict[str, float]:
+    """CPU seconds of the live threads of process ``pid`` by OS thread name (``/proc/<pid>/task/*/stat``);
+    the main thread (the engine's, in a vLLM worker) is ``main``. otel-npu names its threads
+    (``otel-npu-resolv``, ``otel-npu-export``); gRPC's core names its own; the rest carry the process's name."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        name = "main" if int(tid) == pid else text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 def session_pids(sid: int) -> list[int]:
     """Every process of session ``sid`` (a server started with ``start_new_session``)."""
     pids = []
@@ -467,11 +488,19 @@ class Bench:
             out[role] += c
         return out
 
+    def worker_threads(self) -> dict[str, float]:
+        """CPU seconds of the workers' threads by name, summed over the workers (``thread_cpu_by_name``)."""
+        out: dict[str, float] = {}
+        for pid in self.workers:
+            for name, used in thread_cpu_by_name(pid).items():
+                out[name] = out.get(name, 0.0) + used
+        return out
+
     def snapshot(self) -> dict[str, Any]:
         text = self.metrics()
         return {"itl": parse_histogram(text, ITL), "steps": parse_histogram(text, STEPS).count,
                 "worker_cpu": sum(cpu_s(p) for p in self.workers), "server_cpu": self.server_cpu(),
-                "cpu_by_role": self.cpu_by_role(),
+                "cpu_by_role": self.cpu_by_role(), "worker_threads": self.worker_threads(),
                 "csw": sum(nonvoluntary_switches(p, p) for p in self.workers),
                 "gil": {p: gilprobe.read(self.probe_dir, p) for p in self.workers}}
 
@@ -644,7 +673,9 @@ def run_config(name: str, config: Config, args: argparse.Namespace, python: str,
                     error_count=len(errors), idle_servers_cpu_cores=idle_cores,
                     collector_cpu_cores=collector_cores, collector_run_delay_per_s=collector_delay,
                     cpu_cores_by_role={role: (used - before["cpu_by_role"][role]) / (drained - start)
-                                       for role, used in after["cpu_by_role"].items()})
+                                       for role, used in after["cpu_by_role"].items()},
+                    worker_cores_by_thread={name: (used - before["worker_threads"].get(name, 0.0)) / (drained - start)
+                                            for name, used in after["worker_threads"].items()})
                 result["windows"].append(figures)
                 print(f"[{name}] pair {pair + 1}/{args.pairs} {v}: {figures['tokens_per_s']:7.0f} tokens/s, "
                       f"ITL p99 {figures['itl_p99_ms']:.1f} ms, engine GIL wait "
@@ -749,6 +780,14 @@ def markdown(results: dict[str, Any]) -> str:
         for v, by_role in roles.items():
             lines.append(f"- {v}'s processes, median cores during its windows: "
                          + ", ".join(f"{role} {statistics.median(c):.2f}" for role, c in by_role.items()))
+        threads: dict[str, dict[str, list[float]]] = {}
+        for w in r["windows"]:
+            for name, cores in w.get("worker_cores_by_thread", {}).items():
+                threads.setdefault(w["variant"], {}).setdefault(name, []).append(cores)
+        for v, by_name in threads.items():
+            busy = sorted(((statistics.median(c), name) for name, c in by_name.items()), reverse=True)
+            lines.append(f"- {v}'s worker threads, median cores during its windows: "
+                         + ", ".join(f"{name} {cores:.3f}" for cores, name in busy if cores >= 0.0005))
         failed = sum(w.get("error_count", 0) for w in r["windows"])
         if failed:
             lines.append(f"- **{failed} requests failed** (see the JSON's windows)")

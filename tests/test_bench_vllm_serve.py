@@ -276,7 +276,8 @@ class FakeBench:
         used = 0.001 * self.server.requests  # the API server: 1 ms of CPU per request
         return {"itl": bench.Histogram(), "steps": float(self.server.requests), "worker_cpu": 0.0,
                 "server_cpu": 0.0, "csw": 0.0, "gil": {},
-                "cpu_by_role": {"api": used, "engine_core": 0.0, "workers": 0.0, "other": 0.0}}
+                "cpu_by_role": {"api": used, "engine_core": 0.0, "workers": 0.0, "other": 0.0},
+                "worker_threads": {"main": 2 * used, "otel-npu-export": used}}
 
     def stop(self, timeout_s=60.0):
         self.stopped, self.worker_exit = True, "exited"
@@ -297,6 +298,9 @@ def test_run_config_alternates_the_servers_and_stops_them(monkeypatch, tmp_path)
                             "configs": {"grpc-eager": dict(got, config={"streams": 2, "protocol": "grpc",
                                                                          "args": []})}})
     assert "- A's processes, median cores during its windows: api " in table
+    assert "- B's worker threads, median cores during its windows: main " in table
+    assert all(w["worker_cores_by_thread"]["main"] == 2 * w["worker_cores_by_thread"]["otel-npu-export"] > 0
+               for w in got["windows"])
     assert got["losses"]["B"]["lost_by_reason"] == {"export_queue_full": 2}
     assert got["losses"]["A"]["lost_total"] == 0 and got["losses"]["A"]["worker_exit"] == "exited"
     assert (tmp_path / "out" / "logs" / "grpc-eager-B.log").exists()
@@ -323,3 +327,30 @@ def test_run_delay_reads_the_schedulers_wait_of_every_thread():
     assert math.isfinite(delay) and delay >= 0
     assert later >= delay  # a running total over the threads alive
     assert math.isnan(bench.run_delay_s(2**22 + 7))  # no such process
+
+
+def test_thread_cpu_by_name_tells_a_named_thread_from_the_main_one():
+    import threading
+
+    from otel_npu.threads import name_os_thread
+
+    spun, stop = threading.Event(), threading.Event()
+
+    def spin():
+        name_os_thread("bench-spinner")
+        while not stop.is_set():
+            if time.thread_time() > 0.05:
+                spun.set()
+
+    t = threading.Thread(target=spin)
+    before = bench.thread_cpu_by_name(os.getpid())
+    t.start()
+    try:
+        assert spun.wait(30)
+        during = bench.thread_cpu_by_name(os.getpid())
+    finally:
+        stop.set()
+        t.join()
+    assert during.get("bench-spinner", 0.0) > 0.0, during  # read while it ran: a thread that ended drops out
+    assert "bench-spinner" not in before and during["main"] >= before["main"] > 0
+    assert bench.thread_cpu_by_name(2**22 + 7) == {}  # no such process
