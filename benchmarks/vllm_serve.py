@@ -32,10 +32,19 @@ Configurations (``--config``, several allowed; default ``grpc-eager``):
 * ``grpc-compiled``: vLLM's default compile mode (no ``--enforce-eager``; ≈ 1 min more start-up);
 * ``grpc-eager-64``: 64 concurrent streams, ``--max-num-seqs 64``;
 * ``grpc-eager-tp2``: ``--tensor-parallel-size 2``, ``VLLM_CPU_OMP_THREADS_BIND="0|1"``;
+* ``grpc-eager-gzip``: as ``grpc-eager``, export requests gzip-compressed (``OTEL_EXPORTER_OTLP_TRACES_COMPRESSION``);
+* ``none-eager``: as ``grpc-eager``, but B's otel-npu exports nothing (its own pipeline, exporters ``none``);
 * ``file-eager``: as ``grpc-eager``, but B's otel-npu writes its spans encoded to ``/dev/null`` instead of
   sending them (no collector work for them; stage metrics off): the plugin's cost without the collector's.
 
-What each figure is (per window and server; the load runs on that server only):
+With ``--together`` the servers are loaded at once instead, each by its own ``--streams`` clients, one
+window per pair: the drift then hits both in the same seconds, not only seconds apart. They share the cores
+while loaded — each server runs in its own session, so the kernel's autogroups give each a fair share — and
+what otel-npu's threads use in B's processes comes out of B's share. It answers "how much of its share does B
+lose", which the alternated method answers only inside wider error bars; the idle server's CPU is not
+measured then.
+
+What each figure is (per window and server; in turns, the load runs on that server only):
 
 * ``tokens_per_s``: completion tokens of the requests finished within the window / the window's length;
 * ``itl_mean_ms``, ``itl_p99_ms``: vLLM's inter-token latency, from the deltas of its
@@ -133,6 +142,9 @@ CONFIGS = {
     "grpc-eager-64": Config("grpc", ("--enforce-eager", "--max-num-seqs", "64"), streams=64),
     "grpc-eager-tp2": Config("grpc", ("--enforce-eager", "--tensor-parallel-size", "2"),
                              env=(("VLLM_TARGET_DEVICE", "cpu"), ("VLLM_CPU_OMP_THREADS_BIND", "0|1"))),
+    # Export requests gzip-compressed (vLLM's and otel-npu's alike): fewer bytes for a collector that must be
+    # scheduled to read each socket buffer's worth.
+    "grpc-eager-gzip": Config("grpc", env=(("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip"),)),
     # otel-npu's spans encoded and written to /dev/null, not sent: what the plugin costs the server without
     # the collector's work for its spans (the collector shares the machine's cores with the server).
     "file-eager": Config("grpc", plugin_env=(("OTEL_NPU_PIPELINE", "own"), ("OTEL_TRACES_EXPORTER", "none"),
@@ -628,6 +640,14 @@ class Load:
         self.pool.shutdown(wait=True)
 
 
+def together(loads: dict[str, Load], benches: dict[str, Bench], window: int,
+             seconds: float) -> dict[str, tuple[float, float, float]]:
+    """Every server loaded at once for ``seconds``, each by its own ``Load``: (start, end, drained) each."""
+    with concurrent.futures.ThreadPoolExecutor(len(loads)) as pool:
+        futures = {v: pool.submit(load.window, benches[v], window, seconds) for v, load in loads.items()}
+        return {v: f.result() for v, f in futures.items()}
+
+
 def run_config(name: str, config: Config, args: argparse.Namespace, python: str, model: Path, workdir: Path,
                endpoints: dict[str, str], probe: str | None, out: Path) -> dict[str, Any]:
     variants = ["A", "B"] + (["C"] if args.with_off else [])
@@ -639,7 +659,7 @@ def run_config(name: str, config: Config, args: argparse.Namespace, python: str,
     result: dict[str, Any] = {"config": {"protocol": config.protocol, "args": list(config.args),
                                          "streams": config.streams, "env": dict(config.env)},
                               "variants": {v: VARIANT_TEXT[v] for v in variants}, "windows": []}
-    load = None
+    opened: list[Load] = []
     try:
         for v in variants:  # started together: their start-ups overlap
             benches[v] = Bench(v, python, model, cdir, config, endpoints, probe, probe_dir)
@@ -649,42 +669,64 @@ def run_config(name: str, config: Config, args: argparse.Namespace, python: str,
         result["workers"] = {v: {str(p): cmdline(p) for p in b.workers} for v, b in benches.items()}
         print(f"[{name}] ready: " + ", ".join(f"{v} {s:.0f} s (workers {benches[v].workers})"
                                                for v, s in ready.items()), flush=True)
-        load = Load(config.streams)
-        for v in variants:
-            load.window(benches[v], -1, args.window_s)  # warm-up
-        window_id = 0
-        for pair in range(args.pairs):
-            for v in pair_order(pair, variants):
-                bench = benches[v]
-                idle = [b for other, b in benches.items() if other != v]
-                idle_before = sum(b.server_cpu() for b in idle)
-                collector_before = cpu_s(collector_pid(workdir))
-                collector_delay_before = run_delay_s(collector_pid(workdir))
-                before = bench.snapshot()
-                start, end, drained = load.window(bench, window_id, args.window_s)
-                after = bench.snapshot()
-                idle_cores = (sum(b.server_cpu() for b in idle) - idle_before) / (drained - start)
-                collector_cores = (cpu_s(collector_pid(workdir)) - collector_before) / (drained - start)
-                collector_delay = (run_delay_s(collector_pid(workdir)) - collector_delay_before) / (drained - start)
-                tokens_in, tokens_all, errors = load.tokens(window_id, start, end)
-                figures = window_figures(before, after, tokens_in, tokens_all, end - start)
-                figures.update(pair=pair, variant=v, window=window_id, start_unix=time.time() - (
-                    time.monotonic() - start), seconds=end - start, drain_s=drained - end, errors=errors[:5],
-                    error_count=len(errors), idle_servers_cpu_cores=idle_cores,
-                    collector_cpu_cores=collector_cores, collector_run_delay_per_s=collector_delay,
-                    cpu_cores_by_role={role: (used - before["cpu_by_role"][role]) / (drained - start)
-                                       for role, used in after["cpu_by_role"].items()},
-                    worker_cores_by_thread={name: (used - before["worker_threads"].get(name, 0.0)) / (drained - start)
-                                            for name, used in after["worker_threads"].items()})
-                result["windows"].append(figures)
-                print(f"[{name}] pair {pair + 1}/{args.pairs} {v}: {figures['tokens_per_s']:7.0f} tokens/s, "
-                      f"ITL p99 {figures['itl_p99_ms']:.1f} ms, engine GIL wait "
-                      f"{figures['engine_gil_wait_us_per_step']:.0f} µs/step"
-                      + (f", {len(errors)} failed requests" if errors else ""), flush=True)
-                window_id += 1
+        collector = collector_pid(workdir)
+
+        def record(pair: int, v: str, window_id: int, before: dict[str, Any], after: dict[str, Any],
+                   load: Load, span: tuple[float, float, float], idle_cores: float,
+                   collector_before: tuple[float, float]) -> None:
+            start, end, drained = span
+            collector_cores = (cpu_s(collector) - collector_before[0]) / (drained - start)
+            collector_delay = (run_delay_s(collector) - collector_before[1]) / (drained - start)
+            tokens_in, tokens_all, errors = load.tokens(window_id, start, end)
+            figures = window_figures(before, after, tokens_in, tokens_all, end - start)
+            figures.update(pair=pair, variant=v, window=window_id, start_unix=time.time() - (
+                time.monotonic() - start), seconds=end - start, drain_s=drained - end, errors=errors[:5],
+                error_count=len(errors), idle_servers_cpu_cores=idle_cores,
+                collector_cpu_cores=collector_cores, collector_run_delay_per_s=collector_delay,
+                cpu_cores_by_role={role: (used - before["cpu_by_role"][role]) / (drained - start)
+                                   for role, used in after["cpu_by_role"].items()},
+                worker_cores_by_thread={thread: (used - before["worker_threads"].get(thread, 0.0))
+                                        / (drained - start) for thread, used in after["worker_threads"].items()})
+            result["windows"].append(figures)
+            print(f"[{name}] pair {pair + 1}/{args.pairs} {v}: {figures['tokens_per_s']:7.0f} tokens/s, "
+                  f"ITL p99 {figures['itl_p99_ms']:.1f} ms, engine GIL wait "
+                  f"{figures['engine_gil_wait_us_per_step']:.0f} µs/step"
+                  + (f", {len(errors)} failed requests" if errors else ""), flush=True)
+
+        if args.together:
+            # Every server loaded at once, each by its own clients: one window per pair, the drift alike.
+            loads = {v: Load(config.streams) for v in variants}
+            opened.extend(loads.values())
+            together(loads, benches, -1, args.window_s)  # warm-up
+            for pair in range(args.pairs):
+                collector_before = (cpu_s(collector), run_delay_s(collector))
+                befores = {v: benches[v].snapshot() for v in variants}
+                spans = together(loads, benches, pair, args.window_s)
+                afters = {v: benches[v].snapshot() for v in variants}
+                for v in variants:
+                    record(pair, v, pair, befores[v], afters[v], loads[v], spans[v], float("nan"),
+                           collector_before)
+        else:
+            load = Load(config.streams)
+            opened.append(load)
+            for v in variants:
+                load.window(benches[v], -1, args.window_s)  # warm-up
+            window_id = 0
+            for pair in range(args.pairs):
+                for v in pair_order(pair, variants):
+                    bench = benches[v]
+                    idle = [b for other, b in benches.items() if other != v]
+                    idle_before = sum(b.server_cpu() for b in idle)
+                    collector_before = (cpu_s(collector), run_delay_s(collector))
+                    before = bench.snapshot()
+                    span = load.window(bench, window_id, args.window_s)
+                    after = bench.snapshot()
+                    idle_cores = (sum(b.server_cpu() for b in idle) - idle_before) / (span[2] - span[0])
+                    record(pair, v, window_id, before, after, load, span, idle_cores, collector_before)
+                    window_id += 1
     finally:
-        if load is not None:
-            load.close()
+        for each in opened:
+            each.close()
         with concurrent.futures.ThreadPoolExecutor(max(1, len(benches))) as pool:
             list(pool.map(lambda b: b.stop(), benches.values()))
         logs = out / "logs"
@@ -723,7 +765,9 @@ def markdown(results: dict[str, Any]) -> str:
              (f"{s['pairs']} pairs of {s['window_s']:g}-s windows per configuration, tiny Llama, {MAX_TOKENS}-token "
              f"completions; collector: rotel-agent (blackhole). Machine: {results['machine'].get('cpu')}, "
              f"{results['machine'].get('cpus')} CPUs, load average at start "
-             f"{results['machine'].get('load_average_at_start')}. Per-pair figures: mean ± 2 SE (median)."), ""]
+             f"{results['machine'].get('load_average_at_start')}. Per-pair figures: mean ± 2 SE (median)."
+             + (" **Load together**: in each pair both servers were loaded at once, each by its own clients."
+                if s.get("load") == "together" else "")), ""]
 
     def fmt(v: float) -> str:
         if not math.isfinite(v):
@@ -757,7 +801,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"- {v} ({r['variants'][v]}): otel-npu reported lost: **{lost}**; workers "
                          f"{loss['worker_exit']}; {len(loss['other_warnings'])} other otel-npu warnings; "
                          f"plugin hooked in {loss['plugin_hooked_in_processes']} processes")
-        idle = [w["idle_servers_cpu_cores"] for w in r["windows"] if "idle_servers_cpu_cores" in w]
+        idle = [w["idle_servers_cpu_cores"] for w in r["windows"]
+                if math.isfinite(w.get("idle_servers_cpu_cores", float("nan")))]
         if idle:
             lines.append(f"- the idle server's CPU while the other was loaded (the method assumes ≈ 0): median "
                          f"{statistics.median(idle):.3f} cores, max {max(idle):.3f}")
@@ -871,6 +916,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collector-with-load", action="store_true",
                         help="run the collector in the benchmark's own session, with the load generator (see "
                              "rotel_collector; the placement of the figures before 2026-12-03)")
+    parser.add_argument("--together", action="store_true",
+                        help="load every server at once, each with its own clients, instead of in turns")
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
     if args.pairs < 0 or args.window_s <= 0:
@@ -884,6 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine_info("cpu"), "settings": {
         "pairs": args.pairs, "window_s": args.window_s, "max_tokens": MAX_TOKENS, "with_off": args.with_off,
         "collector_session": "the load generator's" if args.collector_with_load else "its own",
+        "load": "together" if args.together else "alternated",
         "configs": configs, "vllm_python": python}, "configs": {}}
     try:
         probe = gilprobe.build(workdir)

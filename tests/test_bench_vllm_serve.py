@@ -285,7 +285,7 @@ class FakeBench:
 
 def test_run_config_alternates_the_servers_and_stops_them(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "Bench", FakeBench)
-    args = argparse.Namespace(with_off=True, ready_timeout_s=10, window_s=0.05, pairs=2)
+    args = argparse.Namespace(with_off=True, ready_timeout_s=10, window_s=0.05, pairs=2, together=False)
     config = bench.Config("grpc", streams=2)
     got = bench.run_config("grpc-eager", config, args, "python", tmp_path / "model", tmp_path, {}, None,
                            tmp_path / "out")
@@ -305,6 +305,25 @@ def test_run_config_alternates_the_servers_and_stops_them(monkeypatch, tmp_path)
     assert got["losses"]["A"]["lost_total"] == 0 and got["losses"]["A"]["worker_exit"] == "exited"
     assert (tmp_path / "out" / "logs" / "grpc-eager-B.log").exists()
     assert got["summary"]["tokens_per_s"]["B/A"]["ratio_pairs"] == 2
+
+
+def test_run_config_together_loads_both_servers_in_the_same_window(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "Bench", FakeBench)
+    args = argparse.Namespace(with_off=False, ready_timeout_s=10, window_s=0.5, pairs=2, together=True)
+    got = bench.run_config("grpc-eager", bench.Config("grpc", streams=2), args, "python", tmp_path / "model",
+                           tmp_path, {}, None, tmp_path / "out")
+    assert [(w["pair"], w["variant"]) for w in got["windows"]] == [(0, "A"), (0, "B"), (1, "A"), (1, "B")]
+    for pair in (0, 1):
+        a, b = (w for w in got["windows"] if w["pair"] == pair)
+        assert a["tokens_in_window"] > 0 and b["tokens_in_window"] > 0
+        assert a["start_unix"] < b["start_unix"] + b["seconds"] and b["start_unix"] < a["start_unix"] + a["seconds"]
+        assert math.isnan(a["idle_servers_cpu_cores"])  # no idle server to measure
+    assert all(b.stopped for b in FakeBench.made.values())
+    assert got["summary"]["tokens_per_s"]["B/A"]["ratio_pairs"] == 2
+    table = bench.markdown({"settings": {"pairs": 2, "window_s": 0.5, "load": "together"}, "machine": {},
+                            "configs": {"grpc-eager": dict(got, config={"streams": 2, "protocol": "grpc",
+                                                                         "args": []})}})
+    assert "**Load together**" in table and "the idle server's CPU" not in table
 
 
 def test_run_delay_reads_the_schedulers_wait_of_every_thread():
