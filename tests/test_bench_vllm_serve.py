@@ -277,7 +277,7 @@ class FakeBench:
         return {"itl": bench.Histogram(), "steps": float(self.server.requests), "worker_cpu": 0.0,
                 "server_cpu": 0.0, "csw": 0.0, "gil": {},
                 "cpu_by_role": {"api": used, "engine_core": 0.0, "workers": 0.0, "other": 0.0},
-                "worker_threads": {"main": 2 * used, "otel-npu-export": used}}
+                "threads": {"worker/main": 2 * used, "worker/otel-npu-export": used}}
 
     def stop(self, timeout_s=60.0):
         self.stopped, self.worker_exit = True, "exited"
@@ -285,7 +285,7 @@ class FakeBench:
 
 def test_run_config_alternates_the_servers_and_stops_them(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "Bench", FakeBench)
-    args = argparse.Namespace(with_off=True, ready_timeout_s=10, window_s=0.05, pairs=2, together=False)
+    args = argparse.Namespace(with_off=True, ready_timeout_s=10, window_s=0.05, pairs=2)
     config = bench.Config("grpc", streams=2)
     got = bench.run_config("grpc-eager", config, args, "python", tmp_path / "model", tmp_path, {}, None,
                            tmp_path / "out")
@@ -298,32 +298,13 @@ def test_run_config_alternates_the_servers_and_stops_them(monkeypatch, tmp_path)
                             "configs": {"grpc-eager": dict(got, config={"streams": 2, "protocol": "grpc",
                                                                          "args": []})}})
     assert "- A's processes, median cores during its windows: api " in table
-    assert "- B's worker threads, median cores during its windows: main " in table
-    assert all(w["worker_cores_by_thread"]["main"] == 2 * w["worker_cores_by_thread"]["otel-npu-export"] > 0
+    assert "- B's threads (worker/..., engine_core/...), median cores during its windows: worker/main " in table
+    assert all(w["cores_by_thread"]["worker/main"] == 2 * w["cores_by_thread"]["worker/otel-npu-export"] > 0
                for w in got["windows"])
     assert got["losses"]["B"]["lost_by_reason"] == {"export_queue_full": 2}
     assert got["losses"]["A"]["lost_total"] == 0 and got["losses"]["A"]["worker_exit"] == "exited"
     assert (tmp_path / "out" / "logs" / "grpc-eager-B.log").exists()
     assert got["summary"]["tokens_per_s"]["B/A"]["ratio_pairs"] == 2
-
-
-def test_run_config_together_loads_both_servers_in_the_same_window(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "Bench", FakeBench)
-    args = argparse.Namespace(with_off=False, ready_timeout_s=10, window_s=0.5, pairs=2, together=True)
-    got = bench.run_config("grpc-eager", bench.Config("grpc", streams=2), args, "python", tmp_path / "model",
-                           tmp_path, {}, None, tmp_path / "out")
-    assert [(w["pair"], w["variant"]) for w in got["windows"]] == [(0, "A"), (0, "B"), (1, "A"), (1, "B")]
-    for pair in (0, 1):
-        a, b = (w for w in got["windows"] if w["pair"] == pair)
-        assert a["tokens_in_window"] > 0 and b["tokens_in_window"] > 0
-        assert a["start_unix"] < b["start_unix"] + b["seconds"] and b["start_unix"] < a["start_unix"] + a["seconds"]
-        assert math.isnan(a["idle_servers_cpu_cores"])  # no idle server to measure
-    assert all(b.stopped for b in FakeBench.made.values())
-    assert got["summary"]["tokens_per_s"]["B/A"]["ratio_pairs"] == 2
-    table = bench.markdown({"settings": {"pairs": 2, "window_s": 0.5, "load": "together"}, "machine": {},
-                            "configs": {"grpc-eager": dict(got, config={"streams": 2, "protocol": "grpc",
-                                                                         "args": []})}})
-    assert "**Load together**" in table and "the idle server's CPU" not in table
 
 
 def test_run_delay_reads_the_schedulers_wait_of_every_thread():
