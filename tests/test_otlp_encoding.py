@@ -75,3 +75,38 @@ def test_encoder_matches_what_the_sdk_encodes_for_spans_the_sdk_built():
                 if link.get("traceState") == "k=v":
                     del link["traceState"]
         assert ours == expected, case
+
+
+def decoded_span(encoder, r):
+    request = ExportTraceServiceRequest.FromString(encoder.request([encoder.encode(r)]))
+    return request.resource_spans[0].scope_spans[0].spans[0]
+
+
+def test_an_attribute_encoded_once_is_not_confused_with_an_equal_value_of_another_type():
+    """``True == 1`` and ``hash(True) == hash(1)``: the encoder keeps each entry's encoding, by type too."""
+    from .otlp_cases import record
+
+    encoder = otlp.SpanEncoder(factory(), Resource.create(RESOURCE), "otel_npu", "0.1.0")
+    got = []
+    for value in (True, 1, True, 1.0, "1", 1):
+        span = decoded_span(encoder, record(name="step", is_step=True, attributes={"n": value}))
+        got.append(next(kv.value for kv in span.attributes if kv.key == "n").WhichOneof("value"))
+    assert got == ["bool_value", "int_value", "bool_value", "double_value", "string_value", "int_value"]
+
+
+def test_the_links_encoded_once_are_forgotten_when_the_cache_is_full():
+    """A request is linked from every step that serves it, so each link's encoding is kept; a server sees new
+    requests all the time, so the cache is emptied when full and every step still carries its own links."""
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    from .otlp_cases import record
+
+    encoder = otlp.SpanEncoder(factory(), Resource.create(RESOURCE), "otel_npu", "0.1.0")
+    encoder._CACHE_LIMIT = 3
+    for step in range(10):
+        ids = [(0x1000 + step + n, 0x2000 + step + n) for n in range(2)]  # each link is in two steps
+        links = [SpanContext(t, s, is_remote=True, trace_flags=TraceFlags(1)) for t, s in ids]
+        span = decoded_span(encoder, record(name="Decode", is_step=True, links=links))
+        assert [(int.from_bytes(link.trace_id, "big"), int.from_bytes(link.span_id, "big"))
+                for link in span.links] == ids
+        assert len(encoder._link_fields) <= 3

@@ -127,10 +127,10 @@ class AttributeCleaner:
     """Checks and limits what the user gave: a capture's attributes and a step's links (resolver thread).
     Each invalid key or value is warned about once."""
 
-    def __init__(self, limits: Limits, stats: Any, own_keys: Callable[[Record], list[str]]) -> None:
+    def __init__(self, limits: Limits, stats: Any, own_keys: Callable[[Record], frozenset[str]]) -> None:
         self.limits = limits
         self._stats = stats
-        self._own_keys = own_keys  # the keys otel-npu sets itself on a record's span (reserved)
+        self._own_keys = own_keys  # the keys otel-npu sets itself on a record's span (reserved), a frozenset
         self._warned: set[str] = set()
         self._link_window = 0  # how many over-full steps so far: where the next one's kept window starts
 
@@ -163,7 +163,6 @@ class AttributeCleaner:
         own = self._own_keys(r)
         room = self.limits.span_attributes
         room = None if room is None else max(0, room - len(own))
-        own = set(own)
         length = self.limits.span_value_length
         for key, value in items:
             value = self._clean_value(r.name, "capture", key, value, length, own)
@@ -177,37 +176,6 @@ class AttributeCleaner:
             self._stats.add("attributes_dropped", clean.dropped)
         r.attributes = clean
         return clean
-
-    def _clean_value(self, owner: str, what: str, key: Any, value: Any, length: int | None,
-                     reserved: Any = ()) -> Any:
-        """``value`` as it goes out, or ``_INVALID`` (warned once per key)."""
-        if not isinstance(key, str) or not key:
-            self.warn_once(f"key:{key!r}", f"{what} {owner!r}: attribute key {key!r} dropped: keys must be "
-                            "non-empty strings")
-            return _INVALID
-        if key in reserved:
-            self.warn_once(f"own:{key}", f"{what} {owner!r}: attribute {key!r} dropped: otel-npu sets this key "
-                            "on the span itself (its own value is kept; keys are unique)")
-            return _INVALID
-        if isinstance(value, _VALID_SCALARS) or _valid_sequence(value):
-            if isinstance(value, int) and not isinstance(value, bool) and not _INT64_MIN <= value <= _INT64_MAX:
-                self.warn_once(f"int:{key}", f"{what} {owner!r}: attribute {key!r} = {value!r} dropped: "
-                                "integers must fit in int64 (OTLP's type)")
-                return _INVALID
-            if isinstance(value, (list, tuple)):
-                value = list(value)
-                if value and type(value[0]) is int and not all(_INT64_MIN <= v <= _INT64_MAX for v in value):
-                    self.warn_once(f"int:{key}", f"{what} {owner!r}: attribute {key!r} dropped: integers must "
-                                    "fit in int64 (OTLP's type)")
-                    return _INVALID
-                if length is not None and value and type(value[0]) is str:
-                    value = [v[:length] for v in value]
-            elif length is not None and isinstance(value, str):
-                value = value[:length]
-            return value
-        self.warn_once(f"attr:{key!r}", f"{what} {owner!r}: attribute {key!r} = {value!r:.80} dropped: values "
-                        "must be str/bool/int/float or sequences of one of them")
-        return _INVALID
 
     def _clean_value(self, owner: str, what: str, key: Any, value: Any, length: int | None,
                      reserved: Any = ()) -> Any:

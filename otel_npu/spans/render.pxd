@@ -3,4 +3,4 @@
 cdef class SpanFactory:
     cdef dict __dict__
     cdef public object sampler, _stream_label, _labels, to_wall, host_offset, const_attributes, _timeout_text
-    cdef public object limits, cleaner, user_attributes, links, identity, identify, rekey
+    cdef public object _own_keys, limits, cleaner, user_attributes, links, identity, identify, rekey

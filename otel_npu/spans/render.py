@@ -53,6 +53,7 @@ class SpanFactory:
         host = getattr(to_wall, "__self__", None)
         self.host_offset = (lambda: host.offset_ns) if hasattr(host, "offset_ns") else (lambda: to_wall(0))
         self.const_attributes = dict(const_attributes)
+        self._own_keys: dict[tuple, frozenset[str]] = {}  # own_keys(), by the span's shape
         self._timeout_text = f"device events did not complete within {event_timeout_s:g} s"
         self.limits = limits or Limits()
         self.cleaner = AttributeCleaner(self.limits, stats, self.own_keys)
@@ -95,20 +96,20 @@ class SpanFactory:
             label = labels[stream] = self._stream_label(stream)
         return label
 
-    def own_keys(self, r: Record) -> list[str]:
-        """The keys of the attributes otel-npu itself sets on ``r``'s span (``attributes()`` order)."""
-        keys = list(self.const_attributes)
-        keys += (ATTR_STREAM, ATTR_HOST_LEAD, ATTR_CLOCK_ERROR)
-        if r.step is not None:
-            keys.append(ATTR_STEP)
-        if r.is_step:
-            keys += (ATTR_KIND, ATTR_LINKS)
-            if self.links(r).dropped:
-                keys.append(ATTR_LINKS_OVER)
-        if r.timed_out:
-            keys.append(ATTR_TIMED_OUT)
-        if r.error is not None:
-            keys.append(ATTR_ERROR_TYPE)
+    def own_keys(self, r: Record) -> frozenset[str]:
+        """The keys of the attributes otel-npu itself sets on ``r``'s span. They depend only on the span's
+        shape (in a step or not, a step or not, links over the limit, timed out, failed): one set per shape,
+        made once."""
+        is_step = r.is_step
+        shape = (r.step is not None, is_step, bool(is_step and self.links(r).dropped), r.timed_out,
+                 r.error is not None)
+        keys = self._own_keys.get(shape)
+        if keys is None:
+            in_step, _, over, timed_out, failed = shape
+            made = list(self.const_attributes) + [ATTR_STREAM, ATTR_HOST_LEAD, ATTR_CLOCK_ERROR]
+            made += [ATTR_STEP] * in_step + [ATTR_KIND, ATTR_LINKS] * is_step + [ATTR_LINKS_OVER] * over
+            made += [ATTR_TIMED_OUT] * timed_out + [ATTR_ERROR_TYPE] * failed
+            keys = self._own_keys[shape] = frozenset(made)
         return keys
 
     def attributes(self, r: Record) -> dict[str, Any]:

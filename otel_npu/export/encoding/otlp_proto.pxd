@@ -3,4 +3,4 @@
 cdef class SpanEncoder:
     cdef dict __dict__
     cdef public object _f, _const, _names, _streams, _steps, _templates, _lead, _error, _timed_out, _step_kind
-    cdef public object _resource, _scope
+    cdef public object _resource, _scope, _link_fields, _attr_fields

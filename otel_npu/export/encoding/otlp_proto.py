@@ -111,6 +111,11 @@ class SpanEncoder:
         self._streams: dict[Any, bytes] = {}
         self._steps: dict[str, bytes] = {}
         self._templates: dict[tuple, bytes] = {}
+        # A step's links and attributes repeat from step to step: a request is linked from every step that
+        # serves it, and an engine's step attributes are small counts. Their encodings are kept here (the
+        # links' emptied when full: requests end, new ones come; attributes kept up to the limit).
+        self._link_fields: dict[tuple, bytes] = {}
+        self._attr_fields: dict[tuple, bytes] = {}
         self._lead = _double_attr_prefix(_attrs.ATTR_HOST_LEAD)
         self._error = _double_attr_prefix(_attrs.ATTR_CLOCK_ERROR)
         self._timed_out = field(9, key_value(_attrs.ATTR_TIMED_OUT, True))
@@ -218,7 +223,7 @@ class SpanEncoder:
             out.append(field(3, r.trace_state.to_header().encode()))
         if r.attributes:
             clean = f.user_attributes(r)
-            out.append(attributes(9, clean))
+            out.append(self._span_attributes(clean))
             if clean.dropped:
                 out.append(b"\x50" + varint(clean.dropped))  # field 10: dropped_attributes_count
         if r.timed_out or r.error is not None:
@@ -234,18 +239,52 @@ class SpanEncoder:
             kept = getattr(r, "kept", None)  # steps made by otel-npu have it; test doubles may not
             if kept is not None:
                 out.append(attributes(9, _attrs.kept_attributes(kept)))
+            cache = self._link_fields
             for link in links:
                 ctx = link.context
                 attrs = link.attributes
-                body = (b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big") + b"\x12\x08" + ctx.span_id.to_bytes(8, "big")
-                        + (field(3, ctx.trace_state.to_header().encode()) if ctx.trace_state else b""))
-                if attrs:
-                    body += attributes(4, attrs)
-                    if attrs.dropped:
-                        body += b"\x28" + varint(attrs.dropped)  # Link field 5: dropped_attributes_count
-                out.append(field(13, body + (_LINK_FLAGS_REMOTE if ctx.is_remote else _LINK_FLAGS_LOCAL)))
+                if attrs or ctx.trace_state:
+                    out.append(self._link_field(ctx, attrs))
+                    continue
+                key = (ctx.trace_id, ctx.span_id, ctx.is_remote)
+                encoded = cache.get(key)
+                if encoded is None:
+                    encoded = self._link_field(ctx, attrs)
+                    if len(cache) >= self._CACHE_LIMIT:
+                        cache.clear()
+                    cache[key] = encoded
+                out.append(encoded)
             if links.dropped:
                 out.append(b"\x70" + varint(links.dropped))  # field 14: dropped_links_count
+        return b"".join(out)
+
+    @staticmethod
+    def _link_field(ctx: Any, attrs: Any) -> bytes:
+        """One ``Span.links`` entry (field 13)."""
+        body = (b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big") + b"\x12\x08" + ctx.span_id.to_bytes(8, "big")
+                + (field(3, ctx.trace_state.to_header().encode()) if ctx.trace_state else b""))
+        if attrs:
+            body += attributes(4, attrs)
+            if attrs.dropped:
+                body += b"\x28" + varint(attrs.dropped)  # Link field 5: dropped_attributes_count
+        return field(13, body + (_LINK_FLAGS_REMOTE if ctx.is_remote else _LINK_FLAGS_LOCAL))
+
+    def _span_attributes(self, attrs: Mapping[str, Any]) -> bytes:
+        """``Span.attributes`` (field 9) of ``attrs``; an int, bool or short str value's entry encoded once."""
+        cache = self._attr_fields
+        out = []
+        for key, value in attrs.items():
+            kind = value.__class__
+            if kind is int or kind is bool or (kind is str and len(value) <= 64):
+                entry = (key, kind, value)
+                encoded = cache.get(entry)
+                if encoded is None:
+                    encoded = field(9, key_value(key, value))
+                    if len(cache) < self._CACHE_LIMIT:
+                        cache[entry] = encoded
+                out.append(encoded)
+            else:
+                out.append(field(9, key_value(key, value)))
         return b"".join(out)
 
     def _problem(self, r: Record) -> bytes:
