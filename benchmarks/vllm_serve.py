@@ -656,7 +656,7 @@ def run_config(name: str, config: Config, args: argparse.Namespace, python: str,
     result: dict[str, Any] = {"config": {"protocol": config.protocol, "args": list(config.args),
                                          "streams": config.streams, "env": dict(config.env)},
                               "variants": {v: VARIANT_TEXT[v] for v in variants}, "windows": []}
-    opened: list[Load] = []
+    load: Load | None = None
     try:
         for v in variants:  # started together: their start-ups overlap
             benches[v] = Bench(v, python, model, cdir, config, endpoints, probe, probe_dir)
@@ -691,7 +691,6 @@ def run_config(name: str, config: Config, args: argparse.Namespace, python: str,
                   + (f", {len(errors)} failed requests" if errors else ""), flush=True)
 
         load = Load(config.streams)
-        opened.append(load)
         for v in variants:
             load.window(benches[v], -1, args.window_s)  # warm-up
         window_id = 0
@@ -708,8 +707,8 @@ def run_config(name: str, config: Config, args: argparse.Namespace, python: str,
                 record(pair, v, window_id, before, after, load, span, idle_cores, collector_before)
                 window_id += 1
     finally:
-        for each in opened:
-            each.close()
+        if load is not None:
+            load.close()
         with concurrent.futures.ThreadPoolExecutor(max(1, len(benches))) as pool:
             list(pool.map(lambda b: b.stop(), benches.values()))
         logs = out / "logs"

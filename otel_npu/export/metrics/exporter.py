@@ -13,8 +13,8 @@ from ...accounting import CAPTURE_DROP_REASONS, SPAN_LOSS_REASONS
 from ...config.env import keep_known
 from ...config.otel import OtelSettings
 from ...record import Record
-from ...threads import name_os_thread
 from ...spans.attributes import ATTR_DEVICE, ATTR_RANK, ATTR_REASON, NOT_METRIC_ATTRIBUTES
+from ...threads import name_os_thread
 from .. import registry
 from ..waiting import wait_until
 from .aggregate import BOUNDARIES_MS, MAX_SERIES, StageAggregator, stage_key
