@@ -277,13 +277,20 @@ STEPS = "vllm:iteration_tokens_total"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _stat(pid: int) -> list[str] | None:
+def _named_stat(path: str) -> tuple[str, list[str]] | None:
+    """(comm, fields from 3 (state) on) of a ``/proc/.../stat`` file; None when it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             text = f.read()
     except OSError:
         return None
-    return text[text.rindex(")") + 2:].split()  # fields from 3 (state) on; comm may hold spaces
+    close = text.rindex(")")  # comm may hold spaces and parentheses
+    return text[text.index("(") + 1:close], text[close + 2:].split()
+
+
+def _stat(pid: int) -> list[str] | None:
+    named = _named_stat(f"/proc/{pid}/stat")
+    return named[1] if named else None
 
 
 def run_delay_s(pid: int) -> float:
@@ -321,14 +328,11 @@ def thread_cpu_by_name(pid: int) -> dict[str, float]:
     except OSError:
         return out
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                text = f.read()
-        except OSError:
+        named = _named_stat(f"/proc/{pid}/task/{tid}/stat")
+        if named is None:
             continue
-        name = "main" if int(tid) == pid else text[text.index("(") + 1:text.rindex(")")]
-        fields = text[text.rindex(")") + 2:].split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+        name = "main" if int(tid) == pid else named[0]
+        out[name] = out.get(name, 0.0) + (int(named[1][11]) + int(named[1][12])) / CLK_TCK
     return out
 
 
