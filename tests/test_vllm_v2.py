@@ -202,6 +202,23 @@ def test_dummy_runs_and_calls_outside_a_step_are_not_stages(provider, spans, sim
     assert spans.all == []
 
 
+def test_a_dummy_run_while_a_step_is_open_adds_no_stage_to_it(provider, spans, sim, fake, v2_hooks):
+    # None of the releases read runs a dummy batch from inside execute_model, but a worker may call the runner's
+    # _dummy_run (DP padding, a platform's worker) between a step's execute_model and its sample_tokens: that
+    # run is not the step's work, and must not become a second "prepare input"/"forward" in it.
+    enable(provider, device=sim)
+    plugin.install(v2_hooks, V2)
+    wrapper = fake.engine()
+    runner = wrapper.worker.model_runner
+    wrapper.execute_model(scheduler_output(new=[new_request("r1", 5)]))
+    assert plugin._worker.in_step()  # async scheduling: the step stays open until sample_tokens
+    runner.execute_model(scheduler_output(new=[new_request("dummy", 1)]), None, True)
+    wrapper.worker.sample_tokens(None)
+    otel_npu.flush()
+    [(_, stages)] = step_and_stages(spans)
+    assert [s.name for s in stages] == ["prepare input", "forward", "sample", "post process"]
+
+
 def test_without_a_speculator_there_is_no_draft_and_the_post_process_ends_with_sample_tokens(
         provider, spans, sim, fake, v2_hooks):
     enable(provider, device=sim)
