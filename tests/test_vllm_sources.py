@@ -230,6 +230,58 @@ def test_a_renamed_target_fails_the_check(tmp_path) -> None:
     assert "gpu_model_runner: forward" not in problems
 
 
+#: The files of vLLM 0.34.0 that ``v2_problems`` reads, and edits of them that each break one V2 seam the
+#: replacements rely on: (file under vllm/v1/worker/gpu, [(text, its replacement)], what the check must say).
+V2_FILES = ("model_runner.py", "dp_utils.py", "cudagraph_utils.py", "async_utils.py", "spec_decode/speculator.py")
+V2_EDITS = {
+    "forward_start moved after the eager model call": (
+        "model_runner.py",
+        [
+            ("        self.step_timing.forward_start()\n", ""),
+            (
+                "            model_output = self.model(**model_inputs)\n",
+                "            model_output = self.model(**model_inputs)\n            self.step_timing.forward_start()\n",
+            ),
+        ],
+        "is not between prepare_inputs",
+    ),
+    "the graph mode renamed": (
+        "cudagraph_utils.py",
+        [("    cg_mode: CUDAGraphMode\n", "    mode: CUDAGraphMode\n")],
+        "BatchExecutionDescriptor has no cg_mode field",
+    ),
+    "the speculator called otherwise": (
+        "model_runner.py",
+        [("draft_tokens = self.speculator.propose(", "draft_tokens = self.speculator.draft(")],
+        "sample_tokens does not call self.speculator.propose()",
+    ),
+    "the graph mode decided elsewhere": (
+        "model_runner.py",
+        [("= dispatch_cg_and_sync_dp(", "= dispatch_and_sync(")],
+        "execute_model does not call dispatch_cg_and_sync_dp()",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", V2_EDITS, ids=str)
+def test_a_v2_runner_whose_seams_moved_fails_the_check(tmp_path, edit: str) -> None:
+    """The V2 checks themselves can fail: vLLM 0.34.0's own files, with one seam moved, are reported."""
+    original = sources(Release("vllm", "0.34.0")).root / "vllm" / "v1" / "worker" / "gpu"
+    copy = tmp_path / "vllm" / "v1" / "worker" / "gpu"
+    for name in V2_FILES:
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_text((original / name).read_text(encoding="utf-8"), encoding="utf-8")
+    assert v2_problems(vs.Sources("vllm", "0.34.0", tmp_path), forward_seam=True) == []  # the copy is complete
+    name, replacements, expected = V2_EDITS[edit]
+    text = (copy / name).read_text(encoding="utf-8")
+    for old, new in replacements:
+        assert text.count(old) == 1, f"{name}: {old!r} is not there once (the test's edit needs updating)"
+        text = text.replace(old, new)
+    (copy / name).write_text(text, encoding="utf-8")
+    problems = v2_problems(vs.Sources("vllm", "0.34.0", tmp_path), forward_seam=True)
+    assert any(expected in problem for problem in problems), problems
+
+
 def test_sources_come_from_the_index_checked_against_its_sha256_and_are_cached(tmp_path, monkeypatch):
     """The download path itself, on a made-up index (a file: URL): the sdist is picked over a wheel, its
     relative URL resolved, its digest checked, the package's .py files kept, the cache used next time."""
