@@ -127,3 +127,29 @@ def test_every_test_named_in_the_promises_table_exists():
     assert not missing, missing
     own = re.findall(r"^def (test_\w+)", (ROOT / "tests" / "test_promises.py").read_text(), flags=re.MULTILINE)
     assert set(own) <= {name for path, name in named if path == "tests/test_promises.py"}
+
+
+def test_the_vllm_hook_table_says_each_hooks_versions_as_the_code_does():
+    """docs/vllm.md's hook table has one row per ``HOOKS`` entry, giving the versions its gate admits and the
+    releases the entry says it was read in and run with (the code is what tests/test_vllm_sources.py checks
+    against the sources; the page must not drift from it)."""
+    from otel_npu.integrations import vllm as plugin
+
+    rows = {}
+    for line in (ROOT / "docs" / "vllm.md").read_text().splitlines():
+        if line.startswith("| `vllm."):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            rows[re.match(r"`([\w.]+)`", cells[0]).group(1)] = cells
+    assert sorted(rows) == sorted(f"{hook.module}.{hook.attr}" for hook in plugin.HOOKS)
+
+    def version(parts: tuple[int, ...]) -> str:
+        return ".".join(map(str, parts))
+
+    for hook in plugin.HOOKS:
+        target, _, gate, read, run = rows[f"{hook.module}.{hook.attr}"]
+        admitted = f"≥ {version(hook.since)}"
+        if hook.before:  # the last minor release before the gate closes
+            admitted = f"{version(hook.since)} … {version(hook.before[:-1] + (hook.before[-1] - 1,))}"
+        assert gate == admitted, target
+        assert read == ", ".join(hook.read), target
+        assert run.split(" (")[0] == ", ".join(hook.run), target
