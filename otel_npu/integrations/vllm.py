@@ -614,7 +614,7 @@ HOOKS = (
     Hook("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher.dispatch", "the vllm.cudagraph_mode attribute",
          _dispatch, role="graph mode", since=MIN_VLLM, before=(0, 34), read=_READ[:-1], run=("0.32.0",)),
     # the V2 runner (vllm/v1/worker/gpu/model_runner.py): vLLM's default where Triton works, for some models
-    # from 0.23 and for most from 0.30; the only runner from 0.34
+    # from 0.23 and for most from 0.28; the only runner from 0.34
     Hook("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.execute_model", "the prepare input and forward stages",
          _v2_execute_model, role="stages", since=(0, 23),
          params=("self", "scheduler_output", "intermediate_tensors", "dummy_run"), read=_READ, run=("0.32.0",)),
