@@ -287,6 +287,31 @@ print('unchanged')
     assert done.returncode == 0 and "unchanged" in done.stdout, done.stderr[-3000:]
 
 
+def test_enabled_it_hooks_every_target_of_the_table_in_this_vllm_without_a_warning():
+    """vLLM 0.32.0 has both runners: every hook of the table, the V1 runner's and the V2 runner's (whose module
+    imports without Triton), resolves in one process, and the plugin warns about none (what a missing or
+    changed target would do). The servers above show each one at work."""
+    code = """
+import logging
+import otel_npu.integrations.vllm as plugin
+records = []
+handler = logging.Handler()
+handler.emit = records.append
+logging.getLogger("vllm.otel_npu").addHandler(handler)
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+expected = {f"{hook.module}.{hook.attr}" for hook in plugin.HOOKS}
+assert plugin._patcher.active == expected, sorted(expected - plugin._patcher.active)
+warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+assert not warnings, warnings
+print("hooked", len(expected))
+"""
+    env = child_env(PYTHONPATH=str(ROOT), OTEL_NPU_ENABLED="1")
+    done = subprocess.run([vllm_python(), "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0 and "hooked" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+
+
 def test_the_example_serves_and_shows_linked_steps(tmp_path):
     """examples/vllm_serve_cpu.py, as the README runs it (with the vLLM venv's Python)."""
     out = tmp_path / "vllm-traces.jsonl"
