@@ -40,6 +40,28 @@ def test_every_relative_link_of_the_readme_exists():
     assert not missing, missing
 
 
+def anchors(markdown: str) -> set[str]:
+    """The fragments a link into ``markdown`` can name: its headings' slugs (as GitHub and mkdocs' toc make
+    them: lower case, punctuation dropped, spaces to hyphens) and explicit ids."""
+    markdown = re.sub(r"^```.*?^```", "", markdown, flags=re.DOTALL | re.MULTILINE)  # a "# comment" is no heading
+    headings = re.findall(r"^#+ (.+?)\s*$", markdown, flags=re.MULTILINE)
+    slugs = {re.sub(r"[^\w\- ]", "", heading.lower()).strip().replace(" ", "-") for heading in headings}
+    ids = {html or attr for html, attr in re.findall(r"""id=["']([^"']+)["']|\{#([\w-]+)\}""", markdown)}
+    return slugs | ids
+
+
+def test_every_anchor_the_readme_links_to_exists():
+    """A link's ``#fragment`` (into the README itself or a page of docs/) names a heading or an id there."""
+    broken = []
+    for target, fragment in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", README):
+        if re.match(r"[a-z]+://", target):
+            continue
+        text = README if not target else (ROOT / target).read_text()
+        if fragment not in anchors(text):
+            broken.append(f"{target}#{fragment}")
+    assert not broken, broken
+
+
 def test_the_readme_installs_from_a_clone_and_says_the_package_is_not_on_pypi():
     install = section(README, "Install (from a clone)")
     assert "git clone" in install and "&& cd otel-npu" in install
