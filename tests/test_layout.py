@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import pathlib
-import re
 from typing import Iterator
 
 import pytest
@@ -46,7 +45,10 @@ INTEGRATION_CORE = ("otel_npu.integrations._patch", "otel_npu.integrations._engi
 #: Modules outside ``config/`` that name the process environment, and why. Reading a variable is
 #: ``config``'s job; these only pass the mapping on.
 ENVIRONMENT_EXCEPTIONS: dict[str, str] = {}
-ENVIRONMENT = re.compile(r"\bos\.environ\b|\bos\.getenv\b|\bgetenv\(|\bfrom os import .*environ")
+#: What names the process environment: these attributes of any object (``os.environ``, ``_os.getenv``), and
+#: these names imported from the modules that hold them (``from os import getenv``).
+ENVIRONMENT_NAMES = frozenset({"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"})
+ENVIRONMENT_MODULES = frozenset({"os", "posix", "nt"})
 
 
 def modules() -> Iterator[tuple[str, pathlib.Path]]:
@@ -178,16 +180,42 @@ def test_no_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+def environment_uses(path: pathlib.Path) -> Iterator[tuple[int, str]]:
+    """(line, code) of each place ``path`` names the process environment, read with ``ast`` (a use inside a
+    literal, a call's arguments or under another name is still one; a docstring that mentions it is not)."""
+    source = path.read_text()
+    for node in ast.walk(ast.parse(source, str(path))):
+        if isinstance(node, ast.Attribute) and node.attr in ENVIRONMENT_NAMES:
+            yield node.lineno, ast.get_source_segment(source, node) or node.attr
+        elif isinstance(node, ast.ImportFrom) and node.module in ENVIRONMENT_MODULES and not node.level:
+            for alias in node.names:
+                if alias.name in ENVIRONMENT_NAMES:
+                    yield node.lineno, f"from {node.module} import {alias.name}"
+
+
 def test_only_config_reads_the_environment():
     readers = []
     for module, path in ALL.items():
         if top(module) == "config" or module in ENVIRONMENT_EXCEPTIONS:
             continue
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            code = line.split("#", 1)[0]
-            if ENVIRONMENT.search(code) and not code.lstrip().startswith(('"', "'", "``")):
-                readers.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+        readers += [f"{path.relative_to(PACKAGE.parent)}:{line}: {code}" for line, code in environment_uses(path)]
     assert not readers, "the environment read outside config/ (read it through config):\n" + "\n".join(readers)
+
+
+def test_the_environment_check_sees_every_way_of_naming_it(tmp_path):
+    """The check above finds the environment named in a dict literal, under another name of ``os`` and
+    imported by name, and not in a docstring or a comment."""
+    sample = tmp_path / "sample.py"
+    sample.write_text('''"""Reads os.environ? Only in this docstring."""
+import os as _os
+from os import getenv as _get
+
+SETTINGS = {
+    "level": _os.environ.get("LEVEL"),  # os.getenv in a comment is not a use
+}
+VALUE = _get("VALUE")
+''')
+    assert sorted(environment_uses(sample)) == [(3, "from os import getenv"), (6, "_os.environ")]
 
 
 def test_the_import_reader_resolves_what_it_reads():
