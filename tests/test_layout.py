@@ -40,8 +40,9 @@ FORBIDDEN = {
     "_compiled": ("opentelemetry",),
 }
 #: What integrations may import of otel-npu: the public face (the package itself), and for engine modules the
-#: integration core; the core may also read ``config``.
+#: integration core; the core may also read ``config`` and the modules that define names it writes.
 INTEGRATION_CORE = ("otel_npu.integrations._patch", "otel_npu.integrations._engine_step")
+INTEGRATION_CORE_READS = ("otel_npu.spans.attributes", "otel_npu.spans.sampling")
 #: Modules outside ``config/`` that name the process environment, and why. Reading a variable is
 #: ``config``'s job; these only pass the mapping on.
 ENVIRONMENT_EXCEPTIONS: dict[str, str] = {}
@@ -154,7 +155,7 @@ def test_integrations_use_the_public_face_and_the_integration_core_only():
             continue
         allowed = {"otel_npu", *INTEGRATION_CORE}
         if module in INTEGRATION_CORE:
-            allowed |= {m for m in ALL if top(m) == "config"}
+            allowed |= {m for m in ALL if top(m) == "config"} | set(INTEGRATION_CORE_READS)
         wrong += [f"{module} -> {t}" for t in targets if internal(t) and t not in allowed]
     assert not wrong, "\n".join(wrong)
 
@@ -216,6 +217,64 @@ SETTINGS = {
 VALUE = _get("VALUE")
 ''')
     assert sorted(environment_uses(sample)) == [(3, "from os import getenv"), (6, "_os.environ")]
+
+
+#: Where each name otel-npu puts on the wire is defined (module, and the assignments there that hold names):
+#: the span attributes, the metric names, the trace-state entry of a parent exported whatever was sampled,
+#: the vLLM plugin's attributes.
+NAME_HOMES = {
+    "spans/attributes.py": lambda target: target.startswith("ATTR_"),
+    "export/metrics/build.py": lambda target: target in ("STAGE_DURATION", "COUNTERS"),
+    "spans/sampling.py": lambda target: target == "PARENT_EXPORTED",
+    "integrations/vllm.py": lambda target: target.startswith("ATTR_"),
+}
+
+
+def string_constants(node: ast.AST) -> Iterator[str]:
+    """The strings in an assigned value: a constant, the items of a tuple, the keys of a dict."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        yield node.value
+    elif isinstance(node, (ast.Tuple, ast.List)):
+        for item in node.elts:
+            yield from string_constants(item)
+    elif isinstance(node, ast.Dict):
+        for key in node.keys:
+            if key is not None:
+                yield from string_constants(key)
+
+
+def code_strings(path: pathlib.Path) -> Iterator[tuple[int, str]]:
+    """(line, value) of every string constant in ``path``'s code, docstrings left out."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.lineno, node.value
+
+
+def test_each_name_otel_npu_writes_is_spelled_out_once():
+    """A span attribute, metric or trace-state name is written in its home module and imported from there
+    everywhere else: a second copy can drift from the first, and the spans then disagree with the metrics,
+    the dashboards or ``otel-npu summary``."""
+    names: dict[str, str] = {}
+    for home, holds_names in NAME_HOMES.items():
+        for node in ast.parse((PACKAGE / home).read_text()).body:
+            target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+            if isinstance(target, ast.Name) and holds_names(target.id) and node.value is not None:
+                for value in string_constants(node.value):
+                    names.setdefault(value, home)
+    assert {"otel_npu.rank", "otel_npu.captures.dropped", "otelnpu"} <= set(names)  # the homes were read
+    copies = []
+    for path in ALL.values():
+        here = str(path.relative_to(PACKAGE))
+        uses = sorted((value, line) for line, value in code_strings(path) if value in names)
+        for n, (value, line) in enumerate(uses):
+            at_home_once = here == names[value] and (n == 0 or uses[n - 1][0] != value)
+            if not at_home_once:
+                copies.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {value!r} (defined in {names[value]})")
+    assert not copies, "names spelled out again (import them from their home):\n" + "\n".join(copies)
 
 
 def test_the_import_reader_resolves_what_it_reads():

@@ -175,6 +175,12 @@ def test_a_pull_reader_gets_real_sdk_instruments(app_meter_provider, provider, s
     (point,) = metrics["otel_npu.stage.duration"].data.data_points
     assert point.count == 4 and tuple(point.explicit_bounds) == BOUNDARIES_MS
     assert metrics["otel_npu.captures.resolved"].data.data_points[0].value == 4
+    # the drop counters: one point per reason, none dropped here
+    dropped = {dict(p.attributes)["otel_npu.reason"]: p.value
+               for p in metrics["otel_npu.captures.dropped"].data.data_points}
+    assert dropped["pending_limit"] == 0 and dropped["event_pool_empty"] == 0 and set(dropped.values()) == {0}
+    assert "export_failed" in {dict(p.attributes)["otel_npu.reason"]
+                               for p in metrics["otel_npu.captures.spans_lost"].data.data_points}
     assert "SDK instruments" in otel_npu.stats()["metrics"]
 
 

@@ -101,7 +101,7 @@ def build(spans: list, source: str = "") -> dict:
 
     def process_key(span: Any) -> tuple[str, str | None]:
         # Other writers may send any AnyValue here (an array, say): shown as text, used as a key as text.
-        pid = span.resource.get("process.pid")
+        pid = span.resource.get(tracefile.PID_ATTR)
         return _text(span.resource.get("service.name", "unknown service")), None if pid is None else _text(pid)
 
     # the rank of each process whose otel-npu spans say one (several ranks: one process each)
@@ -116,7 +116,7 @@ def build(spans: list, source: str = "") -> dict:
     def process_of(span: Any) -> int:
         key = process_key(span)
         service, pid_text = key
-        pid = span.resource.get("process.pid")
+        pid = span.resource.get(tracefile.PID_ATTR)
         preferred = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
         rank = ranks.get(key)
         name = service if rank is None else f"{service} {rank}"
@@ -135,7 +135,7 @@ def build(spans: list, source: str = "") -> dict:
         key = (span.trace_id, span.span_id)
         where[key] = (pid, tid)
         args = {k: _finite(v) for k, v in span.attributes.items()
-                if k.startswith(("otel_npu.", "vllm.")) or k == "error.type"}
+                if k.startswith(("otel_npu.", "vllm.")) or k == tracefile.ERROR_TYPE_ATTR}
         args.update(trace_id=span.trace_id, span_id=span.span_id)
         if span.links:
             args["links"] = [f"{t}/{s}" for t, s in span.links]

@@ -22,9 +22,14 @@ import re
 from typing import Any, Iterable, Iterator
 
 # The attribute names the readers rely on (chrome_trace.py uses them through this module too).
+from ..integrations.vllm import ATTR_DP_RANK, ATTR_PP_RANK, ATTR_TP_RANK
+from ..spans.attributes import ATTR_CLOCK_ERROR as CLOCK_ERROR_ATTR
 from ..spans.attributes import ATTR_DEVICE as DEVICE_ATTR
+from ..spans.attributes import ATTR_ERROR_TYPE as ERROR_TYPE_ATTR  # noqa: F401  (used by chrome_trace)
 from ..spans.attributes import ATTR_HOST_LEAD as HOST_LEAD_ATTR  # noqa: F401  (used by chrome_trace)
 from ..spans.attributes import ATTR_KIND as KIND_ATTR
+from ..spans.attributes import ATTR_PID as PID_ATTR  # noqa: F401  (used by chrome_trace)
+from ..spans.attributes import ATTR_RANK as RANK_ATTR
 from ..spans.attributes import ATTR_STEP as STEP_ATTR
 from ..spans.attributes import ATTR_STREAM as STREAM_ATTR  # noqa: F401  (used by chrome_trace)
 
@@ -480,9 +485,8 @@ def format_table(rows: list[Row]) -> str:
 # -- several ranks: per-rank times and the skew between ranks ----------------------------------------------------
 
 #: Attributes that place a span on a rank, read in this order (a vLLM worker's; a launcher's ``RANK``).
-RANK_PARTS = (("vllm.dp_rank", "dp"), ("vllm.pp_rank", "pp"), ("vllm.tp_rank", "tp"))
-RANK_ATTRS = ("otel_npu.rank",)
-CLOCK_ERROR_ATTR = "otel_npu.clock_error_us"
+RANK_PARTS = ((ATTR_DP_RANK, "dp"), (ATTR_PP_RANK, "pp"), (ATTR_TP_RANK, "tp"))
+RANK_ATTRS = (RANK_ATTR,)
 
 
 def rank_of(span: Span) -> str | None:

@@ -39,7 +39,7 @@ from ..record import DROPPED as _DROPPED
 from ..record import Record
 from ..spans import sampling as step_sampling
 from ..spans import sdk
-from ..spans.attributes import Limits
+from ..spans.attributes import ATTR_LOCAL_RANK, ATTR_PID, ATTR_RANK, Limits
 from ..spans.identity import IdGenerator
 from ..spans.render import SpanFactory
 from .. import config
@@ -250,8 +250,8 @@ def trace_exporters(otel: OtelSettings) -> list[str]:
 
 def resource_from_env(process_attrs: Mapping[str, Any]) -> Resource:
     """``Resource.create`` (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``) plus host and process."""
-    base = {"host.name": socket.gethostname(), "process.pid": os.getpid()}
-    for key in ("otel_npu.rank", "otel_npu.local_rank"):
+    base = {"host.name": socket.gethostname(), ATTR_PID: os.getpid()}
+    for key in (ATTR_RANK, ATTR_LOCAL_RANK):
         if key in process_attrs:
             base[key] = process_attrs[key]
     return Resource.create(base)

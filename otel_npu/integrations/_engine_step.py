@@ -9,7 +9,7 @@
 * ``RequestContexts``: the trace context each request came with (``traceparent`` headers), kept until the
   engine says the request finished, bounded (a lost "finished" cannot grow memory); ``links(req_ids)`` gives
   a step's links.
-* ``SchedulerStep``/``StepContext``/``parent_context``: one trace per engine step across processes. Where
+* ``SchedulerStep``/``parent_context``: one trace per engine step across processes. Where
   the engine schedules (its scheduler's process), each step gets its ids and its sampling decision when it is
   scheduled (``SchedulerStep.open``: a few integers, no OpenTelemetry object), which travel to every worker
   with the step's work; a worker's step becomes the child of that context (``EngineStep.open_step(parent=)``);
@@ -18,8 +18,9 @@
 * ``export_like_engine``/``metrics_follow_traces``: before otel-npu starts, send where the engine's own
   tracing sends (an engine with ``--otlp-traces-endpoint`` puts it into ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``).
 
-Uses otel-npu's public API (``otel_npu.step``/``capture``/``flush``/``configure``) and ``config`` only: an
-engine integration built on it sees nothing of otel-npu's internals. Everything here runs on the engine's
+Uses otel-npu's public API (``otel_npu.step``/``capture``/``flush``/``configure``), ``config``, and two names
+otel-npu writes, from where they are defined (``ATTR_RANK``, for an engine's ``process_attributes``; the
+trace-state entry above): an engine integration built on it sees nothing else of otel-npu's internals. Everything here runs on the engine's
 threads and costs what the public calls it makes cost. Nothing here wakes another thread per step: an engine
 killed soon after its last request (a common shutdown) loses nothing it had already run because otel-npu's
 resolver tells the exporters to send as soon as the process goes idle (``resolve/resolver.py``).
@@ -43,8 +44,14 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 import otel_npu
 
 from .. import config
+from ..spans import attributes as _attributes
+from ..spans.sampling import PARENT_EXPORTED as _PARENT_EXPORTED_ENTRY
 
 _log = logging.getLogger("otel_npu")
+
+#: otel-npu's own rank attribute (the stage metrics carry it): where an engine module puts the process's global
+#: rank in ``process_attributes``.
+ATTR_RANK = _attributes.ATTR_RANK
 
 #: Requests remembered at most (their trace context and what the engine keeps with it); past it the oldest
 #: are forgotten (their steps lose the link).
@@ -186,16 +193,16 @@ class EngineStep:
 # -- one trace per engine step, across processes ----------------------------------------------------------
 
 #: Where a step context travels on the engine's own message to its workers (an attribute of it): a tuple
-#: ``(trace id, span id, flags)`` (``StepContext``), pickled with it.
+#: ``(trace id, span id, flags)``, pickled with it.
 STEP_CONTEXT_ATTR = "otel_npu_step"
 #: ``flags`` of a step context: bit 0, sampled (the W3C flag); bit 1, the scheduler's step span is exported
 #: whatever the sampler decided, so a worker may keep a step the sampler dropped (slow, with detail) as its
 #: child without leaving it an orphan.
 SAMPLED = 1
 PARENT_EXPORTED = 2
-#: The trace state a worker's parent context carries when ``PARENT_EXPORTED`` is set: what the pipeline reads
-#: (``spans.sampling.PARENT_EXPORTED_STATE``) to keep such a child as it keeps a step that begins a trace.
-PARENT_EXPORTED_STATE = TraceState([("otelnpu", "pe")])
+#: The trace state a worker's parent context carries when ``PARENT_EXPORTED`` is set: the entry the pipeline
+#: reads (``spans.sampling.PARENT_EXPORTED``) to keep such a child as it keeps a step that begins a trace.
+PARENT_EXPORTED_STATE = TraceState([_PARENT_EXPORTED_ENTRY])
 _NO_STATE = TraceState()
 
 #: The scheduler's ids: an RNG of its own, seeded from the OS (the application seeds ``random``; a forked

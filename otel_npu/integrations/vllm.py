@@ -44,8 +44,8 @@ from typing import Any, Callable
 
 import otel_npu
 
-from ._engine_step import (Both, EngineStep, RequestContexts, SchedulerStep, export_like_engine, metrics_follow_traces,
-                           parent_context, process_attributes)
+from ._engine_step import (ATTR_RANK, Both, EngineStep, RequestContexts, SchedulerStep, export_like_engine,
+                           metrics_follow_traces, parent_context, process_attributes)
 from ._patch import Hook, Patcher, admits, parse_version
 
 __all__ = ["register", "HOOKS", "Hook", "admits", "install", "uninstall", "STAGES", "V1_STAGES", "ASCEND_STAGES",
@@ -105,9 +105,9 @@ ATTR_KV_USAGE = "vllm.kv_cache_usage"      # fraction of the KV cache's blocks i
 ATTR_TP_RANK = "vllm.tp_rank"
 ATTR_PP_RANK = "vllm.pp_rank"
 ATTR_DP_RANK = "vllm.dp_rank"
-#: The global rank (vLLM's world group: every TP x PP rank of every DP engine): otel-npu's own rank attribute,
-#: which the stage metrics carry and the dashboard's per-rank panel reads ($RANK, where a launcher set it, wins).
-ATTR_RANK = "otel_npu.rank"
+#: The global rank (vLLM's world group: every TP x PP rank of every DP engine) goes in ``ATTR_RANK``, otel-npu's
+#: own rank attribute, which the stage metrics carry and the dashboard's per-rank panel reads ($RANK, where a
+#: launcher set it, wins).
 
 
 # -- the worker's state ----------------------------------------------------------------------------------------

@@ -11,14 +11,27 @@ from ...spans.attributes import ATTR_DEVICE, ATTR_RANK, ATTR_REASON
 from .aggregate import BOUNDARIES_MS, StageAggregator
 
 STAGE_DURATION = "otel_npu.stage.duration"
-COUNTERS = {
-    # name: (description, how to read it from a Stats snapshot)
-    "otel_npu.captures.resolved": "captures whose device times were read (or that timed out)",
-    "otel_npu.captures.timed_out": "captures whose device events did not complete within OTEL_NPU_EVENT_TIMEOUT_S",
-    "otel_npu.captures.dropped": "captures not timed at all, by otel_npu.reason",
-    "otel_npu.captures.spans_lost": "spans of resolved captures that did not reach the exporter's destination, "
-                                    "by otel_npu.reason",
+STAGE_DURATION_DESCRIPTION = "device-measured duration of each stage (capture) and step"
+#: The counters beside the histogram, for both ways of exporting them (ready data here, SDK instruments in
+#: ``exporter.py``): name -> (description, what it reads from a ``Stats.snapshot()``: a counter's name, or
+#: the drop reasons it is split into, one data point per ``otel_npu.reason``).
+COUNTERS: dict[str, tuple[str, str | tuple[str, ...]]] = {
+    "otel_npu.captures.resolved": ("captures whose device times were read (or that timed out)", "resolved"),
+    "otel_npu.captures.timed_out": (("captures whose device events did not complete within "
+                                     "OTEL_NPU_EVENT_TIMEOUT_S"), "timed_out"),
+    "otel_npu.captures.dropped": ("captures not timed at all, by otel_npu.reason", CAPTURE_DROP_REASONS),
+    "otel_npu.captures.spans_lost": (("spans of resolved captures that did not reach the exporter's "
+                                      "destination, by otel_npu.reason"), SPAN_LOSS_REASONS),
 }
+
+
+def counter_values(source: str | tuple[str, ...], snapshot: dict[str, Any]) -> list[tuple[tuple, int]]:
+    """One counter's data points in ``snapshot`` (``Stats.snapshot()``): ``(attribute, value)`` pairs, the
+    attribute ``()`` or ``(ATTR_REASON, reason)`` (``source``: see ``COUNTERS``)."""
+    if isinstance(source, str):
+        return [((), snapshot.get(source, 0))]
+    drops = snapshot.get("dropped", {})
+    return [((ATTR_REASON, reason), drops.get(reason, 0)) for reason in source]
 def _exemplars(held: list | None) -> list:
     """SDK ``Exemplar`` objects of one data point, slowest first."""
     if not held:
@@ -90,21 +103,14 @@ class MetricsBuilder:
         metrics = []
         if points:
             metrics.append(Metric(name=STAGE_DURATION, unit="ms", data=Histogram(points, temporality),
-                                  description="device-measured duration of each stage (capture) and step"))
+                                  description=STAGE_DURATION_DESCRIPTION))
         const = {ATTR_DEVICE: self.aggregator._const.get(ATTR_DEVICE)}
         if ATTR_RANK in self.aggregator._const:
             const[ATTR_RANK] = self.aggregator._const[ATTR_RANK]
         snap = self._stats.snapshot()
-        drops = snap.get("dropped", {})
-        values = {
-            "otel_npu.captures.resolved": [((), snap.get("resolved", 0))],
-            "otel_npu.captures.timed_out": [((), snap.get("timed_out", 0))],
-            "otel_npu.captures.dropped": [((ATTR_REASON, r), drops.get(r, 0)) for r in CAPTURE_DROP_REASONS],
-            "otel_npu.captures.spans_lost": [((ATTR_REASON, r), drops.get(r, 0)) for r in SPAN_LOSS_REASONS],
-        }
-        for name, entries in values.items():
+        for name, (description, source) in COUNTERS.items():
             data_points = []
-            for attr, value in entries:
+            for attr, value in counter_values(source, snap):
                 if delta:
                     last = self._last_counts.get((name, attr), 0)
                     self._last_counts[(name, attr)] = value
@@ -114,7 +120,7 @@ class MetricsBuilder:
                     attrs[attr[0]] = attr[1]
                 data_points.append(NumberDataPoint(attributes=attrs, start_time_unix_nano=start,
                                                    time_unix_nano=now, value=value))
-            metrics.append(Metric(name=name, description=COUNTERS[name], unit="{capture}",
+            metrics.append(Metric(name=name, description=description, unit="{capture}",
                                   data=Sum(data_points, temporality, is_monotonic=True)))
         self._last_time = now
         return MetricsData([ResourceMetrics(self._resource, [ScopeMetrics(self._scope, metrics, "")], "")])

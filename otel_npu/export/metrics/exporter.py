@@ -9,16 +9,15 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
-from ...accounting import CAPTURE_DROP_REASONS, SPAN_LOSS_REASONS
 from ...config.env import keep_known
 from ...config.otel import OtelSettings
 from ...record import Record
-from ...spans.attributes import ATTR_DEVICE, ATTR_RANK, ATTR_REASON, NOT_METRIC_ATTRIBUTES
+from ...spans.attributes import ATTR_DEVICE, ATTR_RANK, NOT_METRIC_ATTRIBUTES
 from ...threads import name_os_thread
 from .. import registry
 from ..waiting import wait_until
 from .aggregate import BOUNDARIES_MS, MAX_SERIES, StageAggregator, stage_key
-from .build import COUNTERS, STAGE_DURATION, MetricsBuilder, _wants_delta
+from .build import COUNTERS, STAGE_DURATION, STAGE_DURATION_DESCRIPTION, MetricsBuilder, _wants_delta, counter_values
 
 _log = logging.getLogger("otel_npu")
 
@@ -180,28 +179,22 @@ class SdkInstruments:
         self.aggregator = aggregator
         self.description = f"the application's MeterProvider ({type(provider).__name__}), SDK instruments"
         self._histogram = meter.create_histogram(
-            STAGE_DURATION, unit="ms", description="device-measured duration of each stage (capture) and step",
+            STAGE_DURATION, unit="ms", description=STAGE_DURATION_DESCRIPTION,
             explicit_bucket_boundaries_advisory=list(BOUNDARIES_MS))
         self._attrs: dict[tuple, dict] = {}
         const = {ATTR_DEVICE: aggregator._const.get(ATTR_DEVICE)}
         if ATTR_RANK in aggregator._const:
             const[ATTR_RANK] = aggregator._const[ATTR_RANK]
 
-        def observe(name: str, reasons: tuple[str, ...] | None) -> Callable:
+        def observe(source: str | tuple[str, ...]) -> Callable:
             def callback(options: Any) -> list:
-                snap = stats.snapshot()
-                if reasons is None:
-                    key = name.rsplit(".", 1)[1]
-                    return [Observation(snap.get(key, 0), const)]
-                drops = snap.get("dropped", {})
-                return [Observation(drops.get(r, 0), {**const, ATTR_REASON: r}) for r in reasons]
+                return [Observation(value, {**const, attr[0]: attr[1]} if attr else const)
+                        for attr, value in counter_values(source, stats.snapshot())]
             return callback
 
-        for name, reasons in (("otel_npu.captures.resolved", None), ("otel_npu.captures.timed_out", None),
-                              ("otel_npu.captures.dropped", CAPTURE_DROP_REASONS),
-                              ("otel_npu.captures.spans_lost", SPAN_LOSS_REASONS)):
-            meter.create_observable_counter(name, callbacks=[observe(name, reasons)], unit="{capture}",
-                                            description=COUNTERS[name])
+        for name, (description, source) in COUNTERS.items():
+            meter.create_observable_counter(name, callbacks=[observe(source)], unit="{capture}",
+                                            description=description)
 
     def record(self, r: Record) -> None:
         if r.timed_out:
