@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from typing import Any, Iterable
+from typing import Iterable
 
 from .record import Record
 
@@ -49,7 +49,7 @@ def format_line(label: str, items: Iterable[tuple[str, float]]) -> str:
     return f"Profile execute duration [{label}]: " + " ".join(f"[{tag}]:{ms:.2f}ms" for tag, ms in items)
 
 
-def claim(records: Iterable[Any]) -> list[Any]:
+def claim(records: Iterable[Record]) -> list[Record]:
     """The records not yet written to a line, now marked as written (step end and pop race for them)."""
     with _claim_lock:
         out = []
@@ -60,7 +60,7 @@ def claim(records: Iterable[Any]) -> list[Any]:
         return out
 
 
-def log_step(step: Any, children: list) -> None:
+def log_step(step: Record, children: list[Record]) -> None:
     """Resolver callback: one line for the captures of a finished step (in capture order)."""
     records = claim(children)
     if records:

@@ -83,23 +83,40 @@ class Record:
     #: A step's request links; a capture has none.
     links: Any = ()
 
+    # The type of every slot (the module docstring says who writes each, and when).
+    # capturing thread
     name: str
-    attributes: Any
-    stream: Any
+    attributes: Any  # a mapping (the caller's, then a cleaned copy)
+    stream: Any  # a device stream; CPU: a Thread
     parent: "Record | None"
+    otel_ctx: Any  # an OpenTelemetry Context
+    host_start: int
+    host_end: int
+    start: Any  # None, DROPPED, a device event, or host ns (CPU)
+    end: Any  # a device event, or host ns (CPU)
+    error: Any  # None, or (type name, message, stack)
+    _token: Any
+    origin: Any
+    auto_stream: Any  # the stream entry chose, when it chose one
+    detail: bool | int
+    compat: str | None
+    # resolver thread
     step: "Record | None"
     trace_id: int
     span_id: int
     parent_span_id: int
     sampled: bool | None
+    trace_state: Any  # an OpenTelemetry TraceState, or None
     start_ns: int
     end_ns: int
-    host_start: int
-    host_end: int
     clock_error_ns: int
     timed_out: bool
     done: bool
-    error: Any
+    intake: int
+    parent_remote: bool
+    graph_ns: int
+    # steps only (``STEP_SLOTS``)
+    kept: tuple[str, float | None] | None
 
 
 #: The slots a step record adds (see the table above).

@@ -277,6 +277,17 @@ def test_each_name_otel_npu_writes_is_spelled_out_once():
     assert not copies, "names spelled out again (import them from their home):\n" + "\n".join(copies)
 
 
+def test_every_field_of_the_record_is_typed_and_documented():
+    """The record is the contract between the threads of the data path: each of its slots has a type on
+    ``Record`` and a row in ``record.py``'s table of who writes it and when."""
+    from otel_npu import record
+
+    fields = [*record.Record.__slots__, *record.STEP_SLOTS]
+    untyped = [f for f in fields if f not in record.Record.__annotations__]
+    undocumented = [f for f in fields if f"``{f}``" not in (record.__doc__ or "")]
+    assert not untyped and not undocumented, f"untyped: {untyped}; not in the table: {undocumented}"
+
+
 def test_the_import_reader_resolves_what_it_reads():
     """The graph the checks above read is the real one: relative imports resolved, submodules told apart."""
     assert layer("otel_npu.capturing.hot") < layer("otel_npu.runtime")

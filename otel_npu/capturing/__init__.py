@@ -13,13 +13,15 @@ above.
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import threading
 from typing import Any, Callable
 
-from ..accounting import process_stats
+from ..accounting import Stats, process_stats
 from ..devices import registry
+from ..record import Record
 from . import compile_guard, hot, off
 from .hot import Capture, capture, host_step, step
 
@@ -35,7 +37,7 @@ class Parts:
     __slots__ = ("stats", "pending", "max_pending", "host_timed", "pools", "record", "current_stream",
                  "want_device", "wake", "detail_budget")
 
-    def __init__(self, *, stats: Any, pending: Any, max_pending: int, host_timed: bool, pools: dict | None = None,
+    def __init__(self, *, stats: Stats, pending: collections.deque, max_pending: int, host_timed: bool, pools: dict | None = None,
                  record: Callable[[Any, Any], None] | None = None, current_stream: Callable[[], Any] | None = None,
                  want_device: Callable[[int], None] | None = None, wake: Callable[[], None] | None = None,
                  detail_budget: Any = None) -> None:
@@ -124,7 +126,7 @@ def detach(parts: Parts) -> None:
         hot._pending_append = _late
 
 
-def _late(item: Any) -> None:
+def _late(item: Record) -> None:
     process_stats().drop("resolver_stopped")
 
 

@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -32,6 +32,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from .._version import __version__
+from ..accounting import Stats
 from ..config import otel as otel_config
 from ..config.env import keep_known
 from ..config.otel import OtelSettings
@@ -43,6 +44,7 @@ from ..spans.attributes import ATTR_LOCAL_RANK, ATTR_PID, ATTR_RANK, Limits
 from ..spans.identity import IdGenerator
 from ..spans.render import SpanFactory
 from .. import config
+from ..config import Settings
 from . import redact, registry
 from .encoding.otlp_json import JsonSpanEncoder
 from .metrics import exporter as _metrics
@@ -69,7 +71,7 @@ class Pipeline:
     #: Steps whose dropped captures are held at once, at most (each step's are released when it finishes).
     MAX_HELD_STEPS = 10_000
 
-    def __init__(self, factory: SpanFactory, sinks: list, stats: Any, description: str,
+    def __init__(self, factory: SpanFactory, sinks: list, stats: Stats, description: str,
                  metrics: Any = None, slow: Any = None, detail_every: int = 1,
                  metrics_description: str = "none") -> None:
         self.factory = factory
@@ -178,7 +180,7 @@ class Pipeline:
         if exemplar is not None:
             exemplar(r)
 
-    def _unexported(self, records: Any) -> None:
+    def _unexported(self, records: Iterable[Record]) -> None:
         """Captures whose spans are not exported: exemplars without a trace, under ``always_on`` only."""
         if self._exemplar_all is not None:
             for r in records:
@@ -219,7 +221,7 @@ class Pipeline:
                 _log.debug("otel-npu: shutting the metrics down failed", exc_info=True)
 
 
-def _begins_trace(step: Any) -> bool:
+def _begins_trace(step: Record) -> bool:
     """Whether ``step`` may be kept although the sampler dropped it: it is the root of its trace (no enclosing
     capture, no valid parent span at its entry), or its parent is a span exported whatever the sampler decided
     (an engine's scheduler step says so in its trace state: ``step_sampling.PARENT_EXPORTED``)."""
@@ -257,7 +259,7 @@ def resource_from_env(process_attrs: Mapping[str, Any]) -> Resource:
     return Resource.create(base)
 
 
-def app_provider(settings: Any) -> Any | None:
+def app_provider(settings: Settings) -> Any | None:
     """The SDK TracerProvider spans should go through, if any (see the module docstring)."""
     if settings.tracer_provider is not None:
         return settings.tracer_provider
@@ -272,13 +274,13 @@ def app_provider(settings: Any) -> Any | None:
     return None
 
 
-def build(settings: Any, otel: OtelSettings, *, process_attrs: Mapping[str, Any],
-          stream_label: Callable[[Any], str], to_wall: Callable[[int], int], stats: Any) -> Pipeline:
+def build(settings: Settings, otel: OtelSettings, *, process_attrs: Mapping[str, Any],
+          stream_label: Callable[[Any], str], to_wall: Callable[[int], int], stats: Stats) -> Pipeline:
     """The pipeline for ``settings`` and the ``OTEL_*`` settings ``otel`` (never raises for configuration
     problems: warns and degrades)."""
     redact.install_exporter_log_filter()  # before any exporter is built: they log while parsing headers
     scope = InstrumentationScope(SCOPE_NAME, __version__)
-    common = dict(stream_label=stream_label, to_wall=to_wall, const_attributes=process_attrs, stats=stats,
+    common: dict[str, Any] = dict(stream_label=stream_label, to_wall=to_wall, const_attributes=process_attrs, stats=stats,
                   event_timeout_s=settings.event_timeout_s)
 
     provider = app_provider(settings)
@@ -331,15 +333,15 @@ def build(settings: Any, otel: OtelSettings, *, process_attrs: Mapping[str, Any]
                     **_step_rules(settings, stats), metrics_description=otel.metrics_off_reason or "none")
 
 
-def _step_rules(settings: Any, stats: Any) -> dict[str, Any]:
+def _step_rules(settings: Settings, stats: Stats) -> dict[str, Any]:
     """Slow-step keeping and the detail budget of ``settings`` (validated there), for ``Pipeline``."""
     rule = config.parse_keep_slow(getattr(settings, "keep_slow_steps", "p99"))
     return {"slow": None if rule is None else step_sampling.SlowSteps(rule, stats),
             "detail_every": getattr(settings, "detail_every", 1)}
 
 
-def _build_metrics(settings: Any, otel: OtelSettings, process_attrs: Mapping[str, Any], resource: Resource,
-                   scope: InstrumentationScope, stats: Any) -> Any:
+def _build_metrics(settings: Settings, otel: OtelSettings, process_attrs: Mapping[str, Any], resource: Resource,
+                   scope: InstrumentationScope, stats: Stats) -> Any:
     """Stage metrics (``metrics/``), or None. Never raises: a failure here must not cost the spans."""
     if otel.sdk_disabled:
         return None

@@ -33,6 +33,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 from opentelemetry.sdk.trace import sampling
 
+from ..accounting import Stats
 from ..config.otel import OtelSettings
 from ..record import Record
 
@@ -65,7 +66,7 @@ class SinkContext:
 
     __slots__ = ("otel", "factory", "resource", "scope", "stats")
 
-    def __init__(self, *, otel: OtelSettings, factory: Any, resource: Any, scope: Any, stats: Any) -> None:
+    def __init__(self, *, otel: OtelSettings, factory: Any, resource: Any, scope: Any, stats: Stats) -> None:
         self.otel = otel
         self.factory = factory
         self.resource = resource

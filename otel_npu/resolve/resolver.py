@@ -123,7 +123,7 @@ class Resolver:
 
     def __init__(self, *, pending: collections.deque, backend: DeviceBackend, pool: EventPool | None,
                  clock: DeviceClock | None, host_clock: HostClock, stats: Stats,
-                 emit: Callable[[Record], None], on_step: Callable[[Record, list], None] | None,
+                 emit: Callable[[Record], None], on_step: Callable[[Record, list[Record]], None] | None,
                  poll_interval_s: float, event_timeout_s: float, pools: dict | None = None,
                  clocks: dict | None = None, wanted_devices: set | None = None,
                  make_device: Callable[[int], tuple[EventPool, DeviceClock]] | None = None,

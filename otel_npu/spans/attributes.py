@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 
 from opentelemetry.trace import Link, SpanContext
 
+from ..accounting import Stats
 from ..record import Record
 
 _log = logging.getLogger("otel_npu")
@@ -127,7 +128,7 @@ class AttributeCleaner:
     """Checks and limits what the user gave: a capture's attributes and a step's links (resolver thread).
     Each invalid key or value is warned about once."""
 
-    def __init__(self, limits: Limits, stats: Any, own_keys: Callable[[Record], frozenset[str]]) -> None:
+    def __init__(self, limits: Limits, stats: Stats, own_keys: Callable[[Record], frozenset[str]]) -> None:
         self.limits = limits
         self._stats = stats
         self._own_keys = own_keys  # the keys otel-npu sets itself on a record's span (reserved), a frozenset

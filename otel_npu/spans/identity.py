@@ -163,7 +163,7 @@ class Identity:
         r.sampled = sampled
         return sampled
 
-    def rekey(self, records: Sequence[Any]) -> None:
+    def rekey(self, records: Sequence[Record]) -> None:
         """``records`` (captures of a step the sampler dropped) are exported after all: their step was set
         sampled; give them ids under it."""
         for r in records:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from ..accounting import Stats
 from ..record import Record
 from .attributes import (ATTR_CLOCK_ERROR, ATTR_ERROR_TYPE, ATTR_HOST_LEAD, ATTR_KIND, ATTR_LINKS, ATTR_LINKS_OVER,
                          ATTR_STEP, ATTR_STREAM, ATTR_TIMED_OUT, AttributeCleaner, Limits, kept_attributes)
@@ -43,7 +44,7 @@ class SpanFactory:
     (``attributes.py``) are the bound methods of its parts: no extra call per record."""
 
     def __init__(self, *, sampler: Any, id_generator: Any, stream_label: Callable[[Any], str],
-                 to_wall: Callable[[int], int], const_attributes: Mapping[str, Any], stats: Any,
+                 to_wall: Callable[[int], int], const_attributes: Mapping[str, Any], stats: Stats,
                  event_timeout_s: float, limits: Limits | None = None) -> None:
         self.sampler = sampler
         self._stream_label = stream_label

@@ -39,7 +39,8 @@ process exports about ``ratio + 1/N`` of its steps (plus the slow ones): with ``
 from __future__ import annotations
 
 import array
-from typing import Any
+
+from ..accounting import Stats
 
 #: The trace-state entry of a parent exported whatever its sampled flag says (see the module docstring).
 PARENT_EXPORTED = ("otelnpu", "pe")
@@ -72,7 +73,7 @@ class SlowSteps:
 
     _MAX_NAMES = 64  # step names followed (engines have a handful); beyond, only a threshold rule applies
 
-    def __init__(self, rule: tuple[str, float], stats: Any) -> None:
+    def __init__(self, rule: tuple[str, float], stats: Stats) -> None:
         self.kind, self.value = rule
         self._stats = stats
         self._window = _WINDOWS.get(self.kind, 0)

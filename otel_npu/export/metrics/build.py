@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ...accounting import CAPTURE_DROP_REASONS, SPAN_LOSS_REASONS
+from ...accounting import CAPTURE_DROP_REASONS, SPAN_LOSS_REASONS, Stats
 from ...spans.attributes import ATTR_DEVICE, ATTR_RANK, ATTR_REASON
 from .aggregate import BOUNDARIES_MS, StageAggregator
 
@@ -64,7 +64,7 @@ def _wants_delta(exporter: Any) -> bool:
 class MetricsBuilder:
     """Turns the aggregator and the ``Stats`` counters into SDK ``MetricsData`` (cumulative or delta)."""
 
-    def __init__(self, aggregator: StageAggregator, stats: Any, resource: Any, scope: Any) -> None:
+    def __init__(self, aggregator: StageAggregator, stats: Stats, resource: Any, scope: Any) -> None:
         self.aggregator = aggregator
         self._stats = stats
         self._resource = resource

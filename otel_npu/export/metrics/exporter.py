@@ -9,6 +9,8 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
+from ...accounting import Stats
+from ...config import Settings
 from ...config.env import keep_known
 from ...config.otel import OtelSettings
 from ...record import Record
@@ -35,7 +37,7 @@ class _Destination:
 class MetricsExport:
     """Exports the stage metrics every ``interval_s`` on one daemon thread (``otel-npu-metrics``)."""
 
-    def __init__(self, aggregator: StageAggregator, stats: Any, destinations: list[_Destination],
+    def __init__(self, aggregator: StageAggregator, stats: Stats, destinations: list[_Destination],
                  resource: Any, scope: Any, interval_s: float, timeout_s: float, description: str,
                  exemplar_filter: str = "trace_based") -> None:
         self.aggregator = aggregator
@@ -172,7 +174,7 @@ class SdkInstruments:
     exemplar = None
     exemplar_filter = "the application MeterProvider's"
 
-    def __init__(self, provider: Any, aggregator: StageAggregator, stats: Any, version: str) -> None:
+    def __init__(self, provider: Any, aggregator: StageAggregator, stats: Stats, version: str) -> None:
         from opentelemetry.metrics import Observation
 
         meter = provider.get_meter("otel_npu", version)
@@ -240,7 +242,7 @@ def exporter_names(otel: OtelSettings) -> list[str]:
                            "reader: otel-npu then records into it)")
 
 
-def app_meter_provider(settings: Any) -> Any | None:
+def app_meter_provider(settings: Settings) -> Any | None:
     """The application's SDK MeterProvider, if one is installed and otel-npu may use it."""
     if settings.pipeline == "own":
         return None
@@ -274,8 +276,8 @@ def _app_destinations(provider: Any) -> tuple[list[_Destination], Any, float] | 
     return out, resource, (interval or 60000) / 1000.0
 
 
-def build(settings: Any, otel: OtelSettings, *, const_attributes: Mapping[str, Any], resource: Any,
-          scope: Any, stats: Any) -> Any | None:
+def build(settings: Settings, otel: OtelSettings, *, const_attributes: Mapping[str, Any], resource: Any,
+          scope: Any, stats: Stats) -> Any | None:
     """The metrics part of a pipeline (``MetricsExport`` or ``SdkInstruments``), or ``None`` (no metrics)."""
     attrs = {ATTR_DEVICE: const_attributes.get(ATTR_DEVICE, "?")}
     if ATTR_RANK in const_attributes:

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+from ...accounting import Stats
 from ...record import Record
 from ...threads import name_os_thread
 from ..redact import redact
@@ -21,7 +22,7 @@ from ..waiting import wait_until
 class OtlpSink:
     """otel-npu's own OTLP export: encode on the resolver thread, send on the exporter thread."""
 
-    def __init__(self, transport: Any, encoder: Any, stats: Any, *,
+    def __init__(self, transport: Any, encoder: Any, stats: Stats, *,
                  max_queue_size: int = 8192, max_export_batch_size: int = 2048,
                  schedule_delay_s: float = 5.0) -> None:
         self._transport = transport  # registry.Transport
