@@ -56,9 +56,10 @@ def _otel_npu_off() -> None:
 def hotpath(report: Report, device: Device, quick: bool) -> None:
     """Each capture timed on its own (perf_counter_ns around the ``with``), minus the bare operation.
 
-    This machine's speed drifts (the same loop runs 2x slower from one second to the next), so variants run
-    in short blocks, all variants once per round in a shuffled order, and each variant's figure is the
-    median over rounds of (its block median − the bare operation's block median of the same round).
+    A shared machine's speed drifts (the same loop was seen running 2x slower from one second to the next:
+    docs/benchmarks.md), so variants run in short blocks, all variants once per round in a shuffled order,
+    and each variant's figure is the median over rounds of (its block median − the bare operation's block
+    median of the same round).
     otel-npu stays started for the whole section; its "disabled" blocks switch the capture dispatch off
     (what ``configure(enabled=False)`` does, without stopping the runtime), so they cost what a disabled
     ``capture()`` costs.

@@ -316,7 +316,7 @@ def test_run_delay_reads_the_schedulers_wait_of_every_thread():
     for t in spinners:
         t.start()
     try:
-        time.sleep(0.2)  # three spinning threads and this one on this machine's cores
+        time.sleep(0.2)  # three spinning threads and this one on the machine's cores
         delay = bench.run_delay_s(os.getpid())
         time.sleep(0.2)
         later = bench.run_delay_s(os.getpid())
