@@ -85,7 +85,6 @@ def attributes(number: int, attrs: Mapping[str, Any] | Iterable[tuple[str, Any]]
 
 
 _pack_kind_times = struct.Struct("<BBBQBQ").pack  # kind (field 6) = INTERNAL, start (7), end (8)
-_U64 = 0xFFFFFFFFFFFFFFFF
 _STATUS_UNSET = b"\x7a\x00"  # an empty Status, as the SDK encoder writes it
 
 
