@@ -46,3 +46,37 @@ def test_a_file_transport_is_a_transport_and_the_sinks_are_sinks(tmp_path):
         transport.shutdown()
     for sink in (OtlpSink, SdkSink):
         assert all(callable(getattr(sink, name, None)) for name in ("emit", "force_flush", "shutdown"))
+
+
+def test_an_exporter_named_in_the_table_gets_every_exported_record_and_is_flushed_and_shut_down(monkeypatch):
+    """The exporter seam as docs/extending.md describes it: a Sink and one SPAN_EXPORTERS entry, selected by
+    OTEL_TRACES_EXPORTER, with nothing else edited."""
+    import otel_npu
+
+    calls = []
+
+    class FooSink:
+        def __init__(self, ctx: exporters.SinkContext) -> None:
+            self.factory = ctx.factory
+
+        def emit(self, r) -> None:
+            calls.append(("emit", r.name, self.factory.attributes(r)["otel_npu.device"]))
+
+        def force_flush(self, timeout_s: float) -> bool:
+            calls.append(("flush",))
+            return True
+
+        def shutdown(self, timeout_s: float) -> None:
+            calls.append(("shutdown",))
+
+    monkeypatch.setitem(exporters.SPAN_EXPORTERS, "foo", lambda ctx: (FooSink(ctx), "foo"))
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "foo")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    with otel_npu.step("Decode"), otel_npu.capture("forward"):
+        pass
+    assert otel_npu.flush(10.0)
+    assert "foo" in otel_npu.stats()["pipeline"]
+    otel_npu.shutdown(5.0)
+    emitted = [c for c in calls if c[0] == "emit"]
+    assert sorted(emitted) == [("emit", "Decode", "cpu"), ("emit", "forward", "cpu")]
+    assert ("flush",) in calls and calls[-1] == ("shutdown",)
