@@ -135,3 +135,19 @@ def test_an_invalid_otel_propagators_does_not_keep_the_integration_from_loading(
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"]
     assert done.stderr.count("OTEL_PROPAGATORS") == 1, done.stderr
+
+
+def test_the_toy_integration_imports_only_the_public_api_and_the_integration_core():
+    """What docs/extending.md promises a new engine needs of otel-npu, read from the example's imports."""
+    import ast
+    import pathlib
+
+    source = pathlib.Path(toy_engine_otel.__file__).read_text()
+    used = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            used |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            used.add(node.module)
+    ours = {name for name in used if name == "otel_npu" or name.startswith("otel_npu.")}
+    assert ours == {"otel_npu", "otel_npu.integrations._engine_step", "otel_npu.integrations._patch"}, ours
