@@ -3,14 +3,22 @@ builds strictly (a broken link, anchor, nav entry or API reference fails); CI ru
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from .support import child_env
+from .collector import require_agent
+from .otlp_receiver import GrpcReceiver
+from .support import child_env, free_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -175,3 +183,56 @@ def test_the_vllm_hook_table_says_each_hooks_versions_as_the_code_does():
         assert gate == admitted, target
         assert read == ", ".join(hook.read), target
         assert run.split(" (")[0] == ", ".join(hook.run), target
+
+
+def continued_command(block: str, pattern: str) -> str:
+    """The shell command of ``block`` whose first line matches ``pattern``, with its ``\\``-continued lines."""
+    lines = block.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.search(pattern, line))
+    end = start
+    while lines[end].rstrip().endswith("\\"):
+        end += 1
+    return "\n".join(lines[start:end + 1])
+
+
+def test_the_rotel_collector_line_runs_as_written(tmp_path):
+    """docs/export.md's rotel line, run by bash in an environment where ``pip install rotel`` was done (only its
+    ports and forwarding address changed to free loopback ones): the agent starts, and forwards a span sent to
+    it. A plain ``rotel-agent start ...`` finds no command: the binary sits inside the wheel, not on PATH."""
+    require_agent()
+    block = fenced_blocks((ROOT / "docs" / "export.md").read_text())[0]
+    command = continued_command(block, r'^[^#]*rotel-agent"? start\b')
+    receiver = GrpcReceiver()
+    grpc, http = free_port(), free_port()
+    for written, here in (("0.0.0.0:4317", f"127.0.0.1:{grpc}"), ("0.0.0.0:4318", f"127.0.0.1:{http}"),
+                          ("http://tempo:4317", receiver.endpoint)):
+        assert command.count(written) == 1, (written, command)
+        command = command.replace(written, here)
+    # ``python`` is the one that has rotel installed, as after ``pip install rotel`` in an activated venv
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as out:
+        agent = subprocess.Popen(["bash", "-c", "exec " + command], cwd=tmp_path, env=child_env(PATH=path),
+                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30  # generous: a loaded machine starts the agent in well under a second
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", http), 0.2).close()
+                break
+            except OSError:
+                assert agent.poll() is None, f"the line did not start rotel-agent: {log.read_text(errors='replace')}"
+                assert time.monotonic() < deadline, log.read_text(errors="replace")
+                time.sleep(0.05)
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{http}/v1/traces")))
+        provider.get_tracer("docs").start_span("through rotel").end()
+        provider.shutdown()
+        assert [span.name for _, span in receiver.wait_for(1, timeout_s=30)] == ["through rotel"]
+    finally:
+        agent.terminate()
+        try:
+            agent.wait(10)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        receiver.close()
