@@ -236,3 +236,17 @@ def test_the_rotel_collector_line_runs_as_written(tmp_path):
         except subprocess.TimeoutExpired:
             agent.kill()
         receiver.close()
+
+
+def test_what_the_readmes_commands_write_in_the_clone_is_ignored_by_git():
+    """The demo's traces file, the Chrome trace, the vLLM example's traces and the docs site (``mkdocs build
+    --strict`` writes site/): none of them shows up as an untracked file of the clone."""
+    written = {"otel-npu-traces-20261203-091428.jsonl": "otel-npu-traces-", "trace.json": "-o trace.json",
+               "vllm-traces.jsonl": "vllm-traces.jsonl", "site/index.html": "mkdocs build --strict` writes site/"}
+    for path, said in written.items():
+        assert said in README, f"the README no longer says it writes {path}: update this test"
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    done = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    assert set(done.stdout.split()) == set(written), sorted(set(written) - set(done.stdout.split()))
