@@ -30,7 +30,10 @@ def problem_lines(doctor_output: str) -> list[str]:
 
 
 BSP_CASES = [("OTEL_BSP_MAX_QUEUE_SIZE", "-1"), ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
-             ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "-1"), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "100000")]
+             ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "-1"), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "100000"),
+             # The SDK's BatchSpanProcessor reads this one itself when not given it: a traceback on stderr for
+             # 'abc', and no word at all for -1, while doctor said "configuration: valid".
+             ("OTEL_BSP_EXPORT_TIMEOUT", "abc"), ("OTEL_BSP_EXPORT_TIMEOUT", "-1")]
 # The SDK's TracerProvider reads these itself when not given SpanLimits, and raises for an invalid one.
 LIMIT_CASES = [("OTEL_SPAN_LINK_COUNT_LIMIT", "abc"), ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "-1"),
                ("OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "1.5"), ("OTEL_SPAN_LINK_COUNT_LIMIT", "-2")]

@@ -48,10 +48,14 @@ OTLP_TIMEOUT_DEFAULT_S = 10.0
 #: capture comes at thousands per second, and each HTTP request costs ≈ 2 ms of Python, so 2048 spans per
 #: request cost ≈ 1.7 µs each against ≈ 3.7 µs at 512), and the accepted ranges (the queue's memory, and a
 #: delay a timer accepts).
+#: ``OTEL_BSP_EXPORT_TIMEOUT`` keeps the specification's default: the SDK's BatchSpanProcessor (1.45) stores
+#: it and does not use it, and otel-npu's exports are bounded by ``OTEL_EXPORTER_OTLP_TIMEOUT``; it is read
+#: here so that an invalid value gets the one warning, and is passed to the SDK, which would otherwise read
+#: it itself (a traceback on stderr for a value that is not a number, nothing said for one below 1).
 BSP_DEFAULTS = {"OTEL_BSP_MAX_QUEUE_SIZE": 8192, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 2048,
-                "OTEL_BSP_SCHEDULE_DELAY": 5000}
+                "OTEL_BSP_SCHEDULE_DELAY": 5000, "OTEL_BSP_EXPORT_TIMEOUT": 30000}
 BSP_MAX = {"OTEL_BSP_MAX_QUEUE_SIZE": 10_000_000, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 10_000_000,
-           "OTEL_BSP_SCHEDULE_DELAY": 3_600_000}
+           "OTEL_BSP_SCHEDULE_DELAY": 3_600_000, "OTEL_BSP_EXPORT_TIMEOUT": 3_600_000}
 #: ``OTEL_METRIC_EXPORT_INTERVAL`` / ``_TIMEOUT``: defaults and accepted ranges, in ms (a day, an hour).
 METRIC_MS_DEFAULTS = {"OTEL_METRIC_EXPORT_INTERVAL": 60000, "OTEL_METRIC_EXPORT_TIMEOUT": 30000}
 METRIC_MS_MAX = {"OTEL_METRIC_EXPORT_INTERVAL": 86_400_000, "OTEL_METRIC_EXPORT_TIMEOUT": 3_600_000}
@@ -143,26 +147,33 @@ class OtelSettings:
 
     def bsp(self, name: str) -> int:
         """An ``OTEL_BSP_*`` number (``BSP_DEFAULTS``), validated against ``BSP_MAX``."""
-        what = "whole numbers of milliseconds" if name == "OTEL_BSP_SCHEDULE_DELAY" else "whole numbers"
+        in_ms = name in ("OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_EXPORT_TIMEOUT")
+        what = "whole numbers of milliseconds" if in_ms else "whole numbers"
         return int(env_number(self._env, name, BSP_DEFAULTS[name], BSP_MAX[name], what, integer=True))
 
     @functools.cached_property
-    def _bsp_values(self) -> tuple[int, int, int]:
+    def _bsp_values(self) -> tuple[int, int, int, int]:
         return (self.bsp("OTEL_BSP_MAX_QUEUE_SIZE"), self.bsp("OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
-                self.bsp("OTEL_BSP_SCHEDULE_DELAY"))
+                self.bsp("OTEL_BSP_SCHEDULE_DELAY"), self.bsp("OTEL_BSP_EXPORT_TIMEOUT"))
 
     @property
     def batching(self) -> tuple[int, int, float]:
         """``(max queue size, max export batch size, schedule delay in s)`` of otel-npu's span export, and of
         every SDK BatchSpanProcessor otel-npu builds. The batch is at most the queue: a larger one could never
         fill, and the SDK's BatchSpanProcessor refuses it (``ValueError``)."""
-        queue, batch, delay_ms = self._bsp_values
+        queue, batch, delay_ms, _ = self._bsp_values
         return queue, min(batch, queue), delay_ms / 1000.0
+
+    @property
+    def bsp_export_timeout_ms(self) -> int:
+        """``OTEL_BSP_EXPORT_TIMEOUT``, validated (``BSP_DEFAULTS``), for the SDK BatchSpanProcessors otel-npu
+        builds. Read with ``batching``, so that an invalid value is warned about wherever the batching is."""
+        return self._bsp_values[3]
 
     @property
     def batch_capped(self) -> bool:
         """``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` is above the queue's size (``batching`` uses the queue's)."""
-        queue, batch, _ = self._bsp_values
+        queue, batch, _, _ = self._bsp_values
         return batch > queue
 
     @functools.cached_property

@@ -36,10 +36,11 @@ class SdkSink:
 def sdk_batch_processor(exporter: Any, otel: OtelSettings, *, schedule_delay_ms: int | None = None) -> Any:
     """The SDK's BatchSpanProcessor with otel-npu's validated batching (``OtelSettings.batching``) passed in:
     left to read ``OTEL_BSP_*`` itself, it raises ``ValueError`` for a queue or batch size of 0 or less, or a
-    batch above the queue (the demo crashed so, leaving an empty traces file)."""
+    batch above the queue (the demo crashed so, leaving an empty traces file), and logs a traceback for an
+    export timeout that is not a number."""
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     queue, batch, delay_s = otel.batching
     return BatchSpanProcessor(exporter, max_queue_size=queue, max_export_batch_size=batch,
                               schedule_delay_millis=round(delay_s * 1000) if schedule_delay_ms is None
-                              else schedule_delay_ms)
+                              else schedule_delay_ms, export_timeout_millis=otel.bsp_export_timeout_ms)
