@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -294,3 +295,19 @@ def test_timing_reads_happen_only_on_the_resolver_thread_for_finished_events(pro
     assert threading.get_ident() not in threads
     assert {t.name for t in threading.enumerate() if t.ident in threads} <= {"otel-npu-resolver"}
     assert sim.timing_reads(incomplete=True) == []
+
+
+def test_work_queued_behind_a_call_runs_on_the_devices_own_schedule(sim):
+    """Records behind a ``call()`` land where the device's schedule puts them (right after the kernel before
+    them), not whenever the stream's thread got to them: a busy host cannot stretch device time."""
+    stream = sim.current_stream()
+    gate = threading.Event()
+    stream.call(gate.wait)
+    events = [sim.Event() for _ in range(4)]
+    for event in events:
+        event.record(stream)
+        stream.launch(0.001)
+    gate.set()
+    stream.synchronize()
+    gaps = [b.exec_mono_ns - a.exec_mono_ns for a, b in itertools.pairwise(events)]
+    assert gaps == [1_000_000] * 3

@@ -239,7 +239,9 @@ class SimStream:
                 _sleep_until(mono, end)
             elif kind == "record":
                 if arg.exec_mono_ns is None:  # behind a call(): its time is known only now
-                    arg.exec_mono_ns = max(start, mono())
+                    # Where the schedule puts it (after the op before it), not when this thread got here: a
+                    # thread woken late (a loaded host, the GIL) must not stretch device time.
+                    arg.exec_mono_ns = start
                 end = arg.exec_mono_ns
                 _sleep_until(mono, end)
             else:
