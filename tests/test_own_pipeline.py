@@ -255,7 +255,9 @@ def test_idle_is_told_once_per_burst_of_work(monkeypatch, http_receiver):
     while the process stays idle."""
     import threading
 
+    from otel_npu import runtime
     from otel_npu.export.pipeline import Pipeline
+    from otel_npu.resolve import resolver
 
     told = []
     changed = threading.Condition()
@@ -268,19 +270,47 @@ def test_idle_is_told_once_per_burst_of_work(monkeypatch, http_receiver):
         original(self)
 
     monkeypatch.setattr(Pipeline, "export_now", export_now)
-    own_pipeline_env(monkeypatch, http_receiver.endpoint, "http/protobuf", OTEL_NPU_POLL_INTERVAL_MS="10")
-    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
-    for burst in range(1, 4):
-        for _ in range(5):
-            with otel_npu.step("Decode"):
-                with otel_npu.capture("forward"):
-                    pass
+    # Idle passes 10 ms apart throughout (not once a second after a second without work).
+    monkeypatch.setattr(resolver, "IDLE_POLL_S", 0.01)
+    own_pipeline_env(monkeypatch, http_receiver.endpoint, "http/protobuf")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own", poll_interval_s=0.01)
+    with otel_npu.capture("start"):
+        pass
+    rt = runtime.current()
+    with changed:
+        assert changed.wait_for(lambda: len(told) >= 1, timeout=30), "idle never told"
+    # Each resolver pass counted, and held back while the test makes a burst: a pass in the middle of a burst
+    # (the test thread preempted between two captures on a loaded machine) would rightly find the process
+    # idle, and tell the exporters twice for one burst.
+    passes = [0]
+    run_passes = threading.Event()
+    run_passes.set()
+    original_pass = rt.resolver._guarded_pass
+
+    def counted_pass():
+        run_passes.wait()
+        original_pass()
+        with changed:
+            passes[0] += 1
+            changed.notify_all()
+
+    rt.resolver._guarded_pass = counted_pass
+    for burst in range(2, 5):
+        run_passes.clear()
+        try:
+            for _ in range(5):
+                with otel_npu.step("Decode"):
+                    with otel_npu.capture("forward"):
+                        pass
+        finally:
+            run_passes.set()
         with changed:
             assert changed.wait_for(lambda n=burst: len(told) >= n, timeout=30), f"burst {burst}: idle never told"
-    # Thirty more idle passes (10 ms apart): none of them tells the exporters again.
+    # Thirty more idle passes: none of them tells the exporters again.
     with changed:
-        assert not changed.wait_for(lambda: len(told) > 3, timeout=0.3)
-    assert len(told) == 3
+        seen = passes[0]
+        assert changed.wait_for(lambda: passes[0] >= seen + 30, timeout=60), "the resolver stopped passing"
+    assert len(told) == 4
 
 
 def test_the_work_that_starts_otel_npu_is_sent_without_waiting_for_the_idle_poll(monkeypatch, http_receiver):
@@ -292,9 +322,8 @@ def test_the_work_that_starts_otel_npu_is_sent_without_waiting_for_the_idle_poll
     from otel_npu.resolve import resolver
 
     monkeypatch.setattr(resolver, "IDLE_POLL_S", 600.0)
-    own_pipeline_env(monkeypatch, http_receiver.endpoint, "http/protobuf", OTEL_BSP_SCHEDULE_DELAY="600000",
-                     OTEL_NPU_POLL_INTERVAL_MS="10")
-    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    own_pipeline_env(monkeypatch, http_receiver.endpoint, "http/protobuf", OTEL_BSP_SCHEDULE_DELAY="600000")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own", poll_interval_s=0.01)
     assert runtime.start() is not None
     time.sleep(0.2)  # the resolver thread is waiting by now: the captures below come while it waits
     run_steps()
@@ -318,8 +347,8 @@ def test_the_background_threads_carry_their_names_in_the_operating_system(monkey
     kernel's 15 bytes), so that their CPU can be told from the serving loop's in a real server."""
     from otel_npu import runtime
 
-    own_pipeline_env(monkeypatch, http_receiver.endpoint, "http/protobuf", OTEL_NPU_POLL_INTERVAL_MS="10")
-    otel_npu.configure(enabled=True, device="cpu", pipeline="own")
+    own_pipeline_env(monkeypatch, http_receiver.endpoint, "http/protobuf")
+    otel_npu.configure(enabled=True, device="cpu", pipeline="own", poll_interval_s=0.01)
     assert runtime.start() is not None
     run_steps()
     assert len(http_receiver.wait_for(10, timeout_s=30)) == 10

@@ -410,8 +410,8 @@ def forward_point(receiver):
 
 
 def test_exemplars_point_at_exported_spans_and_favour_the_slowest(monkeypatch, receiver, sim):
-    exemplar_env(monkeypatch, receiver, "0.5", OTEL_NPU_KEEP_SLOW_STEPS="off")
-    otel_npu.configure(enabled=True, device=sim, pipeline="own")
+    exemplar_env(monkeypatch, receiver, "0.5")
+    otel_npu.configure(enabled=True, device=sim, pipeline="own", keep_slow_steps="off")
     decode_with_varied_forward(sim)
     assert otel_npu.flush(10.0)
     exported = {(s.trace_id, s.span_id): s for _, s in receiver.spans() if s.name == "forward"}
@@ -439,9 +439,8 @@ def test_exemplars_point_at_exported_spans_and_favour_the_slowest(monkeypatch, r
 
 @pytest.mark.parametrize("exemplar_filter", ["always_off", "always_on"])
 def test_exemplar_filter_is_honoured(monkeypatch, receiver, sim, exemplar_filter):
-    exemplar_env(monkeypatch, receiver, "0", OTEL_METRICS_EXEMPLAR_FILTER=exemplar_filter,
-                 OTEL_NPU_KEEP_SLOW_STEPS="off")
-    otel_npu.configure(enabled=True, device=sim, pipeline="own")
+    exemplar_env(monkeypatch, receiver, "0", OTEL_METRICS_EXEMPLAR_FILTER=exemplar_filter)
+    otel_npu.configure(enabled=True, device=sim, pipeline="own", keep_slow_steps="off")
     decode_with_varied_forward(sim, 10)
     assert otel_npu.flush(10.0)
     assert receiver.spans() == []
