@@ -6,10 +6,12 @@ Test modules import from here, never from one another or from ``conftest``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import pytest
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
@@ -127,6 +129,45 @@ def enable(provider: tuple[Any, Any], **kwargs: Any) -> None:
     import otel_npu
 
     otel_npu.configure(enabled=True, tracer_provider=provider[0], **kwargs)
+
+
+# -- the resolver's passes, counted instead of waited for --------------------------------------------------
+class ResolverPasses:
+    """Counts the passes of a running resolver (``runtime.current().resolver``), so that a test waits for a
+    number of passes instead of sleeping for a time a loaded machine may not give the resolver; ``held()``
+    keeps passes from running while the test does something that must reach the resolver all at once."""
+
+    def __init__(self, resolver: Any) -> None:
+        self.count = 0
+        self._cond = threading.Condition()
+        self._run = threading.Event()
+        self._run.set()
+        original = resolver._guarded_pass
+
+        def counted_pass() -> None:
+            self._run.wait()
+            original()
+            with self._cond:
+                self.count += 1
+                self._cond.notify_all()
+
+        resolver._guarded_pass = counted_pass  # the resolver's loop looks it up on the instance each time
+
+    def wait_for_more(self, n: int, timeout_s: float = 60.0) -> None:
+        """Block until ``n`` more passes ran (a deadline for a stuck resolver, not a measurement)."""
+        with self._cond:
+            target = self.count + n
+            assert self._cond.wait_for(lambda: self.count >= target, timeout_s), (
+                f"the resolver made {self.count - target + n} of {n} passes in {timeout_s} s")
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No pass begins inside the block (one already running finishes)."""
+        self._run.clear()
+        try:
+            yield
+        finally:
+            self._run.set()
 
 
 # -- vLLM's scheduler output, as the worker receives it ------------------------------------------------------

@@ -10,12 +10,13 @@ import time
 import pytest
 
 import otel_npu
+from otel_npu import runtime
 from otel_npu.resolve.clock import DeviceClock
 from otel_npu.devices.npu import NpuBackend
 from otel_npu.spans.attributes import ATTR_CLOCK_ERROR
 from otel_npu.testing import SimDevice, SimEvent
 
-from .support import enable, wall_of
+from .support import ResolverPasses, enable, wall_of
 
 
 @pytest.mark.parametrize("api", ["cuda", "npu"])
@@ -42,7 +43,8 @@ def test_the_resolver_does_not_wait_for_an_anchor_stuck_behind_queued_work(provi
             sim.current_stream().launch(0.0001)
         early = (c.start.exec_mono_ns, c.end.exec_mono_ns)
         sim.new_stream("the program's other stream").launch(30.0)  # queued ahead of any anchor from now on
-        time.sleep(0.3)  # an anchor comes due (every 0.1 s while the drift is unknown)
+        time.sleep(0.3)  # an anchor comes due (every 0.1 s while the drift is unknown) ...
+        ResolverPasses(runtime.current().resolver).wait_for_more(3)  # ... and the resolver saw it due
         assert otel_npu.flush(10.0), "the span of a completed capture waited for an anchor stuck behind work"
         span = spans.one("done early")
         bound = span.attributes[ATTR_CLOCK_ERROR] * 1000 + 2_000  # + this test's own wall_of sampling

@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 import otel_npu
 
 from .otlp_receiver import GrpcReceiver, HttpReceiver, attributes
+from .support import ResolverPasses
 
 
 @pytest.fixture
@@ -279,37 +280,19 @@ def test_idle_is_told_once_per_burst_of_work(monkeypatch, http_receiver):
     rt = runtime.current()
     with changed:
         assert changed.wait_for(lambda: len(told) >= 1, timeout=30), "idle never told"
-    # Each resolver pass counted, and held back while the test makes a burst: a pass in the middle of a burst
+    # Resolver passes counted, and held back while the test makes a burst: a pass in the middle of a burst
     # (the test thread preempted between two captures on a loaded machine) would rightly find the process
     # idle, and tell the exporters twice for one burst.
-    passes = [0]
-    run_passes = threading.Event()
-    run_passes.set()
-    original_pass = rt.resolver._guarded_pass
-
-    def counted_pass():
-        run_passes.wait()
-        original_pass()
-        with changed:
-            passes[0] += 1
-            changed.notify_all()
-
-    rt.resolver._guarded_pass = counted_pass
+    passes = ResolverPasses(rt.resolver)
     for burst in range(2, 5):
-        run_passes.clear()
-        try:
+        with passes.held():
             for _ in range(5):
                 with otel_npu.step("Decode"):
                     with otel_npu.capture("forward"):
                         pass
-        finally:
-            run_passes.set()
         with changed:
             assert changed.wait_for(lambda n=burst: len(told) >= n, timeout=30), f"burst {burst}: idle never told"
-    # Thirty more idle passes: none of them tells the exporters again.
-    with changed:
-        seen = passes[0]
-        assert changed.wait_for(lambda: passes[0] >= seen + 30, timeout=60), "the resolver stopped passing"
+    passes.wait_for_more(30)  # thirty more idle passes: none of them tells the exporters again
     assert len(told) == 4
 
 

@@ -17,7 +17,7 @@ import otel_npu
 from otel_npu import runtime
 
 from .otlp_receiver import attributes
-from .support import enable
+from .support import ResolverPasses, enable
 
 
 def wait_until(condition: Any, what: str, timeout_s: float = 20.0) -> None:
@@ -88,7 +88,7 @@ def test_the_event_pool_grows_to_the_burst_and_stops_at_twice_the_pending_limit_
                 pass
         # The resolver tops the pool up while the burst waits: until it stopped growing at the cap.
         wait_until(lambda: rt.pool.created >= 2 * limit, "the pool to grow to the burst")
-        time.sleep(0.2)  # passes keep running: any growth past the cap would show below
+        ResolverPasses(rt.resolver).wait_for_more(20)  # passes keep running: growth past the cap would show
     finally:
         gate.set()
     assert otel_npu.flush(30.0)
