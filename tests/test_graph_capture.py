@@ -9,11 +9,12 @@ import time
 import pytest
 
 import otel_npu
+from otel_npu import runtime
 from otel_npu.devices import graphs
 from otel_npu.spans.attributes import ATTR_TIMED_OUT
 from otel_npu.testing import SimDevice
 
-from .support import enable, wall_of
+from .support import ResolverPasses, enable, wall_of
 
 
 def started(provider, sim, **kwargs) -> None:
@@ -97,10 +98,12 @@ def test_a_graph_capture_with_the_resolver_running_succeeds(provider, spans, sim
     with otel_npu.capture("in flight"):
         stream.launch(0.15)  # completes while the graph is being captured: the resolver would query it
     g = sim.torch_cuda.CUDAGraph()
+    passes = ResolverPasses(runtime.current().resolver)
     with sim.torch_cuda.graph(g):  # raises if anything invalidated the capture
         for _ in range(3):
             sim.current_stream().launch(0.001)
-            time.sleep(0.1)  # the resolver polls every 5 ms and wants a new anchor every 100 ms
+            time.sleep(0.1)  # the resolver polls every 5 ms and wants a new anchor every 100 ms ...
+            passes.wait_for_more(2)  # ... and it did pass while the graph was being captured
     assert sim.capture_violations == []
     assert otel_npu.flush(5.0)
     assert len(spans.named("in flight")) == 1
