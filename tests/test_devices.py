@@ -9,10 +9,11 @@ import threading
 import time
 
 import otel_npu
+from otel_npu import runtime
 from otel_npu.spans.attributes import ATTR_CLOCK_ERROR, ATTR_STREAM
 from otel_npu.testing import SimDevice
 
-from .support import TIME_BOUND_NS, enable, truth
+from .support import TIME_BOUND_NS, ResolverPasses, enable, truth
 
 
 def assert_close(span, t) -> None:
@@ -104,7 +105,7 @@ def test_preparing_a_busy_second_device_does_not_hold_up_the_first(provider, spa
         s1.launch(30.0)  # device 1 is busy: its first anchor waits behind this
         with sim.stream(s1), otel_npu.capture("device 1, first"):  # asks the resolver to prepare device 1
             s1.launch(0.001)
-        time.sleep(0.05)
+        ResolverPasses(runtime.current().resolver).wait_for_more(2, timeout_s=10.0)  # preparing device 1 now
         with otel_npu.capture("device 0") as c:
             sim.current_stream().launch(0.001)
         expected = truth(c)

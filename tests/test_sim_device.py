@@ -9,10 +9,11 @@ import time
 from opentelemetry.trace import StatusCode
 
 import otel_npu
+from otel_npu import runtime
 from otel_npu.spans.attributes import ATTR_CLOCK_ERROR, ATTR_DEVICE, ATTR_HOST_LEAD, ATTR_STREAM, ATTR_TIMED_OUT
 from otel_npu.testing import SimDevice
 
-from .support import TIME_BOUND_NS, enable, truth, wall_of
+from .support import TIME_BOUND_NS, ResolverPasses, enable, truth, wall_of
 
 
 def assert_device_times(span, t: tuple[int, int]) -> None:
@@ -193,6 +194,7 @@ def test_bursty_steps_with_short_idle_gaps_do_not_run_the_event_pool_dry(provide
         pass
     assert otel_npu.flush(5.0)
     stream = sim.current_stream()
+    passes = ResolverPasses(runtime.current().resolver)
     steps = 0
     t_end = time.monotonic() + 1.6
     while time.monotonic() < t_end:
@@ -202,7 +204,8 @@ def test_bursty_steps_with_short_idle_gaps_do_not_run_the_event_pool_dry(provide
                     with otel_npu.capture(stage):
                         stream.launch(0.0001)
             steps += 1
-        time.sleep(0.06)  # idle long enough for a pass to find nothing in flight
+        time.sleep(0.06)  # idle long enough for a pass to find nothing in flight ...
+        passes.wait_for_more(2)  # ... and the resolver did pass meanwhile
     assert otel_npu.flush(10.0)
     assert otel_npu.stats()["dropped"].get("event_pool_empty", 0) == 0, otel_npu.stats()["dropped"]
     assert len(spans.named("Decode")) == steps
