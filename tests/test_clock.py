@@ -91,9 +91,10 @@ def test_host_clock_on_the_real_clocks():
     import time
 
     host = HostClock()
-    # Units and sign only: a loaded machine may preempt any sample, so no tight bound is taken from real time
-    # (the test above checks the arithmetic with scripted clocks).
-    assert abs(host.to_wall(time.perf_counter_ns()) - time.time_ns()) < 2 * 10**9
+    # Units and sign only: a loaded machine may preempt any sample (test threads were seen stalled 2-3 s), so no
+    # tight bound is taken from real time (the test above checks the arithmetic with scripted clocks). A wrong
+    # unit or sign is off by years (the monotonic clock counts from boot, the wall clock from 1970).
+    assert abs(host.to_wall(time.perf_counter_ns()) - time.time_ns()) < 60 * 10**9
 
 
 @pytest.mark.parametrize("api", ["cuda", "npu"])
