@@ -144,7 +144,7 @@ def test_the_package_root_only_reexports_and_nothing_imports_it_back():
 
 def test_the_hot_path_and_the_runtime_are_imported_from_above_only():
     runtime_importers = sorted(m for m, targets in GRAPH.items() if "otel_npu.runtime" in targets)
-    assert set(runtime_importers) <= {"otel_npu.api", "otel_npu.compat", "otel_npu.cli.doctor", "otel_npu.cli.demo"}, \
+    assert set(runtime_importers) <= {"otel_npu.api", "otel_npu.compat", "otel_npu.cli.doctor"}, \
         runtime_importers
 
 

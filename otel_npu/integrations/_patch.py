@@ -22,6 +22,9 @@ import threading
 import types
 from typing import Any, Callable
 
+#: Stands for "nothing was set on the object itself" in what ``uninstall()`` puts back.
+_ABSENT = object()
+
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
@@ -138,10 +141,41 @@ class Patcher:
                 done.append(f"{hook.module}.{hook.attr}")
         return done
 
+    def wrap_object(self, obj: Any, name: str, make: Callable[[Any], Any], gives: str) -> bool:
+        """Wrap ``obj.name`` on one live object with ``make(original)``, once per object: for a method whose
+        class the engine picks at run time (a worker, a speculator), which no table entry can name. Recorded for
+        ``uninstall()`` like a table hook. An object without a callable ``name``, or one that refuses the
+        attribute, is warned about once per class and left out: never raised. Returns whether ``obj.name`` is
+        wrapped now. Once wrapped, a call costs two attribute reads; the first takes the lock."""
+        if hasattr(getattr(obj, name, None), "__otel_npu_wraps__"):
+            return True
+        with self._lock:
+            if any(owner is obj and n == name for owner, n, _ in self._installed):
+                return True
+            original = getattr(obj, name, None)
+            kind = type(obj).__name__
+            try:
+                if not callable(original):
+                    raise LookupError(f"{kind}.{name} does not exist or is not callable")
+                replacement = make(original)
+                replacement.__otel_npu_wraps__ = original  # the mark the next call's check reads
+                # what was set on the object itself, if anything, is put back; else the class's method shows again
+                own = vars(obj).get(name, _ABSENT) if hasattr(obj, "__dict__") else _ABSENT
+                setattr(obj, name, replacement)
+            except Exception as exc:
+                self.warn_once(f"object:{kind}:{name}", "otel-npu: cannot hook %s.%s in this %s (%s); left out: %s",
+                               kind, name, self.engine, exc, gives)
+                return False
+            self._installed.append((obj, name, own))
+            return True
+
     def uninstall(self) -> None:
         """Put every original back, last patched first."""
         with self._lock:
             while self._installed:
                 owner, name, original = self._installed.pop()
-                setattr(owner, name, original)
+                if original is _ABSENT:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, original)
             self.active.clear()

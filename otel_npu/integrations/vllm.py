@@ -337,25 +337,24 @@ def _hook_sample_tokens(wrapper: Any) -> None:
     """The worker's ``sample_tokens`` closes the step (the async-scheduling split of ``execute_model``).
 
     Wrapped on the worker object that ``WorkerWrapperBase`` forwards to (any worker class: GPU, CPU, NPU)."""
-    worker = getattr(wrapper, "worker", None)
-    original = getattr(worker, "sample_tokens", None)
-    if not callable(original):
-        _warn_once("sample_tokens", "otel-npu: this vLLM worker (%s) has no sample_tokens(); each step ends "
-                   "when execute_model returns, without the sampling stage", type(worker).__name__)
-        return
 
-    def sample_tokens(*args: Any, **kwargs: Any) -> Any:
-        w = _worker
-        try:
-            out = original(*args, **kwargs)
-        except BaseException as exc:
-            w.end(exc)
-            raise
-        w.end()
-        return out
+    def make(original: Callable) -> Callable:
+        def sample_tokens(*args: Any, **kwargs: Any) -> Any:
+            w = _worker
+            try:
+                out = original(*args, **kwargs)
+            except BaseException as exc:
+                w.end(exc)
+                raise
+            w.end()
+            return out
 
-    worker.sample_tokens = sample_tokens
-    _worker.sample_hooked = True
+        return sample_tokens
+
+    if _patcher.wrap_object(getattr(wrapper, "worker", None), "sample_tokens", make,
+                            "the step's end at sample_tokens (each step ends when execute_model returns, without "
+                            "the sampling stage)"):
+        _worker.sample_hooked = True
 
 
 def _scopes(original: Any) -> Callable[[str], Any]:
@@ -540,31 +539,28 @@ def _v2_sample_tokens(original: Callable) -> Callable:
 
 def _hook_propose(runner: Any) -> None:
     """The runner's speculator's ``propose`` is the "draft" stage (wrapped on the instance: every speculator
-    class has its own ``propose``)."""
+    class has its own ``propose``). A runner without a speculator does not speculate: nothing to hook."""
     speculator = getattr(runner, "speculator", None)
-    original = getattr(speculator, "propose", None)
-    if speculator is None or original is None or getattr(original, "_otel_npu", False):
+    if speculator is None:
         return
 
-    def propose(*args: Any, **kwargs: Any) -> Any:
-        w = _worker
-        if not w.in_step():
-            return original(*args, **kwargs)
-        w.open_stage("draft")
-        try:
-            out = original(*args, **kwargs)
-        except BaseException as exc:
-            w.close_stage(exc)
-            raise
-        w.close_stage()
-        return out
+    def make(original: Callable) -> Callable:
+        def propose(*args: Any, **kwargs: Any) -> Any:
+            w = _worker
+            if not w.in_step():
+                return original(*args, **kwargs)
+            w.open_stage("draft")
+            try:
+                out = original(*args, **kwargs)
+            except BaseException as exc:
+                w.close_stage(exc)
+                raise
+            w.close_stage()
+            return out
 
-    propose._otel_npu = True  # type: ignore[attr-defined]
-    try:
-        speculator.propose = propose
-    except Exception as exc:  # pragma: no cover - a speculator that refuses attributes: no draft stage
-        _warn_once("propose", "otel-npu: cannot hook %s.propose (%s); left out: the draft stage",
-                   type(speculator).__name__, exc)
+        return propose
+
+    _patcher.wrap_object(speculator, "propose", make, "the draft stage")
 
 
 def _v2_dispatch(original: Callable) -> Callable:
