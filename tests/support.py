@@ -101,9 +101,13 @@ def wall_of(mono_ns: int) -> int:
 
 
 def truth(c: Any) -> tuple[int, int]:
-    """Wall-clock times at which the simulated device ran a capture's two events. Read them before the next
-    capture is entered: once resolved, the events go back to the pool and a later capture records them again."""
-    return wall_of(c.start.exec_mono_ns), wall_of(c.end.exec_mono_ns)
+    """Wall-clock times at which the simulated device ran a capture's two events: the records the capture made
+    (the first of each event's at or after the host time it read just before recording), not the events'
+    latest. Once the capture is resolved its events go back to the pool, and the next capture or clock anchor
+    records them again: a test that reads later (a loaded machine) still gets this capture's times."""
+    start, end = c.start.ran_at(c.host_start), c.end.ran_at(c.host_end)
+    assert start is not None and end is not None, "truth read before the device ran the capture's events"
+    return wall_of(start), wall_of(end)
 
 
 class ListMetricExporter(MetricExporter):

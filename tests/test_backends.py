@@ -15,7 +15,7 @@ from otel_npu.devices.npu import import_torch_npu
 from otel_npu.spans.attributes import ATTR_CLOCK_ERROR, ATTR_DEVICE
 from otel_npu.testing import SimDevice
 
-from .support import TIME_BOUND_NS, enable, wall_of
+from .support import TIME_BOUND_NS, enable, truth
 
 
 def run_decode_steps(stream, n: int = 5) -> list[tuple[int, int]]:
@@ -24,7 +24,7 @@ def run_decode_steps(stream, n: int = 5) -> list[tuple[int, int]]:
         with otel_npu.step("Decode"):
             with otel_npu.capture("forward") as c:
                 stream.launch(0.004)
-            truths.append((wall_of(c.start.exec_mono_ns), wall_of(c.end.exec_mono_ns)))
+            truths.append(truth(c))
             with otel_npu.capture("post process"):
                 stream.launch(0.001)
     return truths
@@ -61,7 +61,7 @@ def test_npu_reads_completed_events_without_torch_npus_drain_and_gil_hold(provid
                     stream.launch(0.001)
         assert otel_npu.flush(5.0)
         for span, c in zip(spans.named("forward"), captures, strict=True):
-            start, end = wall_of(c.start.exec_mono_ns), wall_of(c.end.exec_mono_ns)
+            start, end = truth(c)
             # the task queue widens the anchors' windows: the span's own stated bound is what must hold
             bound = span.attributes[ATTR_CLOCK_ERROR] * 1000 + 2_000  # + the test's own wall_of sampling
             assert abs(span.start_time - start) <= bound and abs(span.end_time - end) <= bound, (

@@ -14,7 +14,7 @@ from otel_npu.devices import graphs
 from otel_npu.spans.attributes import ATTR_TIMED_OUT
 from otel_npu.testing import SimDevice
 
-from .support import ResolverPasses, enable, wall_of
+from .support import ResolverPasses, enable, truth, wall_of
 
 
 def started(provider, sim, **kwargs) -> None:
@@ -145,7 +145,7 @@ def test_a_capture_inside_a_graph_capture_is_a_counted_no_op_and_the_replay_is_t
     assert sim.capture_violations == []
     with otel_npu.capture("replay") as c:
         g.replay()
-    replay_truth = (wall_of(c.start.exec_mono_ns), wall_of(c.end.exec_mono_ns))
+    replay_truth = truth(c)
     assert otel_npu.flush(5.0)
     assert spans.named("inside") == [] and spans.named("captured step") == []
     assert otel_npu.stats()["dropped"].get("graph_capture") == 2

@@ -52,6 +52,10 @@ class SimEvent:
         self.captured_records = 0  # records made on a capturing stream (not timing records)
         self.issued = True        # False while its latest record waits in the NPU-style host task queue
         self.npu_event = 0        # the ACL handle, once created (torch_npu exposes it so)
+        #: The latest timing records, oldest first: ``[host mono ns when recorded, exec_mono_ns once the
+        #: stream ran it, else None]``. Kept when the event is recorded again, so that a record's truth can be
+        #: read after otel-npu has reused the event (``ran_at``). Bounded.
+        self.history: collections.deque[list] = collections.deque(maxlen=16)
 
     # -- torch.cuda.Event / torch_npu.npu.Event API -----------------------------------------------------
     def record(self, stream: "SimStream | None" = None) -> None:
@@ -122,6 +126,17 @@ class SimEvent:
         return self._device.device_ns(self.exec_mono_ns, self.device_index) // 1000
 
     # -- truth, for tests ----------------------------------------------------------------------------
+    def ran_at(self, recorded_after_ns: int) -> int | None:
+        """When the stream ran this event's first timing record made at or after host mono
+        ``recorded_after_ns`` (``None``: not run yet). Unlike ``exec_mono_ns`` (its latest record's), this
+        stays right after the event is recorded again, as otel-npu does once a capture is resolved (its
+        events go back to the pool; the next capture or clock anchor records them)."""
+        for recorded, ran in self.history:
+            if recorded >= recorded_after_ns:
+                return ran
+        raise LookupError(f"no record of this event at or after {recorded_after_ns} among its latest "
+                          f"{len(self.history)}")
+
     @property
     def device_ns(self) -> int:
         return self._device.device_ns(self.exec_mono_ns, self.device_index or 0)
@@ -189,7 +204,9 @@ class SimStream:
             return
         event.stream = self
         event.records += 1
-        self.device._enqueue(self, "record", event)
+        entry = [self.device.mono(), None]
+        event.history.append(entry)
+        self.device._enqueue(self, "record", (event, entry))
 
     def _submit(self, kind: str, arg: Any) -> None:
         if self._closed:
@@ -205,7 +222,8 @@ class SimStream:
                     if kind in ("record", "kernel"):
                         dev._queue_tail[self.device_index] = start + (arg if kind == "kernel" else 0)
             if kind == "record":
-                arg.exec_mono_ns = start  # None: decided when the stream thread gets there
+                arg, entry = arg
+                arg.exec_mono_ns = entry[1] = start  # None: decided when the stream thread gets there
                 arg.issued = True
                 if start is not None:
                     # Nothing to execute: the device reaches it at ``start``. No thread hand-off, so
@@ -216,7 +234,7 @@ class SimStream:
                 self._tail = planned = start + arg
             else:
                 self._tail = None
-            self._ops.append((kind, arg, now, planned))
+            self._ops.append((kind, (arg, entry) if kind == "record" else arg, now, planned))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"sim-{self.name}", daemon=True)
                 self._thread.start()
@@ -238,11 +256,14 @@ class SimStream:
                 end = planned if planned is not None else start + arg
                 _sleep_until(mono, end)
             elif kind == "record":
-                if arg.exec_mono_ns is None:  # behind a call(): its time is known only now
+                arg, entry = arg
+                if entry[1] is None:  # behind a call(): its time is known only now
                     # Where the schedule puts it (after the op before it), not when this thread got here: a
                     # thread woken late (a loaded host, the GIL) must not stretch device time.
-                    arg.exec_mono_ns = start
-                end = arg.exec_mono_ns
+                    entry[1] = start
+                    if arg.history and arg.history[-1] is entry:  # not recorded again meanwhile
+                        arg.exec_mono_ns = start
+                end = entry[1]
                 _sleep_until(mono, end)
             else:
                 _sleep_until(mono, start)
@@ -556,7 +577,7 @@ class SimDevice:
             stream._submit(kind, arg)
             return
         if kind == "record":
-            arg.issued = False
+            arg[0].issued = False
         with self._task_cond:
             self._tasks.append((stream, kind, arg))
             if self._task_thread is None:
