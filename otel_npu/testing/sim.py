@@ -222,9 +222,9 @@ class SimStream:
                     if kind in ("record", "kernel"):
                         dev._queue_tail[self.device_index] = start + (arg if kind == "kernel" else 0)
             if kind == "record":
-                arg, entry = arg
-                arg.exec_mono_ns = entry[1] = start  # None: decided when the stream thread gets there
-                arg.issued = True
+                event, entry = arg
+                event.exec_mono_ns = entry[1] = start  # None: decided when the stream thread gets there
+                event.issued = True
                 if start is not None:
                     # Nothing to execute: the device reaches it at ``start``. No thread hand-off, so
                     # recording stays as cheap for the host as on real hardware.
@@ -234,7 +234,7 @@ class SimStream:
                 self._tail = planned = start + arg
             else:
                 self._tail = None
-            self._ops.append((kind, (arg, entry) if kind == "record" else arg, now, planned))
+            self._ops.append((kind, arg, now, planned))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"sim-{self.name}", daemon=True)
                 self._thread.start()
@@ -256,13 +256,13 @@ class SimStream:
                 end = planned if planned is not None else start + arg
                 _sleep_until(mono, end)
             elif kind == "record":
-                arg, entry = arg
+                event, entry = arg
                 if entry[1] is None:  # behind a call(): its time is known only now
                     # Where the schedule puts it (after the op before it), not when this thread got here: a
                     # thread woken late (a loaded host, the GIL) must not stretch device time.
                     entry[1] = start
-                    if arg.history and arg.history[-1] is entry:  # not recorded again meanwhile
-                        arg.exec_mono_ns = start
+                    if event.history and event.history[-1] is entry:  # not recorded again meanwhile
+                        event.exec_mono_ns = start
                 end = entry[1]
                 _sleep_until(mono, end)
             else:
